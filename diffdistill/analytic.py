@@ -1,0 +1,364 @@
+"""Exact teachers: Gaussian-mixture data, whose noised marginals and denoisers are closed forms.
+
+For p0 = sum_k pi_k N(mu_k, Sigma_k) and x_t = alpha x0 + sigma eps,
+
+    p_t(x)       = sum_k pi_k N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I),
+    E[x0 | x_t]  = sum_k r_k(x) m_k(x),   m_k = mu_k + alpha Sigma_k C_k^{-1} (x - alpha mu_k),
+                   C_k = alpha^2 Sigma_k + sigma^2 I,  r_k = softmax_k(log pi_k + log N_k(x)),
+
+computed in the eigenbasis Sigma_k = U_k diag(s_k) U_k^T, where every C_k is diagonal, with the
+responsibilities in log space. A denoiser here is `apply(mix, x, t)`: its params are the mixture,
+so analytic and trained teachers are interchangeable everywhere.
+
+`flow_map` integrates the probability-flow ODE of any denoiser with diffrax (adaptive, 8th order);
+it is the reference every solver and distilled generator is measured against. It integrates in
+the angle theta = arctan(sigma / alpha) on the rescaled state y = x / sqrt(alpha^2 + sigma^2):
+
+    y = cos(theta) x0 + sin(theta) eps,   dy/dtheta = cos(theta) eps_hat - sin(theta) x0_hat,
+
+which is finite at both ends (also where alpha = 0, e.g. rectified flow at t = 1) and is the
+same ODE for every schedule, since the probability-flow ODE depends on the schedule only through
+the log-SNR.
+
+References:
+  Song et al., Score SDE, ICLR 2021 (probability-flow ODE); Karras et al., EDM, 2022 (App. B);
+  Lu & Song, sCM, 2025 (the trigonometric form); Kidger, On Neural Differential Equations, 2021.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffdistill import schedules as schedules_lib
+
+Array = jax.Array
+
+
+def _is_concrete(*xs) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+@jax.tree_util.register_pytree_node_class
+class GaussianMixture:
+  """p0 = sum_k weights_k N(means_k, covs_k), stored by the eigendecomposition of each covariance.
+
+  Args:
+    weights: [K], positive; normalized here.
+    means: [K, d].
+    covs: [K, d, d] full covariances, or [K, d] diagonal variances, or [K] isotropic variances.
+      Diagonal and isotropic covariances skip the rotations (same results, cheaper).
+  """
+
+  def __init__(self, weights, means, covs):
+    if _is_concrete(weights, means, covs):
+      weights, means, eigvals, eigvecs = _validate_and_factor(weights, means, covs)
+    else:
+      eigvals, eigvecs = jnp.linalg.eigh(covs)
+      weights = weights / jnp.sum(weights)
+    self.log_weights = jnp.log(jnp.asarray(weights))
+    self.means = jnp.asarray(means)
+    self.eigvals = jnp.asarray(eigvals)
+    self.eigvecs = None if eigvecs is None else jnp.asarray(eigvecs)
+
+  @property
+  def weights(self) -> Array:
+    return jnp.exp(self.log_weights)
+
+  @property
+  def num_components(self) -> int:
+    return self.means.shape[0]
+
+  @property
+  def dim(self) -> int:
+    return self.means.shape[1]
+
+  @property
+  def covs(self) -> Array:
+    """The [K, d, d] covariances."""
+    if self.eigvecs is None:
+      return jax.vmap(jnp.diag)(self.eigvals)
+    return jnp.einsum("kij,kj,klj->kil", self.eigvecs, self.eigvals, self.eigvecs)
+
+  def mean(self) -> Array:
+    """E[x0], [d]."""
+    return self.weights @ self.means
+
+  def covariance(self) -> Array:
+    """Cov[x0], [d, d]: the within-component part plus the spread of the means."""
+    mu = self.mean()
+    dm = self.means - mu
+    return jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum("k,ki,kj->ij", self.weights, dm, dm)
+
+  def tree_flatten(self):
+    return (self.log_weights, self.means, self.eigvals, self.eigvecs), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)
+    obj.log_weights, obj.means, obj.eigvals, obj.eigvecs = children
+    return obj
+
+  def __repr__(self):
+    return f"GaussianMixture(K={self.num_components}, d={self.dim}, diagonal={self.eigvecs is None})"
+
+
+def _validate_and_factor(weights, means, covs):
+  w = np.asarray(weights, np.float64)
+  mu = np.asarray(means, np.float64)
+  c = np.asarray(covs, np.float64)
+  if w.ndim != 1 or w.size < 1:
+    raise ValueError(f"GaussianMixture: weights must have shape [K], got {w.shape}.")
+  k = w.size
+  if mu.ndim != 2 or mu.shape[0] != k:
+    raise ValueError(f"GaussianMixture: means must have shape [K, d] = [{k}, d], got {mu.shape}.")
+  d = mu.shape[1]
+  if not np.all(np.isfinite(w)) or np.any(w <= 0):
+    raise ValueError("GaussianMixture: weights must be finite and > 0.")
+  w = w / w.sum()
+  if c.shape == (k,):
+    c = np.repeat(c[:, None], d, axis=1)
+  if c.shape == (k, d):
+    if not np.all(c > 0):
+      raise ValueError("GaussianMixture: covs must be positive definite (diagonal variances > 0).")
+    return w, mu, c, None
+  if c.shape != (k, d, d):
+    raise ValueError(f"GaussianMixture: covs must have shape [K, d, d], [K, d] or [K] with "
+                     f"K={k}, d={d}; got {c.shape}.")
+  if not np.allclose(c, np.swapaxes(c, 1, 2), rtol=1e-6, atol=1e-9):
+    raise ValueError("GaussianMixture: covs must be symmetric.")
+  c = 0.5 * (c + np.swapaxes(c, 1, 2))
+  s, u = np.linalg.eigh(c)
+  if not np.all(s > 0):
+    bad = int(np.argmin(s.min(axis=1)))
+    raise ValueError(f"GaussianMixture: covs must be positive definite; component {bad} has "
+                     f"smallest eigenvalue {s[bad].min():.3g}.")
+  return w, mu, s, u
+
+
+def _check_x(mix: GaussianMixture, x: Array) -> None:
+  if x.ndim != 2 or x.shape[-1] != mix.dim:
+    raise ValueError(f"x must have shape [B, d] with d = {mix.dim}, got {x.shape}.")
+
+
+def _component_terms(mix: GaussianMixture, x: Array, alpha: Array, sigma: Array):
+  """log N_k(x) [B, K] and posterior means m_k(x) [B, K, d]; alpha, sigma: [B, 1] or scalars."""
+  alpha = jnp.asarray(alpha, x.dtype)[..., None]  # [B, 1, 1]
+  sigma = jnp.asarray(sigma, x.dtype)[..., None]
+  s = mix.eigvals.astype(x.dtype)[None]  # [1, K, d]
+  mu = mix.means.astype(x.dtype)[None]  # [1, K, d]
+  y = x[:, None, :] - alpha * mu  # [B, K, d]
+  if mix.eigvecs is not None:
+    u = mix.eigvecs.astype(x.dtype)
+    y = jnp.einsum("kji,bkj->bki", u, y)  # U_k^T (x - alpha mu_k)
+  var = alpha * alpha * s + sigma * sigma  # [B, K, d]
+  log_n = -0.5 * jnp.sum(y * y / var + jnp.log(var), axis=-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+  shift = alpha * s / var * y
+  if mix.eigvecs is not None:
+    shift = jnp.einsum("kij,bkj->bki", u, shift)
+  return log_n, mu + shift
+
+
+def _alpha_sigma(schedule, x, t):
+  t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+  return schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
+
+
+def denoise(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
+  """E[x0 | x_t = x], [B, d], exactly."""
+  _check_x(mix, x)
+  alpha, sigma = _alpha_sigma(schedule, x, t)
+  log_n, m = _component_terms(mix, x, alpha, sigma)
+  r = jax.nn.softmax(mix.log_weights.astype(x.dtype) + log_n, axis=-1)  # [B, K]
+  return jnp.einsum("bk,bkd->bd", r, m)
+
+
+def log_prob(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
+  """log p_t(x), [B], of the noised marginal."""
+  _check_x(mix, x)
+  alpha, sigma = _alpha_sigma(schedule, x, t)
+  log_n, _ = _component_terms(mix, x, alpha, sigma)
+  return jax.nn.logsumexp(mix.log_weights.astype(x.dtype) + log_n, axis=-1)
+
+
+def score(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
+  """grad_x log p_t(x) = (alpha E[x0 | x] - x) / sigma^2 (Tweedie), [B, d]."""
+  alpha, sigma = _alpha_sigma(schedule, x, t)
+  return (alpha * denoise(mix, x, t, schedule=schedule) - x) / (sigma * sigma)
+
+
+def data_log_prob(mix: GaussianMixture, x: Array) -> Array:
+  """log p0(x), [B], under the clean data distribution."""
+  _check_x(mix, x)
+  log_n, _ = _component_terms(mix, x, jnp.ones((x.shape[0], 1), x.dtype), jnp.zeros((x.shape[0], 1), x.dtype))
+  return jax.nn.logsumexp(mix.log_weights.astype(x.dtype) + log_n, axis=-1)
+
+
+def responsibilities(mix: GaussianMixture, x: Array) -> Array:
+  """p(component k | x0 = x), [B, K], under the clean data distribution."""
+  _check_x(mix, x)
+  log_n, _ = _component_terms(mix, x, jnp.ones((x.shape[0], 1), x.dtype), jnp.zeros((x.shape[0], 1), x.dtype))
+  return jax.nn.softmax(mix.log_weights.astype(x.dtype) + log_n, axis=-1)
+
+
+def sample(mix: GaussianMixture, rng: Array, n: int, dtype=None) -> Array:
+  """n exact samples of p0, [n, d]."""
+  dtype = dtype or mix.means.dtype
+  k_rng, e_rng = jax.random.split(rng)
+  k = jax.random.categorical(k_rng, mix.log_weights, shape=(n,))
+  z = jax.random.normal(e_rng, (n, mix.dim), dtype) * jnp.sqrt(mix.eigvals[k]).astype(dtype)
+  if mix.eigvecs is not None:
+    z = jnp.einsum("bij,bj->bi", mix.eigvecs[k].astype(dtype), z)
+  return mix.means[k].astype(dtype) + z
+
+
+def denoiser(schedule: schedules_lib.Schedule) -> Callable[[GaussianMixture, Array, Array], Array]:
+  """The exact denoiser as `apply(mix, x, t) -> x0_hat` for `schedule`."""
+  return functools.partial(_denoiser_apply, schedule=schedule)
+
+
+def _denoiser_apply(mix, x, t, *, schedule):
+  return denoise(mix, x, t, schedule=schedule)
+
+
+def gaussian_flow_map(mix: GaussianMixture, x: Array, *, schedule: schedules_lib.Schedule,
+                      t_start: float, t_end: float) -> Array:
+  """Closed-form probability-flow map of single-Gaussian data (K = 1) from t_start to t_end.
+
+  In the eigenbasis of Sigma = U diag(s) U^T each coordinate of x - alpha mu is rescaled by
+  sqrt((alpha_e^2 s + sigma_e^2) / (alpha_s^2 s + sigma_s^2)): the flow is linear.
+  """
+  if mix.num_components != 1:
+    raise ValueError(f"gaussian_flow_map needs K = 1 components, got K = {mix.num_components}.")
+  _check_x(mix, x)
+  a0, s0 = schedule.alpha(jnp.asarray(t_start, x.dtype)), schedule.sigma(jnp.asarray(t_start, x.dtype))
+  a1, s1 = schedule.alpha(jnp.asarray(t_end, x.dtype)), schedule.sigma(jnp.asarray(t_end, x.dtype))
+  s = mix.eigvals[0].astype(x.dtype)
+  mu = mix.means[0].astype(x.dtype)
+  scale = jnp.sqrt((a1 * a1 * s + s1 * s1) / (a0 * a0 * s + s0 * s0))
+  y = x - a0 * mu
+  if mix.eigvecs is None:
+    return a1 * mu + scale * y
+  u = mix.eigvecs[0].astype(x.dtype)
+  return a1 * mu + ((y @ u) * scale) @ u.T
+
+
+def _theta(schedule, t, dtype):
+  t = jnp.asarray(t, dtype)
+  return jnp.arctan2(schedule.sigma(t), schedule.alpha(t))
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "schedule", "rtol", "atol", "max_steps",
+                                             "return_stats"))
+def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
+             t_end, rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 100_000,
+             return_stats: bool = False):
+  """Integrates the probability-flow ODE of denoiser `apply(params, x, t)` from t_start to t_end.
+
+  Args:
+    apply: a denoiser `apply(params, x, t) -> x0_hat` (hashable: a module-level function or
+      `analytic.denoiser(schedule)`; a fresh lambda per call recompiles).
+    params: its parameters (for the analytic teacher: the GaussianMixture).
+    x: the state at t_start, [B, ...].
+    schedule: the forward process the denoiser was built for.
+    t_start, t_end: the two times (either order; both in [t_min, t_max]).
+    rtol, atol: diffrax PID-controller tolerances on the rescaled state.
+    max_steps: the step cap of the adaptive solver.
+    return_stats: also return {"nfe": denoiser evaluations, "num_steps": accepted steps}.
+  Returns:
+    The state at t_end, [B, ...], and optionally the stats.
+  """
+  dtype = x.dtype
+  b = x.shape[0]
+  th0, th1 = _theta(schedule, t_start, dtype), _theta(schedule, t_end, dtype)
+
+  def scale_and_time(theta):
+    lam = 2.0 * (jnp.log(jnp.cos(theta)) - jnp.log(jnp.sin(theta)))
+    t = schedule.t_from_logsnr(lam)
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    return jnp.sqrt(a * a + s * s), t
+
+  def vector_field(theta, y, args):
+    r, t = scale_and_time(theta)
+    x0 = apply(args, y * r, jnp.full((b,), t, dtype)).astype(dtype)
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    eps = (y - c * x0) / s
+    return c * eps - s * x0
+
+  r0 = _scale(schedule, t_start, dtype)
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(vector_field), diffrax.Dopri8(), t0=th0, t1=th1, dt0=None, y0=x / r0,
+      args=params, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+  x_end = solution.ys[-1] * _scale(schedule, t_end, dtype)
+  if return_stats:
+    steps = solution.stats["num_steps"]
+    # Dopri8: 14 stages, first-same-as-last, so 13 new evaluations per attempted step plus the
+    # first one; rejected steps cost as much as accepted ones.
+    nfe = 1 + 13 * (solution.stats["num_accepted_steps"] + solution.stats["num_rejected_steps"])
+    return x_end, {"nfe": nfe, "num_steps": steps}
+  return x_end
+
+
+def _scale(schedule, t, dtype):
+  """sqrt(alpha^2 + sigma^2) at t."""
+  t = jnp.asarray(t, dtype)
+  a, s = schedule.alpha(t), schedule.sigma(t)
+  return jnp.sqrt(a * a + s * s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ready-made mixtures (fixed seeds: the same on every machine).
+# ----------------------------------------------------------------------------------------------
+
+
+def ring2d(num_modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
+  """`num_modes` isotropic Gaussians evenly spaced on a circle, equal weights."""
+  ang = 2 * np.pi * np.arange(num_modes) / num_modes
+  means = radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)
+  return GaussianMixture(np.ones(num_modes), means, np.full(num_modes, std ** 2))
+
+
+def grid2d(size: int = 4, extent: float = 1.5, std: float = 0.15) -> GaussianMixture:
+  """A checkerboard: Gaussians at the centres of the dark cells of a size x size board on [-extent, extent]^2."""
+  centres = np.linspace(-extent, extent, 2 * size + 1)[1::2]
+  means = np.array([(centres[i], centres[j]) for i in range(size) for j in range(size) if (i + j) % 2 == 0])
+  return GaussianMixture(np.ones(len(means)), means, np.full(len(means), std ** 2))
+
+
+def mixture64(dim: int = 64, num_components: int = 16, seed: int = 0) -> GaussianMixture:
+  """16 anisotropic, randomly rotated Gaussians in 64-D with uneven weights (per-coordinate std ~0.55).
+
+  Means ~ N(0, 0.25 I); each component's standard deviations are log-uniform in [0.05, 0.5]
+  along the axes of a random rotation (QR of a Gaussian matrix); weights ~ Dirichlet(4).
+  """
+  rng = np.random.default_rng(seed)
+  means = 0.5 * rng.standard_normal((num_components, dim))
+  stds = np.exp(rng.uniform(np.log(0.05), np.log(0.5), (num_components, dim)))
+  q, r = np.linalg.qr(rng.standard_normal((num_components, dim, dim)))
+  q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+  covs = np.einsum("kij,kj,klj->kil", q, stds ** 2, q)
+  weights = rng.dirichlet(np.full(num_components, 4.0))
+  return GaussianMixture(weights, means, covs)
+
+
+MIXTURES = {"ring2d": ring2d, "grid2d": grid2d, "mixture64": mixture64}
+
+
+def get_mixture(name: str, **kwargs) -> GaussianMixture:
+  """A ready-made mixture by name: 'ring2d', 'grid2d', 'mixture64'."""
+  if name not in MIXTURES:
+    raise ValueError(f"Unknown mixture {name!r}; expected one of {sorted(MIXTURES)}.")
+  return MIXTURES[name](**kwargs)
+
+
+__all__ = ["GaussianMixture", "denoise", "log_prob", "score", "data_log_prob", "responsibilities",
+           "sample", "denoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
+           "MIXTURES", "get_mixture"]

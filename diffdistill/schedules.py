@@ -1,0 +1,612 @@
+"""Forward processes x_t = alpha(t) x0 + sigma(t) eps and the sampling of training times.
+
+Every schedule is a frozen (hashable) dataclass, so it can be passed as a static argument
+to `jax.jit`; its methods take arrays of t and are traceable. Everything a solver needs
+follows from `alpha`, `sigma` and the half-log-SNR pair `logsnr` / `t_from_logsnr`:
+
+    logsnr(t) = lambda(t) = 2 log(alpha(t) / sigma(t)),   t_from_logsnr(logsnr(t)) = t.
+
+Time derivatives (`d_alpha`, `d_sigma`, `d_logsnr`) come from `jax.jvp` of the closed forms.
+
+Numerics near the ends. Variance-preserving families are written through
+m(t) = -2 log alpha(t) (the integrated beta for VP-linear), so that
+sigma^2 = -expm1(-m) and lambda = -m - log(expm1(m)) keep full relative precision both
+where alpha -> 1 (m -> 0, sigma -> 0) and where alpha -> 0 (m large).
+
+References:
+  Song et al., Score-Based Generative Modeling through SDEs, ICLR 2021 (VP, VE).
+  Nichol & Dhariwal, Improved DDPM, ICML 2021 (cosine schedule).
+  Lu et al., DPM-Solver, NeurIPS 2022, App. D (discrete schedules interpolated in log alpha).
+  Karras et al., Elucidating the Design Space of Diffusion Models (EDM), NeurIPS 2022.
+  Liu et al., Flow Straight and Fast (rectified flow), ICLR 2023.
+  Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models
+  (sCM, TrigFlow), ICLR 2025.
+  Esser et al., Scaling Rectified Flow Transformers (logit-normal times), ICML 2024.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtr, ndtri
+
+Array = jax.Array
+
+
+def _check_range(name: str, t_min: float, t_max: float, lo: float = 0.0, hi: float = math.inf) -> None:
+  if not (lo <= t_min < t_max <= hi):
+    raise ValueError(
+        f"{name}: need {lo} <= t_min < t_max <= {hi}, got t_min={t_min}, t_max={t_max}.")
+
+
+def _softplus(x: Array) -> Array:
+  return jnp.logaddexp(x, 0.0)
+
+
+def _vp_logsnr_from_m(m: Array) -> Array:
+  """lambda = log(alpha^2 / sigma^2) with alpha^2 = exp(-m), sigma^2 = 1 - exp(-m): -log(expm1(m))."""
+  # expm1(m) overflows in float32 for large m; there log(expm1(m)) = m + log1p(-exp(-m)) is exact.
+  # Both branches are evaluated on clamped inputs so that neither yields inf/NaN gradients.
+  big = m > 1.0
+  m_big = jnp.maximum(m, 1.0)
+  m_small = jnp.minimum(m, 1.0)
+  return jnp.where(big, -m_big - jnp.log1p(-jnp.exp(-m_big)), -jnp.log(jnp.expm1(m_small)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(abc.ABC):
+  """A forward process x_t = alpha(t) x0 + sigma(t) eps on t in [t_min, t_max]."""
+
+  name: ClassVar[str] = "schedule"
+
+  # Subclasses provide `t_min` and `t_max` (dataclass fields or properties). They are not
+  # declared here: a declaration in the base would fix their position among the subclass fields.
+
+  @abc.abstractmethod
+  def alpha(self, t: Array) -> Array:
+    """Signal scale alpha(t)."""
+
+  @abc.abstractmethod
+  def sigma(self, t: Array) -> Array:
+    """Noise scale sigma(t)."""
+
+  def logsnr(self, t: Array) -> Array:
+    """lambda(t) = 2 log(alpha(t) / sigma(t))."""
+    t = jnp.asarray(t)
+    return 2.0 * (jnp.log(self.alpha(t)) - jnp.log(self.sigma(t)))
+
+  @abc.abstractmethod
+  def t_from_logsnr(self, lam: Array) -> Array:
+    """The inverse of `logsnr`."""
+
+  @property
+  def variance_preserving(self) -> bool:
+    """Whether alpha^2 + sigma^2 = 1 for all t."""
+    return False
+
+  # Derivatives come from autodiff of the closed forms (DESIGN.md: no hand-written twins).
+  def d_alpha(self, t: Array) -> Array:
+    """d alpha / dt."""
+    t = jnp.asarray(t)
+    return jax.jvp(self.alpha, (t,), (jnp.ones_like(t),))[1]
+
+  def d_sigma(self, t: Array) -> Array:
+    """d sigma / dt."""
+    t = jnp.asarray(t)
+    return jax.jvp(self.sigma, (t,), (jnp.ones_like(t),))[1]
+
+  def d_logsnr(self, t: Array) -> Array:
+    """d lambda / dt (negative: the SNR falls with t)."""
+    t = jnp.asarray(t)
+    return jax.jvp(self.logsnr, (t,), (jnp.ones_like(t),))[1]
+
+  @property
+  def logsnr_min(self) -> float:
+    """lambda(t_max), as a Python float."""
+    return float(self.logsnr(jnp.asarray(self.t_max, jnp.float32)))
+
+  @property
+  def logsnr_max(self) -> float:
+    """lambda(t_min), as a Python float."""
+    return float(self.logsnr(jnp.asarray(self.t_min, jnp.float32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VPLinear(Schedule):
+  """Continuous VP with beta(t) = beta_min + t (beta_max - beta_min).
+
+  log alpha(t) = -(beta_min t + (beta_max - beta_min) t^2 / 2) / 2, sigma = sqrt(1 - alpha^2).
+  """
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  t_min: float = 1e-3
+  t_max: float = 1.0
+  name: ClassVar[str] = "vp_linear"
+
+  def __post_init__(self):
+    if not (0.0 <= self.beta_min <= self.beta_max) or self.beta_max <= 0:
+      raise ValueError(f"VPLinear: need 0 <= beta_min <= beta_max and beta_max > 0, got "
+                       f"beta_min={self.beta_min}, beta_max={self.beta_max}.")
+    _check_range("VPLinear", self.t_min, self.t_max)
+
+  variance_preserving = property(lambda self: True)
+
+  def _m(self, t):
+    t = jnp.asarray(t)
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+  def alpha(self, t):
+    return jnp.exp(-0.5 * self._m(t))
+
+  def sigma(self, t):
+    return jnp.sqrt(-jnp.expm1(-self._m(t)))
+
+  def logsnr(self, t):
+    return _vp_logsnr_from_m(self._m(t))
+
+  def t_from_logsnr(self, lam):
+    m = _softplus(-jnp.asarray(lam))
+    d = self.beta_max - self.beta_min
+    # Root of d/2 t^2 + beta_min t - m = 0 in the cancellation-free form.
+    return 2.0 * m / (self.beta_min + jnp.sqrt(self.beta_min ** 2 + 2.0 * d * m))
+
+
+@dataclasses.dataclass(frozen=True)
+class VPCosine(Schedule):
+  """Improved-DDPM cosine schedule in continuous time.
+
+  alpha(t) = cos(f(t)) / cos(f(0)),  f(t) = (t + s) / (1 + s) * pi / 2,  sigma = sqrt(1 - alpha^2).
+
+  The trap at t = 1: there alpha = 0 and lambda = -inf (the discrete DDPM code clips beta at
+  0.999 to hide it). We do not clip; instead t_max must stay below 1 and defaults to 0.9946,
+  the value DPM-Solver uses, where lambda(t_max) is about -9.6 (close to the pure-noise end, finite).
+  """
+
+  s: float = 0.008
+  t_min: float = 1e-3
+  t_max: float = 0.9946
+  name: ClassVar[str] = "vp_cosine"
+
+  def __post_init__(self):
+    if self.s <= 0:
+      raise ValueError(f"VPCosine: s must be > 0, got s={self.s}.")
+    _check_range("VPCosine", self.t_min, self.t_max, hi=1.0)
+    if self.t_max >= 1.0:
+      raise ValueError(f"VPCosine: t_max must be < 1 (alpha(1) = 0), got t_max={self.t_max}.")
+
+  variance_preserving = property(lambda self: True)
+
+  def _f(self, t):
+    return (jnp.asarray(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
+
+  def _log_alpha(self, t):
+    return jnp.log(jnp.cos(self._f(t))) - math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+  def alpha(self, t):
+    return jnp.exp(self._log_alpha(t))
+
+  def sigma(self, t):
+    return jnp.sqrt(-jnp.expm1(2.0 * self._log_alpha(t)))
+
+  def logsnr(self, t):
+    return _vp_logsnr_from_m(-2.0 * self._log_alpha(t))
+
+  def t_from_logsnr(self, lam):
+    log_alpha = -0.5 * _softplus(-jnp.asarray(lam))
+    c0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
+    f = jnp.arccos(jnp.exp(log_alpha) * c0)
+    return f * 2.0 * (1.0 + self.s) / math.pi - self.s
+
+
+def _named_betas(kind: str, num_steps: int) -> np.ndarray:
+  if kind == "linear":
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+  if kind == "scaled_linear":
+    return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_steps, dtype=np.float64) ** 2
+  if kind == "cosine":
+    s = 0.008
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+    u = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    return np.minimum(1.0 - f(u[1:]) / f(u[:-1]), 0.999)
+  raise ValueError(f"VPDiscrete.from_name: unknown beta schedule {kind!r}; "
+                   "expected one of 'linear', 'scaled_linear', 'cosine'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class VPDiscrete(Schedule):
+  """A DDPM teacher's discrete betas, made continuous as DPM-Solver does.
+
+  Step n = 1..N sits at t_n = n / N with log alpha_n = (1/2) sum_{i<=n} log(1 - beta_i); between
+  knots (and on [0, 1/N], with log alpha(0) = 0) log alpha is piecewise linear in t. Network time
+  conditioning of such a teacher is usually 1000 * t - 1 (or the step index); that mapping
+  belongs to the teacher's wrapper, not to the schedule.
+  """
+
+  betas: tuple[float, ...]
+  t_min: float | None = None
+  t_max: float = 1.0
+  name: ClassVar[str] = "vp_discrete"
+
+  def __post_init__(self):
+    b = np.asarray(self.betas, np.float64)
+    if b.ndim != 1 or b.size < 2:
+      raise ValueError(f"VPDiscrete: betas must be a 1-D sequence of >= 2 values, got shape {b.shape}.")
+    if not np.all((b > 0) & (b < 1)):
+      raise ValueError("VPDiscrete: every beta must lie in (0, 1).")
+    object.__setattr__(self, "betas", tuple(float(x) for x in b))
+    if self.t_min is None:
+      object.__setattr__(self, "t_min", 1.0 / b.size)
+    _check_range("VPDiscrete", self.t_min, self.t_max, hi=1.0)
+
+  @classmethod
+  def from_name(cls, kind: str = "linear", num_steps: int = 1000, **kwargs) -> "VPDiscrete":
+    """The usual beta lists: 'linear' (DDPM), 'scaled_linear' (Stable Diffusion), 'cosine'."""
+    return cls(betas=tuple(_named_betas(kind, num_steps)), **kwargs)
+
+  variance_preserving = property(lambda self: True)
+
+  def _knots(self):
+    b = np.asarray(self.betas, np.float64)
+    log_alpha = np.concatenate([[0.0], 0.5 * np.cumsum(np.log1p(-b))])
+    ts = np.linspace(0.0, 1.0, b.size + 1)
+    return ts, log_alpha
+
+  def _log_alpha(self, t):
+    ts, la = self._knots()
+    t = jnp.asarray(t)
+    return jnp.interp(t, jnp.asarray(ts, t.dtype), jnp.asarray(la, t.dtype))
+
+  def alpha(self, t):
+    return jnp.exp(self._log_alpha(t))
+
+  def sigma(self, t):
+    return jnp.sqrt(-jnp.expm1(2.0 * self._log_alpha(t)))
+
+  def logsnr(self, t):
+    return _vp_logsnr_from_m(-2.0 * self._log_alpha(t))
+
+  def t_from_logsnr(self, lam):
+    ts, la = self._knots()
+    lam = jnp.asarray(lam)
+    log_alpha = -0.5 * _softplus(-lam)
+    # log alpha decreases with t: interpolate on the reversed (increasing) table.
+    return jnp.interp(log_alpha, jnp.asarray(la[::-1], lam.dtype), jnp.asarray(ts[::-1], lam.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class VE(Schedule):
+  """Variance exploding: alpha = 1, sigma(t) = sigma_min (sigma_max / sigma_min)^t, t in [t_min, 1]."""
+
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  t_min: float = 1e-5
+  t_max: float = 1.0
+  name: ClassVar[str] = "ve"
+
+  def __post_init__(self):
+    if not (0 < self.sigma_min < self.sigma_max):
+      raise ValueError(f"VE: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                       f"sigma_max={self.sigma_max}.")
+    _check_range("VE", self.t_min, self.t_max)
+
+
+  def alpha(self, t):
+    return jnp.ones_like(jnp.asarray(t))
+
+  def sigma(self, t):
+    return jnp.exp(self._log_sigma(t))
+
+  def _log_sigma(self, t):
+    a, b = math.log(self.sigma_min), math.log(self.sigma_max)
+    return a + jnp.asarray(t) * (b - a)
+
+  def logsnr(self, t):
+    return -2.0 * self._log_sigma(t)
+
+  def t_from_logsnr(self, lam):
+    a, b = math.log(self.sigma_min), math.log(self.sigma_max)
+    return (-0.5 * jnp.asarray(lam) - a) / (b - a)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM(Schedule):
+  """Karras et al.: t = sigma, alpha = 1, on [sigma_min, sigma_max]; sigma_data scales the data."""
+
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  sigma_data: float = 0.5
+  name: ClassVar[str] = "edm"
+
+  def __post_init__(self):
+    if not (0 < self.sigma_min < self.sigma_max):
+      raise ValueError(f"EDM: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                       f"sigma_max={self.sigma_max}.")
+    if self.sigma_data <= 0:
+      raise ValueError(f"EDM: sigma_data must be > 0, got {self.sigma_data}.")
+
+  t_min = property(lambda self: self.sigma_min)
+  t_max = property(lambda self: self.sigma_max)
+
+  def alpha(self, t):
+    return jnp.ones_like(jnp.asarray(t))
+
+  def sigma(self, t):
+    return jnp.asarray(t)
+
+  def logsnr(self, t):
+    return -2.0 * jnp.log(jnp.asarray(t))
+
+  def t_from_logsnr(self, lam):
+    return jnp.exp(-0.5 * jnp.asarray(lam))
+
+
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(Schedule):
+  """Linear interpolation: alpha = 1 - t, sigma = t. At t = 1 the state is pure noise (lambda = -inf)."""
+
+  t_min: float = 1e-3
+  t_max: float = 1.0
+  name: ClassVar[str] = "rectified_flow"
+
+  def __post_init__(self):
+    _check_range("RectifiedFlow", self.t_min, self.t_max, hi=1.0)
+    if self.t_min <= 0:
+      raise ValueError(f"RectifiedFlow: t_min must be > 0 (sigma(0) = 0), got t_min={self.t_min}.")
+
+
+  def alpha(self, t):
+    return 1.0 - jnp.asarray(t)
+
+  def sigma(self, t):
+    return jnp.asarray(t)
+
+  def logsnr(self, t):
+    t = jnp.asarray(t)
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+  def t_from_logsnr(self, lam):
+    return jax.nn.sigmoid(-0.5 * jnp.asarray(lam))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrigFlow(Schedule):
+  """sCM's TrigFlow: alpha = cos t, sigma = sigma_data sin t, t in [t_min, t_max] within [0, pi/2].
+
+  The defaults are the EDM range mapped through t = arctan(sigma / sigma_data):
+  sigma in [0.002, 80]. t_max may be pi/2 (pure noise); alpha is clamped at 0 there because
+  cos(float32(pi/2)) is slightly negative.
+  """
+
+  sigma_data: float = 0.5
+  t_min: float | None = None
+  t_max: float | None = None
+  name: ClassVar[str] = "trigflow"
+
+  def __post_init__(self):
+    if self.sigma_data <= 0:
+      raise ValueError(f"TrigFlow: sigma_data must be > 0, got {self.sigma_data}.")
+    if self.t_min is None:
+      object.__setattr__(self, "t_min", math.atan(0.002 / self.sigma_data))
+    if self.t_max is None:
+      object.__setattr__(self, "t_max", math.atan(80.0 / self.sigma_data))
+    _check_range("TrigFlow", self.t_min, self.t_max, hi=math.pi / 2)
+    if self.t_min <= 0:
+      raise ValueError(f"TrigFlow: t_min must be > 0, got t_min={self.t_min}.")
+
+
+  def alpha(self, t):
+    return jnp.maximum(jnp.cos(jnp.asarray(t)), 0.0)
+
+  def sigma(self, t):
+    return self.sigma_data * jnp.sin(jnp.asarray(t))
+
+  def logsnr(self, t):
+    return -2.0 * (jnp.log(jnp.tan(jnp.asarray(t))) + math.log(self.sigma_data))
+
+  def t_from_logsnr(self, lam):
+    return jnp.arctan(jnp.exp(-0.5 * jnp.asarray(lam)) / self.sigma_data)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls for cls in (VPLinear, VPCosine, VPDiscrete, VE, EDM, RectifiedFlow, TrigFlow)
+}
+
+# Config-facing keyword names: t_min / t_max map onto the dataclass fields.
+_KW_ALIASES = {"t_min": "t_min", "t_max": "t_max"}
+
+
+def get(name: str, **kwargs) -> Schedule:
+  """Builds a schedule from its registry name, e.g. `get("vp_linear", t_min=1e-4)`.
+
+  `get("vp_discrete", beta_schedule="linear", num_steps=1000)` builds from a named beta list.
+  """
+  if name not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}.")
+  cls = SCHEDULES[name]
+  if cls is VPDiscrete and "betas" not in kwargs:
+    kind = kwargs.pop("beta_schedule", "linear")
+    num_steps = kwargs.pop("num_steps", 1000)
+    return VPDiscrete.from_name(kind, num_steps, **kwargs)
+  if cls is EDM and ("t_min" in kwargs or "t_max" in kwargs):
+    raise ValueError("EDM: set the range with sigma_min / sigma_max (t = sigma), not t_min / t_max.")
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    raise ValueError(f"Bad arguments for schedule {name!r}: {e}. Accepted: {fields}.") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-time distributions.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSampler(abc.ABC):
+  """A distribution over t in [t_min, t_max]; `log_density` is with respect to dt.
+
+  Importance weights between two samplers for the same schedule follow as
+  `importance_weight(t, target=..., proposal=..., schedule=...)`.
+  """
+
+  name: ClassVar[str] = "time_sampler"
+
+  @abc.abstractmethod
+  def sample(self, rng: Array, shape, *, schedule: Schedule, dtype=jnp.float32) -> Array:
+    ...
+
+  @abc.abstractmethod
+  def log_density(self, t: Array, *, schedule: Schedule) -> Array:
+    ...
+
+
+def _abs_dlogsnr(schedule, t):
+  return jnp.abs(schedule.d_logsnr(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformTime(TimeSampler):
+  """t ~ U(t_min, t_max)."""
+
+  name: ClassVar[str] = "uniform"
+
+  def sample(self, rng, shape, *, schedule, dtype=jnp.float32):
+    return jax.random.uniform(rng, shape, dtype, schedule.t_min, schedule.t_max)
+
+  def log_density(self, t, *, schedule):
+    return jnp.full_like(jnp.asarray(t), -math.log(schedule.t_max - schedule.t_min))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormalSigma(TimeSampler):
+  """EDM training: ln(sigma / alpha) ~ N(p_mean, p_std^2), truncated to the schedule's range.
+
+  Truncation is exact (inverse-CDF sampling between the two ends), so `log_density` is a true density.
+  """
+
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  name: ClassVar[str] = "lognormal"
+
+  def __post_init__(self):
+    if self.p_std <= 0:
+      raise ValueError(f"LogNormalSigma: p_std must be > 0, got {self.p_std}.")
+
+  def _cdf_range(self, schedule, dtype):
+    # ln sigma_hat = -lambda / 2; it grows with t.
+    lo = (-0.5 * schedule.logsnr(jnp.asarray(schedule.t_min, dtype)) - self.p_mean) / self.p_std
+    hi = (-0.5 * schedule.logsnr(jnp.asarray(schedule.t_max, dtype)) - self.p_mean) / self.p_std
+    return ndtr(lo), ndtr(hi)
+
+  def sample(self, rng, shape, *, schedule, dtype=jnp.float32):
+    c_lo, c_hi = self._cdf_range(schedule, jnp.float32)
+    u = jax.random.uniform(rng, shape, jnp.float32, c_lo, c_hi)
+    log_sigma_hat = self.p_mean + self.p_std * ndtri(u)
+    t = schedule.t_from_logsnr(-2.0 * log_sigma_hat)
+    return jnp.clip(t, schedule.t_min, schedule.t_max).astype(dtype)
+
+  def log_density(self, t, *, schedule):
+    t = jnp.asarray(t)
+    c_lo, c_hi = self._cdf_range(schedule, t.dtype)
+    z = (-0.5 * schedule.logsnr(t) - self.p_mean) / self.p_std
+    log_n = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(self.p_std)
+    return log_n - jnp.log(c_hi - c_lo) + jnp.log(0.5 * _abs_dlogsnr(schedule, t))
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitNormalTime(TimeSampler):
+  """SD3: u ~ N(mean, std^2), t = t_min + (t_max - t_min) * sigmoid(u)."""
+
+  mean: float = 0.0
+  std: float = 1.0
+  name: ClassVar[str] = "logit_normal"
+
+  def __post_init__(self):
+    if self.std <= 0:
+      raise ValueError(f"LogitNormalTime: std must be > 0, got {self.std}.")
+
+  def sample(self, rng, shape, *, schedule, dtype=jnp.float32):
+    u = self.mean + self.std * jax.random.normal(rng, shape, jnp.float32)
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * jax.nn.sigmoid(u)
+    return t.astype(dtype)
+
+  def log_density(self, t, *, schedule):
+    t = jnp.asarray(t)
+    width = schedule.t_max - schedule.t_min
+    r = (t - schedule.t_min) / width
+    u = jnp.log(r) - jnp.log1p(-r)
+    z = (u - self.mean) / self.std
+    log_n = -0.5 * z * z - 0.5 * math.log(2 * math.pi) - math.log(self.std)
+    return log_n - jnp.log(r) - jnp.log1p(-r) - math.log(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformLogSNR(TimeSampler):
+  """lambda ~ U(lambda(t_max), lambda(t_min)), t = t_from_logsnr(lambda)."""
+
+  name: ClassVar[str] = "logsnr_uniform"
+
+  def _range(self, schedule, dtype):
+    return (schedule.logsnr(jnp.asarray(schedule.t_max, dtype)),
+            schedule.logsnr(jnp.asarray(schedule.t_min, dtype)))
+
+  def sample(self, rng, shape, *, schedule, dtype=jnp.float32):
+    lo, hi = self._range(schedule, jnp.float32)
+    if not np.isfinite(float(lo)):
+      raise ValueError(f"UniformLogSNR needs a finite logsnr at t_max; {schedule} has "
+                       f"logsnr(t_max) = {float(lo)}. Lower t_max.")
+    lam = jax.random.uniform(rng, shape, jnp.float32, lo, hi)
+    return jnp.clip(schedule.t_from_logsnr(lam), schedule.t_min, schedule.t_max).astype(dtype)
+
+  def log_density(self, t, *, schedule):
+    t = jnp.asarray(t)
+    lo, hi = self._range(schedule, t.dtype)
+    return jnp.log(_abs_dlogsnr(schedule, t)) - jnp.log(hi - lo)
+
+
+TIME_SAMPLERS: dict[str, type[TimeSampler]] = {
+    cls.name: cls for cls in (UniformTime, LogNormalSigma, LogitNormalTime, UniformLogSNR)
+}
+
+
+def get_time_sampler(name: str, **kwargs) -> TimeSampler:
+  """Builds a training-time distribution by name: 'uniform', 'lognormal', 'logit_normal', 'logsnr_uniform'."""
+  if name not in TIME_SAMPLERS:
+    raise ValueError(f"Unknown time sampler {name!r}; expected one of {sorted(TIME_SAMPLERS)}.")
+  try:
+    return TIME_SAMPLERS[name](**kwargs)
+  except TypeError as e:
+    fields = [f.name for f in dataclasses.fields(TIME_SAMPLERS[name])]
+    raise ValueError(f"Bad arguments for time sampler {name!r}: {e}. Accepted: {fields}.") from None
+
+
+def importance_weight(t: Array, *, target: TimeSampler, proposal: TimeSampler,
+                      schedule: Schedule) -> Array:
+  """p_target(t) / p_proposal(t): reweights a loss drawn with `proposal` times to `target`'s."""
+  return jnp.exp(target.log_density(t, schedule=schedule) - proposal.log_density(t, schedule=schedule))
+
+
+def broadcast_to(t: Array, x: Array) -> Array:
+  """Reshapes t of shape [B] (or scalar) to broadcast against x of shape [B, ...]."""
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    return t
+  if t.ndim != 1 or t.shape[0] != x.shape[0]:
+    raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}] to match x of shape "
+                     f"{x.shape}; got t of shape {t.shape}.")
+  return t.reshape(t.shape + (1,) * (x.ndim - 1))
+
+
+__all__ = [
+    "Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow", "TrigFlow",
+    "SCHEDULES", "get", "TimeSampler", "UniformTime", "LogNormalSigma", "LogitNormalTime",
+    "UniformLogSNR", "TIME_SAMPLERS", "get_time_sampler", "importance_weight", "broadcast_to",
+]

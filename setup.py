@@ -1,0 +1,33 @@
+"""diffdistill: distilling diffusion models in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="diffdistill",
+    version="0.1.0",
+    description="Distilling diffusion models and training-free accelerated sampling in JAX.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffdistill", "diffdistill.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "jaxlib>=0.4.35",
+        "numpy>=1.26",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "chex>=0.1.87",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "etils[epath,epy]",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "diffrax>=0.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
+        "bench": ["torch", "diffusers>=0.30", "k-diffusion>=0.1.1", "scipy>=1.11"],
+    },
+)
