@@ -146,6 +146,8 @@ def test_moons_and_spirals_lie_on_their_curves():
   centre = np.where(label[:, None] == 0, [0.0, 0.0], [1.0, 0.5]) + np.array([-0.5, -0.25])
   r = np.linalg.norm(x - centre, axis=1)  # Distance to the moon's circle centre: 1 + noise.
   assert abs(np.mean(r) - 1.0) < 0.02 and abs(np.std(r) - cfg.noise) < 0.02
+  upper = (x - centre)[:, 1] * np.where(label == 0, 1.0, -1.0)  # sin u >= 0 outer, -sin u <= 0 inner.
+  assert np.mean(upper > -3 * cfg.noise) > 0.99
   cfg = toy2d.make_config("spirals", num_train=2000, num_test=10)
   x, label = toy2d.sample(cfg, "train")
   theta = np.linspace(0.0, 3 * np.pi, 3000)
