@@ -119,8 +119,6 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
     if self._executor is None:
       out = self.batch(self._step)
     else:
-      if not self._pending or self._pending[0][0] != self._step:
-        self._cancel_pending()
       next_step = self._pending[-1][0] + 1 if self._pending else self._step
       while len(self._pending) < self._prefetch + 1:
         self._pending.append((next_step, self._executor.submit(self.batch, next_step)))
