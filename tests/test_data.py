@@ -234,6 +234,21 @@ def test_real_dataset_code_path_on_self_made_mnist(tmp_path, in_memory):
   expected = {(img.astype(np.float32) / 127.5 - 1).tobytes(): lab for img, lab in fake_mnist_images(32)}
   for xi, li in zip(x, label):
     assert expected[xi.tobytes()] == li  # Every image decoded exactly, scaled to [-1, 1], with its label.
+  # Any other TFDS builder, by 'tfds:NAME', takes the same path.
+  other = data.get_dataset("tfds:mnist", split="train", batch_size=8, seed=0, data_dir=str(tmp_path), download=False)
+  _assert_batches_equal(_take(other, 4), batches)
+
+
+class _NumpyImageMnist(_FakeMnist, skip_registration=True):
+  """Yields NumPy images, as TFDS's real generators do; TFDS PNG-encodes those with TensorFlow."""
+
+  def _generate_examples(self, num_examples):
+    yield from enumerate({"image": img, "label": lab} for img, lab in fake_mnist_images(num_examples))
+
+
+def test_preparing_with_numpy_images_says_tensorflow_is_needed(tmp_path):
+  with pytest.raises(RuntimeError, match="needs TensorFlow; reading does not"):
+    sources.prepare_builder(_NumpyImageMnist(data_dir=str(tmp_path)))
 
 
 def test_no_tensorflow(ring):

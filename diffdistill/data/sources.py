@@ -159,7 +159,7 @@ def tfds_builder(name: str, *, data_dir: str | None = None, download: bool = Tru
   with _common.preparation_lock(data_dir, name):
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
-      _download_and_prepare(builder, name, download)
+      prepare_builder(builder, download=download)
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ValueError(
         f"{name!r} under {builder.data_dir!r} is stored as {builder.info.file_format}, which has no random "
@@ -168,13 +168,20 @@ def tfds_builder(name: str, *, data_dir: str | None = None, download: bool = Tru
   return builder
 
 
-def _download_and_prepare(builder: tfds.core.DatasetBuilder, name: str, download: bool) -> None:
+def prepare_builder(builder: tfds.core.DatasetBuilder, *, download: bool = True) -> None:
+  """`builder.download_and_prepare(file_format='array_record')`, with clear errors.
+
+  Raises:
+    FileNotFoundError: download=False.
+    RuntimeError: TFDS's generator for it needs TensorFlow (e.g. to PNG-encode NumPy images).
+  """
+  name = builder.name if builder.builder_config is None else f"{builder.name}/{builder.builder_config.name}"
   if not download:
     raise FileNotFoundError(f"{name!r} is not prepared under {builder.data_dir!r} and download=False.")
   try:
     builder.download_and_prepare(file_format="array_record")
-  except ModuleNotFoundError as e:
-    if e.name != "tensorflow":
+  except ModuleNotFoundError as e:  # TFDS re-raises it with the feature's name in front.
+    if "No module named 'tensorflow'" not in str(e):
       raise
     raise RuntimeError(
         f"Preparing {name!r} runs TFDS's own generator, which needs TensorFlow; reading does not. "
