@@ -291,3 +291,9 @@ def test_full_size_embedded_datasets(tmp_path):
   x = sources.load("gmm/mixture64", split="test", data_dir=str(tmp_path)).read(np.arange(10_000))["x"]
   exact = analytic.sample(analytic.mixture64(), jax.random.key(0), 10_000)
   assert abs(float(metrics.mmd2(x, exact))) < 1e-3  # Floor of two exact sets: 3e-5; another mixture64: 0.18.
+
+
+def test_data_dir_from_the_environment(tmp_path, monkeypatch):
+  monkeypatch.setenv("DIFFDISTILL_DATA_DIR", str(tmp_path))
+  data.get_dataset("toy2d/grid", split="test", batch_size=4, seed=0, num_examples=40)
+  assert (tmp_path / "toy2d" / "grid-n40-4" / "1.0.0" / "dataset_info.json").exists()

@@ -19,8 +19,11 @@ from diffdistill import analytic
 DATA_DIR_ENV = "DIFFDISTILL_DATA_DIR"
 
 
-def default_data_dir() -> str:
-  """$DIFFDISTILL_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS's own default)."""
+def resolve_data_dir(data_dir: str | None) -> str:
+  """data_dir if given, else $DIFFDISTILL_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  (TFDS's own default); `~` expanded."""
+  if data_dir:
+    return os.path.expanduser(data_dir)
   for var in (DATA_DIR_ENV, "TFDS_DATA_DIR"):
     if os.environ.get(var):
       return os.path.expanduser(os.environ[var])

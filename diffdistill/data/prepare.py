@@ -22,7 +22,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir; default $DIFFD
 
 def main(argv):
   del argv
-  data_dir = _DATA_DIR.value or _common.default_data_dir()
+  data_dir = _common.resolve_data_dir(_DATA_DIR.value)
   for name in _DATASETS.value:
     builder = sources.embedded_builder(name, data_dir=data_dir)
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}

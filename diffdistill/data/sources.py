@@ -126,7 +126,7 @@ def embedded_builder(name: str, *, data_dir: str | None = None,
 
   Args:
     name: one of `EMBEDDED_NAMES`.
-    data_dir: root of the TFDS tree; default `_common.default_data_dir()`. Files go to
+    data_dir: root of the TFDS tree; default `_common.resolve_data_dir(None)`. Files go to
       `data_dir/<builder>/<config>/<version>/`.
     num_examples: toy2d and gmm only: generate this many training examples (and
       max(1, num_examples // 10) test examples) instead of the defaults, under their own config name.
@@ -140,7 +140,7 @@ def embedded_builder(name: str, *, data_dir: str | None = None,
       raise ValueError("num_examples: digits8 has a fixed size (1797 images); pass num_examples=None.")
     module = toy2d if builder_name == "toy2d" else gmm
     config = module.make_config(config, num_train=num_examples, num_test=max(1, num_examples // 10))
-  data_dir = data_dir or _common.default_data_dir()
+  data_dir = _common.resolve_data_dir(data_dir)
   with _common.preparation_lock(data_dir, name if num_examples is None else f"{name}-n{num_examples}"):
     builder = cls(config=config or None, data_dir=data_dir)
     builder.download_and_prepare(file_format="array_record")
@@ -155,7 +155,7 @@ def tfds_builder(name: str, *, data_dir: str | None = None, download: bool = Tru
     RuntimeError: preparing needs TensorFlow (the stock generators use it) and it is not installed.
     ValueError: the dataset was prepared in a format without random access (tfrecord).
   """
-  data_dir = data_dir or _common.default_data_dir()
+  data_dir = _common.resolve_data_dir(data_dir)
   with _common.preparation_lock(data_dir, name):
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
