@@ -25,6 +25,10 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "scikit-learn>=1.3",
+        # TFDS uses importlib_resources for package-defined builders but declares it only for
+        # Python < 3.9; Pillow decodes real-dataset images.
+        "importlib_resources",
+        "pillow",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
