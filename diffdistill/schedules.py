@@ -106,15 +106,18 @@ class Schedule(abc.ABC):
     t = jnp.asarray(t)
     return jax.jvp(self.logsnr, (t,), (jnp.ones_like(t),))[1]
 
+  # The range is a property of the (static) schedule: evaluate it eagerly even inside a jit trace.
   @property
   def logsnr_min(self) -> float:
     """lambda(t_max), as a Python float."""
-    return float(self.logsnr(jnp.asarray(self.t_max, jnp.float32)))
+    with jax.ensure_compile_time_eval():
+      return float(self.logsnr(jnp.asarray(self.t_max, jnp.float32)))
 
   @property
   def logsnr_max(self) -> float:
     """lambda(t_min), as a Python float."""
-    return float(self.logsnr(jnp.asarray(self.t_min, jnp.float32)))
+    with jax.ensure_compile_time_eval():
+      return float(self.logsnr(jnp.asarray(self.t_min, jnp.float32)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,10 +562,10 @@ class UniformLogSNR(TimeSampler):
             schedule.logsnr(jnp.asarray(schedule.t_min, dtype)))
 
   def sample(self, rng, shape, *, schedule, dtype=jnp.float32):
-    lo, hi = self._range(schedule, jnp.float32)
-    if not np.isfinite(float(lo)):
+    lo, hi = schedule.logsnr_min, schedule.logsnr_max
+    if not np.isfinite(lo):
       raise ValueError(f"UniformLogSNR needs a finite logsnr at t_max; {schedule} has "
-                       f"logsnr(t_max) = {float(lo)}. Lower t_max.")
+                       f"logsnr(t_max) = {lo}. Lower t_max.")
     lam = jax.random.uniform(rng, shape, jnp.float32, lo, hi)
     return jnp.clip(schedule.t_from_logsnr(lam), schedule.t_min, schedule.t_max).astype(dtype)
 

@@ -174,6 +174,15 @@ def test_importance_weights_reweight_expectations(x64):
   np.testing.assert_allclose(jnp.mean(w), 1.0, rtol=0.02)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.name)
+def test_time_samplers_under_jit(sampler):
+  s = schedules.VPLinear()
+  f = jax.jit(lambda rng: sampler.sample(rng, (64,), schedule=s))
+  t = f(jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(t, sampler.sample(jax.random.PRNGKey(0), (64,), schedule=s))
+  assert bool(jnp.all(jnp.isfinite(jax.jit(lambda u: sampler.log_density(u, schedule=s))(t))))
+
+
 def test_time_sampler_errors():
   with pytest.raises(ValueError, match="Unknown time sampler"):
     schedules.get_time_sampler("beta")
