@@ -1,11 +1,9 @@
 """Shared fixtures of the solver tests: a small analytic mixture, noise, NFE helpers."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from diffdistill import analytic, schedules, solvers
 

@@ -206,3 +206,17 @@ def test_adaptive_reports_nfe_and_matches_reference(x64):
   ref = analytic.flow_map(analytic.denoiser(sch), mix, x, schedule=sch, t_start=1.0,
                           t_end=sch.t_min, rtol=1e-11, atol=1e-11)
   np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_final_step_to_sigma_zero_is_first_order_and_finite():
+  # t_end = 0 on VP-linear: sigma = 0 and lambda = +inf at the last grid point. No solver may
+  # evaluate a higher-order formula there; the result is the data prediction x0.
+  sch = schedules.VPLinear(t_min=0.0)
+  d = functools.partial(analytic.denoiser(sch), mixture())
+  x = noise(sch, 8, 8)
+  for name in ("dpm_solver_pp_3m", "unipc_3", "heun", "dpm_solver_3", "deis_3", "lms", "pndm"):
+    nfe = feasible_nfe(name, 15)
+    out = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=0.0)
+    near = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=1e-4)
+    assert bool(jnp.all(jnp.isfinite(out))), name
+    assert float(jnp.max(jnp.abs(out - near))) < 0.25, name  # different grids, same limit
