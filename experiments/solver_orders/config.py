@@ -1,10 +1,10 @@
 """Convergence table of every deterministic training-free solver on ground truth.
 
-COMMAND (the `cpu` variant, about 12 minutes on 2 busy CPU cores, float64):
+COMMAND (the `cpu` variant, about 20 minutes on 2 busy CPU cores, float64):
   python -m experiments.solver_orders.main --config=experiments/solver_orders/config.py:cpu \
       --workdir=/tmp/solver_orders
 
-The `full` variant (more samples and reference accuracy, about 25 minutes on 2 CPU cores):
+The `full` variant (4x the samples, a tighter reference; not yet run, expect about 45 minutes):
   python -m experiments.solver_orders.main --config=experiments/solver_orders/config.py:full \
       --workdir=/tmp/solver_orders_full
 

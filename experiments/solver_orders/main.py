@@ -4,7 +4,6 @@ Writes results.json (one record per schedule x solver x nfe), results.md (error 
 tables, sample quality) and errors.png (log-log error against NFE) into --workdir.
 """
 
-import functools
 import json
 import os
 import time
@@ -52,11 +51,10 @@ def run(config, workdir):
         _, used = solvers.steps_for_nfe(name, nfe, allow_nearest_nfe=True)
         if used > nfe:  # e.g. pndm needs >= 13 calls
           continue
-        run_fn = jax.jit(functools.partial(
-            solvers.sample, schedule=sch, solver=name, nfe=used, spacing=config.spacing),
-            static_argnums=0)
+        run_fn = solvers.make_sampler(apply, schedule=sch, solver=name, nfe=used,
+                                      spacing=config.spacing)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(run_fn(functools.partial(apply, mix), x_T))
+        out = jax.block_until_ready(run_fn(mix, x_T))
         err = metrics.per_sample_error(out, ref)
         records.append({
             "schedule": sname, "solver": name, "nfe": used, "requested_nfe": nfe,
@@ -148,21 +146,22 @@ def plot(records, config, path):
   fig, axes = plt.subplots(1, len(config.schedules), figsize=(5 * len(config.schedules), 4.5),
                            sharey=True)
   for ax, s in zip(np.atleast_1d(axes), config.schedules):
-    for n in config.plot_solvers:
-      pts = sorted({(r["nfe"], r["rms_error"]) for r in records
+    colors = plt.get_cmap("tab20")(np.linspace(0.0, 1.0, len(config.plot_solvers)))
+    for n, color in zip(config.plot_solvers, colors):
+      pts = sorted({(r["nfe"], r["median_error"]) for r in records
                     if r["schedule"] == s and r["solver"] == n and r["nfe"]})
       if pts:
-        ax.loglog(*zip(*pts), marker="o", ms=3, label=n)
+        ax.loglog(*zip(*pts), marker="o", ms=3, label=n, color=color)
     for p, style in ((1, ":"), (2, "--"), (3, "-.")):
       x = np.array([20.0, 100.0])
-      ax.loglog(x, 0.3 * (x / 20.0) ** (-p), "k" + style, lw=0.8, alpha=0.5)
+      ax.loglog(x, 0.03 * (x / 20.0) ** (-p), "k" + style, lw=0.8, alpha=0.5)
     ax.set_title(s)
     ax.set_xlabel("NFE")
     ax.grid(True, which="both", alpha=0.3)
-  np.atleast_1d(axes)[0].set_ylabel("RMS per-sample error vs flow map")
+  np.atleast_1d(axes)[0].set_ylabel("median per-sample error vs flow map")
   np.atleast_1d(axes)[-1].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=80)
 
 
 def main(argv):
