@@ -279,8 +279,12 @@ def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sched
   b = x.shape[0]
   th0, th1 = _theta(schedule, t_start, dtype), _theta(schedule, t_end, dtype)
 
+  # float32(pi/2) rounds above pi/2, where cos is slightly negative: clamp at 0 (alpha = 0,
+  # lambda = -inf, which t_from_logsnr maps to the pure-noise end).
+  cos = lambda theta: jnp.maximum(jnp.cos(theta), 0.0)
+
   def scale_and_time(theta):
-    lam = 2.0 * (jnp.log(jnp.cos(theta)) - jnp.log(jnp.sin(theta)))
+    lam = 2.0 * (jnp.log(cos(theta)) - jnp.log(jnp.sin(theta)))
     t = schedule.t_from_logsnr(lam)
     a, s = schedule.alpha(t), schedule.sigma(t)
     return jnp.sqrt(a * a + s * s), t
@@ -288,7 +292,7 @@ def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sched
   def vector_field(theta, y, args):
     r, t = scale_and_time(theta)
     x0 = apply(args, y * r, jnp.full((b,), t, dtype)).astype(dtype)
-    c, s = jnp.cos(theta), jnp.sin(theta)
+    c, s = cos(theta), jnp.sin(theta)
     eps = (y - c * x0) / s
     return c * eps - s * x0
 

@@ -158,3 +158,16 @@ def test_bad_x_and_flow_map_k():
     A.denoise(mix, jnp.ones((3, 5)), jnp.ones(3), schedule=schedules.EDM())
   with pytest.raises(ValueError, match="K = 1"):
     A.gaussian_flow_map(mix, jnp.ones((3, 2)), schedule=schedules.EDM(), t_start=1.0, t_end=0.1)
+
+
+@pytest.mark.parametrize("sched", [schedules.RectifiedFlow(), schedules.TrigFlow(t_max=float(np.pi / 2))],
+                         ids=["rectified_flow", "trigflow_to_pi_over_2"])
+def test_flow_map_float32_from_pure_noise(sched):
+  """Starting where alpha = 0: float32(pi/2) lies above pi/2, where cos < 0; no NaN, no step blow-up."""
+  g = A.GaussianMixture([1.0], jnp.ones((1, 3)), jnp.array([[0.5, 0.2, 0.1]]))
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (8, 3)) * sched.sigma(sched.t_max)
+  out = A.flow_map(A.denoiser(sched), g, x_T, schedule=sched, t_start=sched.t_max, t_end=sched.t_min,
+                   rtol=1e-5, atol=1e-5)
+  ref = A.gaussian_flow_map(g, x_T, schedule=sched, t_start=sched.t_max, t_end=sched.t_min)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=1e-4)
