@@ -1,0 +1,160 @@
+"""The analytic teachers against independent computations: autodiff, Monte Carlo, scipy, closed forms."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from diffdistill import analytic as A
+from diffdistill import schedules
+
+SCHEDS = sorted(schedules.SCHEDULES)
+
+
+def _small_mixture(d=4, k=3, seed=0, diagonal=False):
+  rng = np.random.default_rng(seed)
+  means = rng.standard_normal((k, d))
+  if diagonal:
+    covs = rng.uniform(0.05, 0.5, (k, d))
+  else:
+    q = np.linalg.qr(rng.standard_normal((k, d, d)))[0]
+    covs = np.einsum("kij,kj,klj->kil", q, rng.uniform(0.05, 0.5, (k, d)), q)
+  return A.GaussianMixture(rng.uniform(0.5, 2.0, k), means, covs)
+
+
+@pytest.mark.parametrize("name", SCHEDS)
+def test_tweedie_identity_against_autodiff_of_log_prob(name, x64):
+  """x0_hat = (x + sigma^2 grad log p_t(x)) / alpha, with grad from jax.grad of log_prob."""
+  s = schedules.get(name)
+  mix = A.mixture64()
+  x0 = A.sample(mix, jax.random.PRNGKey(0), 6)
+  t = jnp.linspace(s.t_min + 0.02 * (s.t_max - s.t_min), 0.7 * s.t_max, 6)
+  x = s.alpha(t)[:, None] * x0 + s.sigma(t)[:, None] * jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  grad = jax.grad(lambda y: jnp.sum(A.log_prob(mix, y, t, schedule=s)))(x)
+  tweedie = (x + s.sigma(t)[:, None] ** 2 * grad) / s.alpha(t)[:, None]
+  np.testing.assert_allclose(A.denoise(mix, x, t, schedule=s), tweedie, rtol=0, atol=1e-8)
+  np.testing.assert_allclose(A.score(mix, x, t, schedule=s), grad, rtol=1e-7, atol=1e-7)
+
+
+def test_denoiser_agrees_with_monte_carlo_posterior_mean(x64):
+  """Self-normalized importance sampling of p(x0 | x_t) with the prior as proposal."""
+  s = schedules.VPLinear()
+  mix = A.ring2d()
+  x0s = A.sample(mix, jax.random.PRNGKey(3), 400_000)
+  for t, x in [(0.3, jnp.array([0.7, 0.4])), (0.5, jnp.array([-0.2, 0.1])), (0.8, jnp.array([1.0, -1.0]))]:
+    a, sg = s.alpha(t), s.sigma(t)
+    logw = -0.5 * jnp.sum((x - a * x0s) ** 2, axis=1) / sg ** 2
+    w = jax.nn.softmax(logw)
+    mc = w @ x0s
+    ess = 1.0 / jnp.sum(w ** 2)
+    se = jnp.sqrt(jnp.sum(w[:, None] ** 2 * (x0s - mc) ** 2, axis=0))  # delta-method standard error
+    exact = A.denoise(mix, x[None], jnp.array([t]), schedule=s)[0]
+    assert ess > 1000
+    assert bool(jnp.all(jnp.abs(exact - mc) < 5 * se + 1e-4)), (t, exact, mc, se)
+
+
+def test_log_prob_matches_scipy(x64):
+  s = schedules.EDM()
+  mix = _small_mixture()
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 4))
+  t = 0.7
+  a, sg = 1.0, 0.7
+  ref = np.log(sum(float(w) * stats.multivariate_normal(a * np.asarray(m), a * a * np.asarray(c) + sg * sg * np.eye(4)).pdf(np.asarray(x))
+                   for w, m, c in zip(mix.weights, mix.means, mix.covs)))
+  np.testing.assert_allclose(A.log_prob(mix, x, jnp.full((5,), t), schedule=s), ref, rtol=1e-10)
+  ref0 = np.log(sum(float(w) * stats.multivariate_normal(np.asarray(m), np.asarray(c)).pdf(np.asarray(x))
+                    for w, m, c in zip(mix.weights, mix.means, mix.covs)))
+  np.testing.assert_allclose(A.data_log_prob(mix, x), ref0, rtol=1e-10)
+
+
+def test_diagonal_and_full_paths_agree(x64):
+  s = schedules.VPCosine()
+  diag = _small_mixture(diagonal=True)
+  full = A.GaussianMixture(diag.weights, diag.means, jax.vmap(jnp.diag)(diag.eigvals))
+  assert diag.eigvecs is None and full.eigvecs is not None
+  x = jax.random.normal(jax.random.PRNGKey(0), (7, 4))
+  t = jnp.linspace(0.1, 0.9, 7)
+  np.testing.assert_allclose(A.denoise(diag, x, t, schedule=s), A.denoise(full, x, t, schedule=s), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(A.log_prob(diag, x, t, schedule=s), A.log_prob(full, x, t, schedule=s), rtol=1e-12)
+  iso = A.GaussianMixture([1.0, 1.0], np.zeros((2, 3)), [0.5, 2.0])
+  np.testing.assert_allclose(iso.covs[1], 2.0 * np.eye(3))
+
+
+def test_sample_moments(x64):
+  mix = _small_mixture()
+  x = A.sample(mix, jax.random.PRNGKey(0), 400_000)
+  np.testing.assert_allclose(jnp.mean(x, 0), mix.mean(), atol=0.01)
+  np.testing.assert_allclose(jnp.cov(x.T), mix.covariance(), atol=0.02)
+
+
+@pytest.mark.parametrize("name", SCHEDS)
+def test_flow_map_matches_single_gaussian_closed_form(name, x64):
+  s = schedules.get(name)
+  g = _small_mixture(d=5, k=1, seed=2)
+  x_T = s.alpha(s.t_max) * g.means[0] + s.sigma(s.t_max) * jax.random.normal(jax.random.PRNGKey(0), (8, 5))
+  exact = A.gaussian_flow_map(g, x_T, schedule=s, t_start=s.t_max, t_end=s.t_min)
+  ref = A.flow_map(A.denoiser(s), g, x_T, schedule=s, t_start=s.t_max, t_end=s.t_min, rtol=1e-10, atol=1e-10)
+  rel = float(jnp.max(jnp.abs(ref - exact)) / jnp.max(jnp.abs(exact)))
+  assert rel < 1e-6, rel
+  # And forwards in time: the map is invertible.
+  back = A.flow_map(A.denoiser(s), g, exact, schedule=s, t_start=s.t_min, t_end=s.t_max, rtol=1e-10, atol=1e-10)
+  assert float(jnp.max(jnp.abs(back - x_T)) / jnp.max(jnp.abs(x_T))) < 1e-6
+
+
+def test_flow_map_transports_mixture_marginals():
+  """Noise pushed through the exact flow lands on the data distribution (ring: each mode hit)."""
+  s = schedules.EDM()
+  mix = A.ring2d()
+  x_T = s.t_max * jax.random.normal(jax.random.PRNGKey(0), (4000, 2))
+  x0, stats_ = A.flow_map(A.denoiser(s), mix, x_T, schedule=s, t_start=s.t_max, t_end=s.t_min,
+                          return_stats=True)
+  r = A.responsibilities(mix, x0)
+  assert float(jnp.mean(jnp.max(r, axis=1) > 0.99)) > 0.97
+  counts = jnp.bincount(jnp.argmax(r, 1), length=8) / 4000
+  np.testing.assert_allclose(counts, 1 / 8, atol=0.025)
+  assert int(stats_["nfe"]) > 0
+
+
+def test_denoise_jits_once_for_new_mixtures():
+  s = schedules.VPLinear()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(mix, x, t):
+    return A.denoise(mix, x, t, schedule=s)
+
+  x = jnp.ones((3, 4))
+  f(_small_mixture(seed=0), x, jnp.full((3,), 0.5))
+  f(_small_mixture(seed=1), x, jnp.full((3,), 0.6))
+  chex.clear_trace_counter()
+
+
+def test_ready_made_mixtures():
+  assert A.mixture64().dim == 64 and A.mixture64().num_components == 16
+  np.testing.assert_allclose(A.mixture64().means, A.mixture64().means)  # fixed seed
+  assert A.ring2d().num_components == 8 and A.grid2d().num_components == 8
+  with pytest.raises(ValueError, match="Unknown mixture"):
+    A.get_mixture("swissroll")
+
+
+@pytest.mark.parametrize("args, match", [
+    (([1.0, 1.0], np.zeros((3, 2)), np.ones((2, 2))), r"means must have shape \[K, d\]"),
+    (([1.0, -1.0], np.zeros((2, 2)), np.ones((2, 2))), "weights must be finite and > 0"),
+    (([1.0, 1.0], np.zeros((2, 2)), np.ones((2, 3))), "covs must have shape"),
+    (([1.0], np.zeros((1, 2)), np.array([[[1.0, 2.0], [2.0, 1.0]]])), "positive definite"),
+    (([1.0], np.zeros((1, 2)), np.array([[[1.0, 0.5], [0.0, 1.0]]])), "symmetric"),
+    (([1.0], np.zeros((1, 2)), np.array([[0.0, 1.0]])), "positive definite"),
+])
+def test_bad_mixtures(args, match):
+  with pytest.raises(ValueError, match=match):
+    A.GaussianMixture(*args)
+
+
+def test_bad_x_and_flow_map_k():
+  mix = A.ring2d()
+  with pytest.raises(ValueError, match=r"x must have shape \[B, d\] with d = 2"):
+    A.denoise(mix, jnp.ones((3, 5)), jnp.ones(3), schedule=schedules.EDM())
+  with pytest.raises(ValueError, match="K = 1"):
+    A.gaussian_flow_map(mix, jnp.ones((3, 2)), schedule=schedules.EDM(), t_start=1.0, t_end=0.1)
