@@ -34,9 +34,15 @@ from diffdistill.solvers import singlestep
 Array = jax.Array
 
 
-def multistep_weights(xp, order: int, h, h_prev, alpha_t):
+def multistep_weights(xp, order: int, h, h_prev, alpha_t, *, taylor_d2: bool = False):
   """Weights of D_0, D_1, ... (newest first) in the 2M / 3M update, given h and the previous
-  step sizes h_prev = (h_0, h_1); `xp` is numpy or jax.numpy."""
+  step sizes h_prev = (h_0, h_1); `xp` is numpy or jax.numpy.
+
+  The published 3M weight of D2 (~ h^2 D''/2) is -alpha_t phi_3, half the Taylor coefficient
+  -2 alpha_t phi_3 of the data-prediction expansion, so the published method has an O(h^3)
+  local error in the D'' term and is second order (checked in tests/test_solvers_orders.py);
+  taylor_d2=True uses the Taylor weight and makes it third order.
+  """
   phi_1 = xp.expm1(-h)
   if order == 1:
     return [-alpha_t * phi_1]
@@ -53,10 +59,11 @@ def multistep_weights(xp, order: int, h, h_prev, alpha_t):
   d1 = [a + frac * (a - b) for a, b in zip(d10, d11)]
   d2 = [inv_sum * (a - b) for a, b in zip(d10, d11)]
   base = (-alpha_t * phi_1, 0.0, 0.0)
-  return [b0 + alpha_t * phi_2 * c1 - alpha_t * phi_3 * c2 for b0, c1, c2 in zip(base, d1, d2)]
+  w3 = (2.0 if taylor_d2 else 1.0) * alpha_t * phi_3
+  return [b0 + alpha_t * phi_2 * c1 - w3 * c2 for b0, c1, c2 in zip(base, d1, d2)]
 
 
-def _multistep_rows(grid, order, lower_order_final):
+def _multistep_rows(grid, order, lower_order_final, taylor_d2=False):
   n = grid.num_steps
   orders = multistep.step_orders(grid, order, lower_order_final=lower_order_final)
   a = np.zeros(n)
@@ -69,13 +76,14 @@ def _multistep_rows(grid, order, lower_order_final):
       continue
     h = grid.lam[i + 1] - grid.lam[i]
     h_prev = [grid.lam[i - k] - grid.lam[i - k - 1] for k in range(p - 1)]
-    b[i, :p] = multistep_weights(np, p, h, h_prev, grid.alpha[i + 1])
+    b[i, :p] = multistep_weights(np, p, h, h_prev, grid.alpha[i + 1], taylor_d2=taylor_d2)
   return a, b, orders
 
 
-def multistep_plan(grid: grids.HostGrid, order: int, *, lower_order_final: bool = True):
-  """DPM-Solver++(2M) (order 2) or (3M) (order 3) as engine coefficients."""
-  a, b, _ = _multistep_rows(grid, order, lower_order_final)
+def multistep_plan(grid: grids.HostGrid, order: int, *, lower_order_final: bool = True,
+                   taylor_d2: bool = False):
+  """DPM-Solver++(2M) (order 2) or (3M) as engine coefficients."""
+  a, b, _ = _multistep_rows(grid, order, lower_order_final, taylor_d2)
   return multistep.Plan(grid, "data", a=a, b=b)
 
 
@@ -129,7 +137,8 @@ def dpm_solver_pp_2m_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_li
 
 
 def dpm_solver_pp_3m_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                          d_prev: tuple[Array, Array], t_prev: tuple) -> tuple[Array, Array]:
+                          d_prev: tuple[Array, Array], t_prev: tuple,
+                          taylor_d2: bool = False) -> tuple[Array, Array]:
   """One DPM-Solver++(3M) step given (D_1, D_2) at (t_prev1, t_prev2) (newest first).
   Returns (x_t, D(x_s, t_s))."""
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
@@ -137,7 +146,7 @@ def dpm_solver_pp_3m_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_li
   l_p1 = _values(schedule, x, t_prev[0])[2]
   l_p2 = _values(schedule, x, t_prev[1])[2]
   d = denoise(x, ts)
-  w = multistep_weights(jnp, 3, l_t - l_s, (l_s - l_p1, l_p1 - l_p2), a_t)
+  w = multistep_weights(jnp, 3, l_t - l_s, (l_s - l_p1, l_p1 - l_p2), a_t, taylor_d2=taylor_d2)
   out = (s_t / s_s) * x + w[0] * d + w[1] * d_prev[0] + w[2] * d_prev[1]
   return out.astype(x.dtype), d
 
@@ -148,10 +157,11 @@ def run_2m(denoise, x, grid, *, schedule, rng, in_dtype, lower_order_final=True)
                        in_dtype=in_dtype)
 
 
-def run_3m(denoise, x, grid, *, schedule, rng, in_dtype, lower_order_final=True):
+def run_3m(denoise, x, grid, *, schedule, rng, in_dtype, lower_order_final=True,
+           taylor_d2=False):
   del schedule, rng
-  return multistep.run(denoise, x, multistep_plan(grid, 3, lower_order_final=lower_order_final),
-                       in_dtype=in_dtype)
+  return multistep.run(denoise, x, multistep_plan(grid, 3, lower_order_final=lower_order_final,
+                                                  taylor_d2=taylor_d2), in_dtype=in_dtype)
 
 
 def run_2m_sde(denoise, x, grid, *, schedule, rng, in_dtype, lower_order_final=True):

@@ -20,11 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
+from diffdistill.solvers import adaptive
 from diffdistill.solvers import ddim
+from diffdistill.solvers import deis
+from diffdistill.solvers import dpm_solver
 from diffdistill.solvers import dpm_solver_pp
 from diffdistill.solvers import grids
 from diffdistill.solvers import heun
 from diffdistill.solvers import multistep
+from diffdistill.solvers import pndm
+from diffdistill.solvers import unipc
 
 Array = jax.Array
 
@@ -38,6 +43,7 @@ class SolverInfo:
   multistep: whether it keeps a history of evaluations.
   nfe_rule: how nfe maps to steps, in words.
   options: the solver's keyword options and their defaults.
+  note: where the measured order depends on the grid or the budget.
   """
 
   name: str
@@ -48,10 +54,13 @@ class SolverInfo:
   nfe_rule: str
   reference: str
   options: tuple[tuple[str, Any], ...] = ()
+  note: str = ""
   run: Callable | None = dataclasses.field(default=None, repr=False, compare=False)
   nfe_of_steps: Callable[[int, dict], int] | None = dataclasses.field(default=None, repr=False,
                                                                       compare=False)
   min_steps: int = 1
+  grid_steps: Callable[[int], int] | None = dataclasses.field(default=None, repr=False,
+                                                             compare=False)
 
 
 _one = lambda n, o: n
@@ -64,17 +73,83 @@ _PP = "Lu et al. 2022b (DPM-Solver++)"
 _EDM = "Karras et al. 2022 (EDM)"
 _LOF = (("lower_order_final", True),)
 
+_pndm_nfe = lambda n, o: 12 + (n - 3)
+_UNIPC = "Zhao et al. 2023 (UniPC)"
+_DEIS = "Zhang & Chen 2023 (DEIS)"
+_DPM = "Lu et al. 2022a (DPM-Solver)"
+_UNIPC_OPTS = (("variant", "bh2"), ("lower_order_final", True))
+_CHURN = (("S_churn", 40.0), ("S_tmin", 0.05), ("S_tmax", 50.0), ("S_noise", 1.003),
+          ("final_euler", True))
+
+
+def _adaptive_nfe(n, o):
+  raise ValueError("The adaptive solver chooses its NFE from rtol/atol: call sample(..., "
+                   "solver='adaptive', nfe=None, rtol=..., atol=..., return_nfe=True).")
+
+
 SOLVERS: dict[str, SolverInfo] = {s.name: s for s in [
     SolverInfo("ddim", 1, 1, False, False, "nfe = steps", _DDIM, run=ddim.run_ddim,
                nfe_of_steps=_one),
+    SolverInfo("ddim_eta", 1, 1, True, False, "nfe = steps", _DDIM, options=(("eta", 0.5),),
+               run=ddim.run_ddim_eta, nfe_of_steps=_one),
+    SolverInfo("ddpm", 1, 1, True, False, "nfe = steps", "Ho et al. 2020 (DDPM ancestral)",
+               run=ddim.run_ddpm, nfe_of_steps=_one),
     SolverInfo("euler", 1, 1, False, False, "nfe = steps",
                "Karras et al. 2022 (Euler in sigma/alpha; the DDIM map)", run=ddim.run_ddim,
                nfe_of_steps=_one),
+    SolverInfo("euler_maruyama", 1, 1, True, False, "nfe = steps",
+               "Song et al. 2021 (reverse SDE)", run=ddim.run_euler_maruyama, nfe_of_steps=_one),
     SolverInfo("heun", 2, 2, False, False, "nfe = 2 steps - 1 (final Euler step); 2 steps with "
                "final_euler=False", _EDM, options=(("final_euler", True),), run=heun.run_heun,
                nfe_of_steps=_heun_nfe),
-    SolverInfo("dpm_solver_pp_2m", 2, 1, False, True, "nfe = steps", _PP, options=_LOF,
+    SolverInfo("edm_stochastic", 2, 2, True, False, "nfe = 2 steps - 1 (final Euler step)", _EDM,
+               options=_CHURN, run=heun.run_edm_stochastic, nfe_of_steps=_heun_nfe),
+    SolverInfo("dpm_solver_1", 1, 1, False, False, "nfe = steps", _DPM, run=dpm_solver.run_1,
+               nfe_of_steps=_one),
+    SolverInfo("dpm_solver_2", 2, 2, False, False, "nfe = 2 steps", _DPM, run=dpm_solver.run_2,
+               nfe_of_steps=_two),
+    SolverInfo("dpm_solver_3", 3, 3, False, False, "nfe = 3 steps", _DPM, run=dpm_solver.run_3,
+               nfe_of_steps=_three),
+    SolverInfo("dpm_solver_fast", 3, 3, False, False, "any nfe: orders 3,..,3 then 2/1 steps",
+               _DPM, note="order 3 for nfe = 2 (mod 3); the final order-1 step of the other "
+               "budgets limits the asymptotic order to 2", run=dpm_solver.run_fast, nfe_of_steps=_one,
+               grid_steps=lambda k: len(dpm_solver.fast_orders(k))),
+    SolverInfo("dpm_solver_pp_2s", 2, 2, False, False, "nfe = 2 steps", _PP,
+               run=dpm_solver_pp.run_2s, nfe_of_steps=_two),
+    SolverInfo("dpm_solver_pp_2m", 2, 1, False, True, "nfe = steps >= 2", _PP, options=_LOF,
                run=dpm_solver_pp.run_2m, nfe_of_steps=_one, min_steps=2),
+    SolverInfo("dpm_solver_pp_3m", 2, 1, False, True, "nfe = steps >= 3", _PP,
+               options=_LOF + (("taylor_d2", False),),
+               note="the published D2 weight is half its Taylor coefficient, so the method is "
+               "second order; taylor_d2=True makes it third order",
+               run=dpm_solver_pp.run_3m, nfe_of_steps=_one, min_steps=3),
+    SolverInfo("dpm_solver_pp_2m_sde", 1, 1, True, True, "nfe = steps >= 2", _PP, options=_LOF,
+               run=dpm_solver_pp.run_2m_sde, nfe_of_steps=_one, min_steps=2),
+    SolverInfo("unipc_1", 2, 1, False, True, "nfe = steps", _UNIPC, options=_UNIPC_OPTS,
+               run=unipc.make_run(1), nfe_of_steps=_one),
+    SolverInfo("unipc_2", 3, 1, False, True, "nfe = steps >= 2", _UNIPC, options=_UNIPC_OPTS,
+               run=unipc.make_run(2), nfe_of_steps=_one, min_steps=2),
+    SolverInfo("unipc_3", 4, 1, False, True, "nfe = steps >= 3", _UNIPC, options=_UNIPC_OPTS,
+               run=unipc.make_run(3), nfe_of_steps=_one, min_steps=3),
+    SolverInfo("deis_1", 1, 1, False, True, "nfe = steps", _DEIS, run=deis.make_deis_run(1),
+               nfe_of_steps=_one),
+    SolverInfo("deis_2", 2, 1, False, True, "nfe = steps >= 2", _DEIS, run=deis.make_deis_run(2),
+               nfe_of_steps=_one, min_steps=2),
+    SolverInfo("deis_3", 3, 1, False, True, "nfe = steps >= 3", _DEIS, run=deis.make_deis_run(3),
+               nfe_of_steps=_one, min_steps=3),
+    SolverInfo("pndm", 4, 1, False, True, "nfe = 12 + (steps - 3), steps >= 4 (3 pseudo-RK4 "
+               "steps of 4 calls, then 1 call per step)", "Liu et al. 2022 (PNDM)",
+               note="fixed coefficients: order 4 on grids uniform in sigma/alpha, 2 on other "
+               "smooth grids", run=pndm.run_pndm, nfe_of_steps=_pndm_nfe, min_steps=4),
+    SolverInfo("ipndm", 4, 1, False, True, "nfe = steps >= 4", "Zhang & Chen 2023 (iPNDM)",
+               note="fixed coefficients: equals lms (order 4) on grids uniform in sigma/alpha, "
+               "order 2 on other smooth grids", run=pndm.run_ipndm, nfe_of_steps=_one, min_steps=4),
+    SolverInfo("lms", 4, 1, False, True, "nfe = steps >= 4", "k-diffusion (linear multistep)",
+               options=(("order", 4),), run=deis.run_lms, nfe_of_steps=_one, min_steps=4),
+    SolverInfo("adaptive", 5, 6, False, False, "chosen by rtol/atol (returned with return_nfe)",
+               "Tsitouras 2011 (Tsit5) via diffrax",
+               options=(("rtol", 1e-4), ("atol", 1e-4), ("method", "tsit5"), ("max_steps", 4096),
+                        ("return_nfe", False)), nfe_of_steps=_adaptive_nfe),
 ]}
 
 
@@ -126,7 +201,7 @@ def steps_for_nfe(solver: str, nfe: int, *, final_denoise: bool = False,
 
 
 def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
-           schedule: schedules_lib.Schedule, solver: str, nfe: int, spacing="logsnr",
+           schedule: schedules_lib.Schedule, solver: str, nfe: int | None, spacing="logsnr",
            t_start: float | None = None, t_end: float | None = None, rng: Array | None = None,
            final_denoise: bool = False, allow_nearest_nfe: bool = False, rho: float = 7.0,
            **options) -> Array:
@@ -146,7 +221,10 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
     rho: the Karras exponent (spacing="karras").
     **options: solver options (SOLVERS[solver].options).
   Returns:
-    [B, ...] in x_T's dtype.
+    [B, ...] in x_T's dtype; for solver="adaptive" with return_nfe=True, (x, nfe).
+
+  The adaptive solver takes nfe=None and the options rtol, atol, method ("tsit5"/"dopri5"),
+  max_steps and return_nfe (see adaptive.adaptive_sample); spacing does not apply to it.
   """
   info = _check_solver(solver)
   opts = _resolve_options(info, options)
@@ -155,10 +233,25 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
     raise ValueError(f"x_T must have a batch axis, [B, ...]; got shape {x_T.shape}.")
   if not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise ValueError(f"x_T must be a floating array, got dtype {x_T.dtype}.")
+  if solver == "adaptive":
+    if nfe is not None:
+      raise ValueError("solver='adaptive' chooses its own NFE: pass nfe=None (and rtol/atol); "
+                       "return_nfe=True returns it.")
+    return_nfe = opts.pop("return_nfe")
+    x, used = adaptive.adaptive_sample(denoise, x_T, schedule=schedule, t_start=t_start,
+                                       t_end=t_end, **opts)
+    if final_denoise:
+      x = multistep.call(denoise, x, grids.resolve_range(schedule, t_start, t_end)[1],
+                         multistep.compute_dtype(x_T.dtype), x_T.dtype).astype(x_T.dtype)
+      used = used + 1
+    return (x, used) if return_nfe else x
   if info.stochastic and rng is None:
     raise ValueError(f"Solver {solver!r} is stochastic: pass rng=jax.random.key(...).")
   steps, _ = steps_for_nfe(solver, nfe, final_denoise=final_denoise,
                            allow_nearest_nfe=allow_nearest_nfe, **opts)
+  if info.grid_steps is not None:  # DPM-Solver-fast: `steps` is the call budget.
+    opts["budget"] = steps
+    steps = info.grid_steps(steps)
   if isinstance(spacing, str):
     t = grids.time_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end, rho=rho)
   else:
