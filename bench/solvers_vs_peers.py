@@ -313,6 +313,7 @@ def run(args) -> dict:
                  ratio_rms=e_ours["rms"] / e_peer["rms"],
                  verdict=verdict(differs, e_ours, e_peer),
                  time_peer_s=t_peer, time_peer_null_s=t_peer_null, time_ours_s=t_ours,
+                 time_peer_min_s=times["peer"]["min"], time_ours_min_s=times["ours"]["min"],
                  time_ratio=t_ours / t_peer, time_ratio_min=times["ours"]["min"] / times["peer"]["min"])
       rows.append(row)
       print(f"{pairing.peer:11s} {pairing.sampler:30s} {pairing.label:17s} NFE {nfe:3d}  "
@@ -441,15 +442,15 @@ def parse_args(argv=None):
                                       "unipc_3", "lms") if s in solvers.SOLVERS])
   p.add_argument("--overhead-repeats", type=int, default=30,
                  help="timed repeats for the overhead slopes (their minima are used)")
-  p.add_argument("--overhead-nfe", type=int, nargs=2, default=[10, 50], metavar=("LO", "HI"))
+  p.add_argument("--overhead-nfe", type=int, nargs=2, default=[10, 100], metavar=("LO", "HI"))
   p.add_argument("--torch-device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda'")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                  help="folder for results.json and results.md")
   p.add_argument("--quick", action="store_true",
-                 help="batch 256, NFE 5 10, 3 repeats, overhead NFE 10/30: a few minutes on 2 cores")
+                 help="batch 256, NFE 5 10, 3 repeats, overhead NFE 10/50: a few minutes on 2 cores")
   args = p.parse_args(argv)
   if args.quick:
-    args.batch, args.nfe, args.repeats, args.overhead_nfe = 256, [5, 10], 3, [10, 30]
+    args.batch, args.nfe, args.repeats, args.overhead_nfe = 256, [5, 10], 3, [10, 50]
   if args.batch < 2 or args.repeats < 1 or min(args.nfe) < 1:
     p.error("--batch must be >= 2, --repeats >= 1 and every --nfe >= 1")
   bad = sorted(set(args.overhead_solvers) - set(solvers.SOLVERS))

@@ -28,6 +28,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -185,7 +186,8 @@ def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
       if own:
         scatter.append(min(own, key=lambda r: abs(r["nfe"] - config.scatter_nfe)))
   ncols = 1 + (1 + len(scatter) if two_d else 0)
-  fig, axes = plt.subplots(1, ncols, figsize=(6.5 + 3.2 * (ncols - 1), 4.8), squeeze=False)
+  fig, axes = plt.subplots(1, ncols, figsize=(7.5 + 3.4 * (ncols - 1), 5.0), squeeze=False,
+                           gridspec_kw={"width_ratios": [2.0] + [1.0] * (ncols - 1)})
   ax = axes[0, 0]
   names = list(dict.fromkeys(r["name"] for r in rows))
   cmap = plt.get_cmap("tab20")
@@ -193,6 +195,11 @@ def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
     pts = sorted((r["nfe"], r["median"]) for r in rows if r["name"] == name)
     ax.loglog(*zip(*pts), marker="o", ms=3, lw=1, color=cmap(i % 20),
               ls="-" if i < 20 else "--", label=name)
+  ticks = sorted({r["nfe"] for r in rows})
+  ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(n) for n in ticks]))
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.tick_params(axis="x", labelsize=7)
   ax.set_xlabel("NFE")
   ax.set_ylabel("median per-sample error vs exact flow map")
   ax.set_title(f"{config.teacher}, {config.schedule}, {config.spacing} grid")
