@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from diffdistill import solvers
 from experiments.quickstart import config as quickstart_config
 from experiments.quickstart import main as quickstart
 
@@ -30,6 +31,17 @@ def test_quickstart_tiny(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert len(saved["rows"]) == len(rows)
   assert os.path.getsize(tmp_path / "quickstart.png") > 10_000
+
+
+def test_reference_is_the_exact_flow_map_of_the_same_noise():
+  # A 3rd-order solver at NFE 50 lands within ~1e-4 of the exact map; a reference from other
+  # noise, to another end time (even 20 t_min) or in the wrong precision would be far off.
+  config = quickstart_config.get_config("tiny")
+  setup = quickstart.make_setup(config)
+  run = solvers.make_sampler(setup.apply, schedule=setup.schedule, solver="unipc_2", nfe=50)
+  method = quickstart.Method(name="unipc_2", family="solver", nfe=50, nfe_asked=50, order=3, run=run)
+  r = quickstart.evaluate(method, setup, repeats=1)
+  assert r["median"] < 1e-3 and r["rms"] < 3e-3, r
 
 
 def test_deterministic_solvers_are_the_registry_minus_stochastic_and_adaptive():
