@@ -126,6 +126,14 @@ DIFFUSERS_CASES = {
         ("timestep_spacing", "trailing"), ("final_sigmas_type", "sigma_min"), ("solver_order", 2)), False),
     "UniPCMultistepScheduler_3": DiffusersCase("UniPCMultistepScheduler", _VP + (
         ("timestep_spacing", "trailing"), ("final_sigmas_type", "sigma_min"), ("solver_order", 3)), False),
+    # UniPC as above but without diffusers' lower_order_final, which diffusers (like the UniPC
+    # reference code) applies at every step count while our solvers apply it below 15 steps.
+    "UniPCMultistepScheduler_no_lof": DiffusersCase("UniPCMultistepScheduler", _VP + (
+        ("timestep_spacing", "trailing"), ("final_sigmas_type", "sigma_min"), ("solver_order", 2),
+        ("lower_order_final", False)), False),
+    "UniPCMultistepScheduler_3_no_lof": DiffusersCase("UniPCMultistepScheduler", _VP + (
+        ("timestep_spacing", "trailing"), ("final_sigmas_type", "sigma_min"), ("solver_order", 3),
+        ("lower_order_final", False)), False),
     "EulerDiscreteScheduler": DiffusersCase("EulerDiscreteScheduler", _VP + (
         ("timestep_spacing", "trailing"), ("final_sigmas_type", "sigma_min")), True),
     "HeunDiscreteScheduler": DiffusersCase("HeunDiscreteScheduler", _VP + (

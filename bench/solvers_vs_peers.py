@@ -77,6 +77,18 @@ class Pairing:
     return f"{self.ours}({opts})" if opts else self.ours
 
 
+def _unipc_lof(nfe: int, steps: int) -> str | None:
+  del nfe
+  return ("diffusers lowers the order of the last steps at every step count, ours below 15 steps"
+          if steps >= 15 else None)
+
+
+def _unipc_no_lof(nfe: int, steps: int) -> str | None:
+  del nfe
+  return ("ours lowers the order of the last steps below 15 steps, this diffusers setting never"
+          if steps < 15 else None)
+
+
 PAIRINGS = (
     Pairing("diffusers", "DDIMScheduler", "ddim",
             lambda nfe, steps: None if 1000 % nfe == 0 else
@@ -88,8 +100,13 @@ PAIRINGS = (
     # Both drop to 1st order on the last step below 15 steps (lower_order_final).
     Pairing("diffusers", "DPMSolverMultistepScheduler", "dpm_solver_pp_2m"),
     Pairing("diffusers", "DPMSolverMultistepScheduler_3", "dpm_solver_pp_3m"),
-    Pairing("diffusers", "UniPCMultistepScheduler", "unipc_2"),
-    Pairing("diffusers", "UniPCMultistepScheduler_3", "unipc_3"),
+    # diffusers' UniPC lowers the order of the last steps at every step count (as the UniPC
+    # reference code does); ours, like DPM-Solver++, only below 15 steps. Without that option
+    # (the _no_lof cases) diffusers is identical to ours from 15 steps on.
+    Pairing("diffusers", "UniPCMultistepScheduler", "unipc_2", _unipc_lof),
+    Pairing("diffusers", "UniPCMultistepScheduler_3", "unipc_3", _unipc_lof),
+    Pairing("diffusers", "UniPCMultistepScheduler_no_lof", "unipc_2", _unipc_no_lof),
+    Pairing("diffusers", "UniPCMultistepScheduler_3_no_lof", "unipc_3", _unipc_no_lof),
     Pairing("k-diffusion", "sample_euler", "euler"),
     Pairing("k-diffusion", "sample_heun", "heun", options=(("final_euler", False),)),
     Pairing("k-diffusion", "sample_dpm_2", "dpm_solver_2"),
@@ -254,6 +271,8 @@ def run(args) -> dict:
   # XLA's CPU runtime computes with denormals flushed to zero; torch is set the same way so that
   # both pay the same for the mixture's tiny responsibilities.
   torch.set_flush_denormal(True)
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   mix = analytic.mixture64()
   port_err = check_torch_port(mix, device=torch_device)
   if port_err > 1e-10:
@@ -444,6 +463,9 @@ def parse_args(argv=None):
                  help="timed repeats for the overhead slopes (their minima are used)")
   p.add_argument("--overhead-nfe", type=int, nargs=2, default=[10, 100], metavar=("LO", "HI"))
   p.add_argument("--torch-device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda'")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch intra-op threads (0: torch's default, one per core); on a machine "
+                      "shared with other jobs, 1 avoids torch's spinning thread barriers")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                  help="folder for results.json and results.md")
   p.add_argument("--quick", action="store_true",
