@@ -261,8 +261,9 @@ def verdict(differs: str | None, ours: dict, peer: dict) -> str:
     if max(r_med, r_rms) <= 1.02:
       return "same method: ours equal (<= 2%)" if min(r_med, r_rms) >= 0.98 else "same method: ours lower"
     return f"same method: ours HIGHER by {100 * (max(r_med, r_rms) - 1):.1f}%"
-  better = "ours" if r_med < 1 else "peer"
-  return f"differs ({differs}): {better} better"
+  if (r_med < 1) == (r_rms < 1):
+    return f"differs ({differs}): {'ours' if r_med < 1 else 'peer'} better"
+  return f"differs ({differs}): mixed ({'ours' if r_med < 1 else 'peer'} better in median)"
 
 
 def run(args) -> dict:
