@@ -74,11 +74,20 @@ class HostGrid:
     return bool(self.sigma[-1] == 0)
 
 
+# alpha / sigma below this is pure noise (alpha = 0, lambda = -inf): e.g. TrigFlow at t = pi/2
+# has alpha = cos(pi/2) = 6e-17 in float64, whose finite lambda = -38 would waste grid points
+# and make alpha-ratio formulas cancel catastrophically.
+PURE_NOISE_RATIO = 1e-12
+
+
 def host_grid(schedule: schedules_lib.Schedule, t) -> HostGrid:
   """The schedule's alpha, sigma and half-logSNR on the concrete grid t."""
   t = np.asarray(t, np.float64)
-  return HostGrid(t=t, alpha=_eval(schedule.alpha, t), sigma=_eval(schedule.sigma, t),
-                  lam=0.5 * _eval(schedule.logsnr, t))
+  alpha, sigma = _eval(schedule.alpha, t), _eval(schedule.sigma, t)
+  lam = 0.5 * _eval(schedule.logsnr, t)
+  pure = alpha <= PURE_NOISE_RATIO * sigma
+  return HostGrid(t=t, alpha=np.where(pure, 0.0, alpha), sigma=sigma,
+                  lam=np.where(pure, -np.inf, lam))
 
 
 def t_from_lam(schedule: schedules_lib.Schedule, lam) -> np.ndarray:
@@ -106,7 +115,7 @@ def resolve_range(schedule: schedules_lib.Schedule, t_start, t_end) -> tuple[flo
 
 
 def _lam_range(schedule, t_start, t_end):
-  lam_s, lam_e = (0.5 * _eval(schedule.logsnr, np.array([t_start, t_end]))).tolist()
+  lam_s, lam_e = host_grid(schedule, np.array([t_start, t_end])).lam.tolist()
   if math.isinf(lam_s):
     lam_s = min(-math.log(SIGMA_HAT_CAP[1]), lam_e - 1.0)
   if math.isinf(lam_e):
