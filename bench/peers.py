@@ -223,6 +223,7 @@ def k_diffusion_sampling() -> types.ModuleType:
   if spec is None:
     raise ImportError("k-diffusion is not installed: pip install 'diffdistill[bench]'.")
   pkg = types.ModuleType("k_diffusion")
+  pkg.__spec__ = spec
   pkg.__path__ = list(spec.submodule_search_locations)
   utils = types.ModuleType("k_diffusion.utils")
 

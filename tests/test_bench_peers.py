@@ -86,3 +86,32 @@ def test_k_diffusion_sampling_imports_alone_and_euler_matches_ddim():
     x0 = port.denoise(x, 1.0, s)
     x = x0 + s_next * (x - x0) / s
   np.testing.assert_allclose(run.x.numpy(), x.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler,ours", [
+    ("DDIMScheduler", "ddim"), ("HeunDiscreteScheduler", "heun"),
+    ("DPMSolverMultistepScheduler", "dpm_solver_pp_2m"),
+    ("DPMSolverMultistepScheduler_3", "dpm_solver_pp_3m"), ("UniPCMultistepScheduler", "unipc_2"),
+    ("UniPCMultistepScheduler_3", "unipc_3"), ("sample_heun", "heun"),
+    ("sample_dpm_2", "dpm_solver_2"), ("sample_dpmpp_2m", "dpm_solver_pp_2m"), ("sample_lms", "lms")])
+def test_ours_on_the_peer_grid_equals_the_peer(sampler, ours):
+  # The peers are independent implementations of the same methods: on the grid a peer used,
+  # with the options the benchmark pairs it with, ours must reproduce its output.
+  pytest.importorskip("diffusers")
+  if sampler.startswith("sample_") and importlib.util.find_spec("k_diffusion") is None:
+    pytest.skip("k-diffusion is not installed")
+  from bench import solvers_vs_peers as bench  # pylint: disable=import-outside-toplevel
+  pairing = next(p for p in bench.PAIRINGS if p.sampler == sampler and p.ours == ours)
+  schedule = bench.schedule_of(pairing)
+  mix = analytic.mixture64(dim=8, num_components=4, seed=1)
+  x_t = bench.initial_state(schedule, mix, 32, 0)
+  nfe = bench.feasible_nfe(pairing, 8)
+  with torch.no_grad():
+    run = bench.run_peer(pairing, peers.TorchMixture(mix).denoise, torch.as_tensor(x_t), nfe)
+  grid = bench.grid_from_logsnr(schedule, run.logsnr)
+  fn = bench.ours_fn(schedule, ours, nfe, tuple(grid), run.final_denoise,
+                     analytic.denoiser(schedule), pairing.options)
+  got = np.asarray(fn(mix, jnp.asarray(x_t)))
+  # float32 on both sides (diffusers keeps its sigmas in float32): 1e-4 of the data scale,
+  # against O(1e-2 .. 1) between different methods on this 8-step grid.
+  np.testing.assert_allclose(got, run.x.numpy(), atol=2e-4)
