@@ -3,7 +3,7 @@
 Run (from the repository root):
 
     python -m bench.solvers_vs_peers            # full: batch 1024, NFE 5/10/20/50, 7 repeats
-    python -m bench.solvers_vs_peers --quick    # batch 256, NFE 5/10, 3 repeats (~2 min on 2 cores)
+    python -m bench.solvers_vs_peers --quick    # batch 256, NFE 5/10, 3 repeats (~4 min on a busy 2-core machine)
 
 The same exact teacher, `analytic.mixture64()` (16 rotated anisotropic Gaussians in 64-D),
 drives every sampler: ours through `analytic.denoiser`, the peers through a torch port of the
@@ -26,7 +26,8 @@ loop. Our per-NFE overhead is the slope in NFE of the wall time of our sampler w
 near-free denoiser (`0.5 * x`), compared with the slope added by the 64-D mixture denoiser.
 
 It writes `results.json` and `results.md` to --out (default bench/results/). Runs unchanged on
-a GPU machine: JAX uses its default backend and torch uses CUDA when available.
+a GPU machine: JAX uses its default backend and torch uses CUDA when available. On a CPU shared
+with other jobs, `--torch-threads 1` keeps torch out of its spinning thread barriers.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import torch
 from bench import peers
 from diffdistill import analytic, metrics, schedules, solvers
 
-Array = jax.Array
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,4 +47,4 @@ def test_reference_is_the_exact_flow_map_of_the_same_noise():
 def test_deterministic_solvers_are_the_registry_minus_stochastic_and_adaptive():
   names = quickstart.deterministic_solvers()
   assert "ddim" in names and "adaptive" not in names
-  assert not any(quickstart.solvers.SOLVERS[n].stochastic for n in names)
+  assert not any(solvers.SOLVERS[n].stochastic for n in names)
