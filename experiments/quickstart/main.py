@@ -1,0 +1,236 @@
+"""Quickstart: every deterministic solver, a few NFE, error against the exact flow map, wall time.
+
+COMMAND:
+  python -m experiments.quickstart.main [--workdir=runs/quickstart] [--config=...config.py:mixture64]
+Expected runtime: about a minute on 2 CPU cores (most of it compiling one sampler per solver and
+NFE). No network. See config.py for the variants and README.md for what the output shows.
+
+The teacher is exact (`analytic.denoiser`), so the only error is the solver's: each method maps the
+same noise x_T at t_max to t_min and is scored against the float64 adaptive solution of the
+probability-flow ODE (`analytic.flow_map`) with `metrics.per_sample_error` (median and RMS over
+samples of the per-coordinate RMS error). Wall time is the median of jitted calls after a warm-up.
+
+A method is anything that maps (params, x_T) to samples with a known number of network calls
+(`Method`): the training-free solvers today. A new family (e.g. a distilled generator) is a
+function `build(config, setup) -> list[Method]` appended to `METHOD_BUILDERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
+
+from diffdistill import analytic, metrics, schedules, solvers  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py"),
+    "The quickstart config (variants: ring2d, mixture64, tiny).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where results and the figure go.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One way of turning noise into samples.
+
+  run(params, x_T) -> x at schedule.t_min, jitted; params are the teacher's (or, later, a
+  generator's) and stay an explicit argument.
+  """
+
+  name: str  # e.g. "dpm_solver_pp_2m"
+  family: str  # "solver" (training-free); distilled generators will bring their own
+  nfe: int  # network evaluations per sample
+  nfe_asked: int  # the budget of the config; nfe is the nearest one the method meets exactly
+  order: int | None  # theoretical order, where it has one
+  run: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every method sees: the teacher, its schedule, the noise, and the exact answer."""
+
+  schedule: schedules.Schedule
+  apply: Callable  # the teacher denoiser apply(params, x, t) -> x0_hat
+  params: analytic.GaussianMixture
+  x_t: jax.Array  # [B, d], float32 noise at schedule.t_max
+  reference: np.ndarray  # [B, d], float64: the exact flow map of x_t to schedule.t_min
+
+
+def deterministic_solvers() -> list[str]:
+  """Every solver of the registry that is deterministic and takes a fixed NFE."""
+  return [name for name, info in solvers.SOLVERS.items()
+          if not info.stochastic and name != "adaptive"]
+
+
+def solver_methods(config, setup: Setup) -> list[Method]:
+  """The training-free solvers at each NFE of the config (the nearest feasible NFE if needed)."""
+  names = list(config.solvers) or deterministic_solvers()
+  out = []
+  for name in names:
+    info = solvers.SOLVERS[name]
+    for asked in config.nfe:
+      _, nfe = solvers.steps_for_nfe(name, asked, allow_nearest_nfe=True)
+      run = solvers.make_sampler(setup.apply, schedule=setup.schedule, solver=name, nfe=nfe,
+                                 spacing=config.spacing)
+      out.append(Method(name=name, family="solver", nfe=nfe, nfe_asked=asked, order=info.order,
+                        run=run))
+  return out
+
+
+METHOD_BUILDERS = (solver_methods,)
+
+
+def make_setup(config) -> Setup:
+  """The teacher, float32 noise x_T ~ p_{t_max} and its exact float64 flow map to t_min."""
+  schedule = schedules.get(config.schedule)
+  mix = analytic.get_mixture(config.teacher)
+  apply = analytic.denoiser(schedule)
+  k0, k1 = jax.random.split(jax.random.PRNGKey(config.seed))
+  t_max = jnp.float32(schedule.t_max)
+  x0 = analytic.sample(mix, k0, config.batch, dtype=jnp.float32)
+  x_t = schedule.alpha(t_max) * x0 + schedule.sigma(t_max) * jax.random.normal(k1, x0.shape)
+  with jax.enable_x64(True):
+    mix64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), mix)
+    ref = analytic.flow_map(apply, mix64, jnp.asarray(x_t, jnp.float64), schedule=schedule,
+                            t_start=schedule.t_max, t_end=schedule.t_min, rtol=config.ref_tol,
+                            atol=config.ref_tol)
+    ref = np.asarray(ref)
+  return Setup(schedule=schedule, apply=apply, params=mix, x_t=x_t, reference=ref)
+
+
+def evaluate(method: Method, setup: Setup, *, repeats: int) -> dict:
+  """Error against the reference, compile time and the median wall time of a jitted call."""
+  t0 = time.perf_counter()
+  x = jax.block_until_ready(method.run(setup.params, setup.x_t))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(method.run(setup.params, setup.x_t))
+    times.append(time.perf_counter() - t0)
+  with jax.enable_x64(True):
+    err = metrics.per_sample_error(jnp.asarray(x, jnp.float64), jnp.asarray(setup.reference))
+  return dict(name=method.name, family=method.family, nfe=method.nfe, nfe_asked=method.nfe_asked,
+              order=method.order,
+              median=float(err["median"]), rms=float(err["rms"]), max=float(err["max"]),
+              nan=bool(np.any(~np.isfinite(np.asarray(x)))), ms=1e3 * statistics.median(times),
+              compile_s=compile_s, samples=np.asarray(x))
+
+
+def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
+  """Builds every method, evaluates it, writes results.{json,md} and quickstart.png to workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config)
+  methods = [m for build in METHOD_BUILDERS for m in build(config, setup)]
+  rows = []
+  for method in tqdm.tqdm(methods, desc="methods x NFE", disable=not progress):
+    rows.append(evaluate(method, setup, repeats=config.repeats))
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table(rows, config))
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"config": config.to_dict(),
+               "rows": [{k: v for k, v in r.items() if k != "samples"} for r in rows]}, f, indent=1)
+  figure(rows, setup, config, os.path.join(workdir, "quickstart.png"))
+  return rows
+
+
+def table(rows: list[dict], config) -> str:
+  """One line per method: median / RMS error and ms per call at each NFE of the config."""
+  by_name: dict[str, dict[int, dict]] = {}
+  for r in rows:
+    by_name.setdefault(r["name"], {})[r["nfe_asked"]] = r
+  head = (f"{config.teacher} under {config.schedule}, {config.batch} samples, {config.spacing} "
+          "grid. error: per-sample RMS distance to the exact flow map, median / RMS over samples; "
+          "ms: median wall time of one jitted call; (NFE n): the nearest budget the method meets "
+          "exactly.\n\n")
+  cols = sorted({r["nfe_asked"] for r in rows})
+  lines = ["| method | order | " + " | ".join(f"NFE {n}: median / RMS / ms" for n in cols) + " |",
+           "|---|---:|" + "---:|" * len(cols)]
+  for name, per_nfe in by_name.items():
+    order = next(iter(per_nfe.values()))["order"]
+    cells = []
+    for n in cols:
+      r = per_nfe.get(n)
+      if r is None:
+        cells.append("")
+        continue
+      cell = f"{r['median']:.2e} / {r['rms']:.2e} / {r['ms']:.1f}"
+      cell += f" (NFE {r['nfe']})" if r["nfe"] != n else ""
+      cells.append(cell + (" NaN!" if r["nan"] else ""))
+    lines.append(f"| {name} | {order if order is not None else '-'} | " + " | ".join(cells) + " |")
+  return head + "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
+  """Error vs NFE for every method; for 2-D teachers, samples at config.scatter_nfe too."""
+  two_d = setup.reference.shape[-1] == 2
+  scatter = []
+  if two_d:
+    for name in config.scatter_methods:
+      own = [r for r in rows if r["name"] == name]
+      if own:
+        scatter.append(min(own, key=lambda r: abs(r["nfe"] - config.scatter_nfe)))
+  ncols = 1 + (1 + len(scatter) if two_d else 0)
+  fig, axes = plt.subplots(1, ncols, figsize=(7.5 + 3.4 * (ncols - 1), 5.0), squeeze=False,
+                           gridspec_kw={"width_ratios": [2.0] + [1.0] * (ncols - 1)})
+  ax = axes[0, 0]
+  names = list(dict.fromkeys(r["name"] for r in rows))
+  cmap = plt.get_cmap("tab20")
+  for i, name in enumerate(names):
+    pts = sorted((r["nfe"], r["median"]) for r in rows if r["name"] == name)
+    ax.loglog(*zip(*pts), marker="o", ms=3, lw=1, color=cmap(i % 20),
+              ls="-" if i < 20 else "--", label=name)
+  ticks = sorted({r["nfe"] for r in rows})
+  ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(n) for n in ticks]))
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.tick_params(axis="x", labelsize=7)
+  ax.set_xlabel("NFE")
+  ax.set_ylabel("median per-sample error vs exact flow map")
+  ax.set_title(f"{config.teacher}, {config.schedule}, {config.spacing} grid")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=6, ncol=2)
+  if two_d:
+    panels = [("exact flow map", setup.reference)]
+    panels += [(f"{r['name']}, NFE {r['nfe']}", r["samples"]) for r in scatter]
+    lim = 1.2 * float(np.abs(setup.reference).max())
+    for ax, (title, x) in zip(axes[0, 1:], panels):
+      ax.scatter(x[:2000, 0], x[:2000, 1], s=1, c="k", alpha=0.5)
+      ax.set_title(title, fontsize=9)
+      ax.set_xlim(-lim, lim)
+      ax.set_ylim(-lim, lim)
+      ax.set_aspect("equal")
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  start = time.perf_counter()
+  rows = run(config, _WORKDIR.value)
+  print(table(rows, config))
+  print(f"{len(rows)} runs in {time.perf_counter() - start:.0f} s; results.md, results.json and "
+        f"quickstart.png in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
