@@ -64,22 +64,45 @@ def call(denoise, x, t, out_dtype, in_dtype):
   return denoise(x.astype(in_dtype), tb).astype(out_dtype)
 
 
+def _to_slots(coef: np.ndarray, k: int) -> np.ndarray:
+  """Rows of weights on F_{i-j} (j = 0..K'-1) -> weights on ring slots: F_{i-j} sits in slot (i - j) mod k."""
+  n, kk = coef.shape
+  out = np.zeros((n, k))
+  for j in range(kk):
+    np.add.at(out, (np.arange(n), (np.arange(n) - j) % k), coef[:, j])
+  return out
+
+
+def _combine(w, ring):
+  """sum_j w_j ring_j as elementwise multiply-adds (K is small and static), so that XLA fuses
+  the whole update into one pass over the states; a tensordot is a separate dot kernel."""
+  out = w[0] * ring[0]
+  for j in range(1, ring.shape[0]):
+    out = out + w[j] * ring[j]
+  return out
+
+
 def run(denoise, x, plan: Plan, *, rng=None, in_dtype=None, hist=None):
   """Runs `plan` from x = x_{t_0}; returns x_{t_N}. `hist` ([K, ...], newest first) seeds the
-  history (PNDM's Runge-Kutta start); otherwise it starts empty (zeros with zero weights)."""
+  history (PNDM's Runge-Kutta start); otherwise it starts empty (zeros with zero weights).
+
+  The history is a ring buffer of K states: step i writes F_i into slot i mod K in place, and
+  the coefficient rows are permuted to slots on the host, so no step copies the history (a
+  shift-by-concatenate per step cost ~5-7 % of a 64-D mixture call for K = 3).
+  """
   in_dtype = in_dtype or x.dtype
   cdt = compute_dtype(in_dtype)
   x = x.astype(cdt)
   g = plan.grid
-  k_b = plan.b.shape[1]
-  k = max(k_b, plan.corrector[2].shape[1] if plan.corrector is not None else 0)
-  if hist is None:
-    hist = jnp.zeros((k,) + x.shape, cdt)
-  elif hist.shape[0] < k:
-    hist = jnp.concatenate([hist.astype(cdt), jnp.zeros((k - hist.shape[0],) + x.shape, cdt)])
+  k = max(plan.b.shape[1], plan.corrector[2].shape[1] if plan.corrector is not None else 0)
+  ring = jnp.zeros((k,) + x.shape, cdt)
+  if hist is not None:
+    # Seeded F_{-1-j} = hist[j] belongs in slot (-1 - j) mod K = K - 1 - j.
+    m = min(hist.shape[0], k)
+    ring = ring.at[k - m:].set(hist[:m][::-1].astype(cdt))
   c = lambda v: jnp.asarray(v, cdt)
   xs = {"t": c(g.t[:-1]), "alpha": c(g.alpha[:-1]), "sigma": c(g.sigma[:-1]), "a": c(plan.a),
-        "b": c(plan.b)}
+        "b": c(_to_slots(plan.b, k)), "slot": jnp.arange(g.num_steps, dtype=jnp.int32) % k}
   if plan.g is not None:
     xs["g"] = c(plan.g)
   if plan.noise is not None:
@@ -88,24 +111,25 @@ def run(denoise, x, plan: Plan, *, rng=None, in_dtype=None, hist=None):
     xs["noise"] = c(plan.noise)
     xs["key"] = jax.random.split(rng, g.num_steps)
   if plan.corrector is not None:
-    xs["p"], xs["q"], xs["r"] = (c(v) for v in plan.corrector)
+    p, q, r = plan.corrector
+    xs["p"], xs["q"], xs["r"] = c(p), c(q), c(_to_slots(r, k))
 
   def body(carry, s):
-    x, x_prev, hist = carry
+    x, x_prev, ring = carry
     d = call(denoise, x, s["t"], cdt, in_dtype)
     f = d if plan.form == "data" else (x - s["alpha"] * d) / s["sigma"]
-    hist = jnp.concatenate([f[None], hist[:-1]])
+    ring = jax.lax.dynamic_update_index_in_dim(ring, f, s["slot"], 0)
     xc = x
     if plan.corrector is not None:
-      xc = s["p"] * x + s["q"] * x_prev + jnp.tensordot(s["r"], hist[:s["r"].shape[0]], axes=1)
-    x_next = s["a"] * xc + jnp.tensordot(s["b"], hist[:k_b], axes=1)
+      xc = s["p"] * x + s["q"] * x_prev + _combine(s["r"], ring)
+    x_next = s["a"] * xc + _combine(s["b"], ring)
     if plan.g is not None:
       x_next = x_next + s["g"] * d
     if plan.noise is not None:
       x_next = x_next + s["noise"] * jax.random.normal(s["key"], x.shape, cdt)
-    return (x_next, xc, hist), None
+    return (x_next, xc, ring), None
 
-  (x, _, _), _ = jax.lax.scan(body, (x, x, hist), xs)
+  (x, _, _), _ = jax.lax.scan(body, (x, x, ring), xs)
   return x
 
 
