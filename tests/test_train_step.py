@@ -122,12 +122,12 @@ def test_nonfinite_step_is_skipped_and_counted():
   before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
   for expected_in_row in (1, 2):
     state, m = train_step(state, step_lib.global_batch(bad, mesh=mesh))
-    assert int(m["nonfinite"]) == 1 and int(m["nonfinite_in_row"]) == expected_in_row
+    assert int(m["skipped"]) == 1 and int(m["nonfinite_in_row"]) == expected_in_row
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.opt_state,
                                                         state.ema_params)), before)
   assert int(state.step) == 3 and int(state.num_nonfinite) == 2
   state, m = train_step(state, step_lib.global_batch(good, mesh=mesh))
-  assert int(m["nonfinite"]) == 0 and int(m["nonfinite_in_row"]) == 0
+  assert int(m["skipped"]) == 0 and int(m["nonfinite_in_row"]) == 0
   assert int(m["num_nonfinite"]) == 2
   assert not np.allclose(np.asarray(state.params["w1"]), before[0]["w1"])
 

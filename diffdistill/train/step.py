@@ -94,7 +94,7 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
 
   Returns:
     step(state, batch) with batch a dict of global arrays [B, ...] (see `global_batch`), and
-    metrics: loss, grad_norm, every aux entry (averaged over micro-batches), nonfinite (1 if
+    metrics: loss, grad_norm, every aux entry (averaged over micro-batches), skipped (1 if
     this step was skipped), num_nonfinite and nonfinite_in_row (after the step).
   """
   if mesh.axis_names != (DATA_AXIS,):
@@ -134,7 +134,7 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
     new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), updated, skipped)
     metrics = dict(aux)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                   nonfinite=(~finite).astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
+                   skipped=(~finite).astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
                    nonfinite_in_row=new_state.nonfinite_in_row)
     return new_state, metrics
 
