@@ -1,0 +1,164 @@
+"""Dataset names -> random-access sources over TFDS array_record files, with no TensorFlow.
+
+Every dataset, embedded or real, is a TFDS builder whose splits are written as array_record files
+and read back with `builder.as_data_source(split)`: a random-access sequence whose records TFDS
+decodes with NumPy (and PIL for encoded images). Nothing here imports TensorFlow.
+
+Names:
+  embedded (generated locally, no download): `EMBEDDED_NAMES`, e.g. 'toy2d/ring', 'gmm/mixture64',
+    'digits8';
+  real TFDS datasets: `REAL_NAMES` ('cifar10', 'mnist', 'imagenet_resized/64x64'), and any other
+    TFDS builder as 'tfds:NAME[/CONFIG]'. They are prepared with
+    `download_and_prepare(file_format='array_record')` when missing. The stock TFDS generators of
+    these datasets call TensorFlow (`tf.io.gfile`, `tf.image.encode_png`), so preparing them needs
+    TensorFlow once, on any machine (`tfds build cifar10 --file_format=array_record`); reading the
+    prepared files never does.
+
+A source's `read(indices)` returns {"x": float32 [n, ...], "label": int32 [n]} ("label" only where
+the dataset has one); uint8 images are mapped to [-1, 1] by x = u / 127.5 - 1, NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffdistill.data import _common
+from diffdistill.data import digits8
+from diffdistill.data import gmm
+from diffdistill.data import toy2d
+
+_EMBEDDED_BUILDERS = {
+    "toy2d": (toy2d.Toy2d, toy2d.DISTRIBUTIONS),
+    "gmm": (gmm.Gmm, gmm.MIXTURES),
+    "digits8": (digits8.Digits8, ()),
+}
+EMBEDDED_NAMES = tuple(f"{b}/{c}" if c else b for b, (_, cs) in _EMBEDDED_BUILDERS.items() for c in cs or ("",))
+REAL_NAMES = ("cifar10", "mnist", "imagenet_resized/64x64")
+TFDS_PREFIX = "tfds:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One split of one dataset, read by index.
+
+  Attributes:
+    name: the dataset name it was loaded under.
+    split: the TFDS split ('train', 'test', ...).
+    records: the TFDS random-access data source (len, __getitems__).
+    x_key: the feature that becomes "x" ("x" for embedded datasets, "image" for image datasets).
+    label_key: the feature that becomes "label", or None.
+    scale_uint8: map uint8 values u to u / 127.5 - 1.
+  """
+  name: str
+  split: str
+  records: Any
+  x_key: str
+  label_key: str | None
+  scale_uint8: bool
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """The examples at `indices` (record numbers in the split), stacked: {"x": [n, ...], "label": [n]}."""
+    examples = self.records.__getitems__([int(i) for i in indices])
+    x = np.stack([e[self.x_key] for e in examples])  # [n, ...]
+    x = x.astype(np.float32) / np.float32(127.5) - np.float32(1.0) if self.scale_uint8 else x.astype(np.float32)
+    out = {"x": x}
+    if self.label_key is not None:
+      out["label"] = np.asarray([e[self.label_key] for e in examples], np.int32)
+    return out
+
+
+def valid_names() -> tuple[str, ...]:
+  return EMBEDDED_NAMES + REAL_NAMES
+
+
+def _check_name(name: str) -> None:
+  if name in EMBEDDED_NAMES or name in REAL_NAMES or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)):
+    return
+  raise ValueError(f"Unknown dataset name {name!r}; expected one of {list(valid_names())}, "
+                   f"or '{TFDS_PREFIX}NAME' for any other TFDS builder.")
+
+
+def embedded_builder(name: str, *, data_dir: str | None = None,
+                     num_examples: int | None = None) -> tfds.core.DatasetBuilder:
+  """The builder of an embedded dataset, prepared (generated into data_dir if not there yet).
+
+  Args:
+    name: one of `EMBEDDED_NAMES`.
+    data_dir: root of the TFDS tree; default `_common.default_data_dir()`. Files go to
+      `data_dir/<builder>/<config>/<version>/`.
+    num_examples: toy2d and gmm only: generate this many training examples (and
+      max(1, num_examples // 10) test examples) instead of the defaults, under their own config name.
+  """
+  if name not in EMBEDDED_NAMES:
+    raise ValueError(f"Not an embedded dataset: {name!r}; expected one of {list(EMBEDDED_NAMES)}.")
+  builder_name, _, config = name.partition("/")
+  cls = _EMBEDDED_BUILDERS[builder_name][0]
+  if num_examples is not None:
+    if builder_name == "digits8":
+      raise ValueError("num_examples: digits8 has a fixed size (1797 images); pass num_examples=None.")
+    module = toy2d if builder_name == "toy2d" else gmm
+    config = module.make_config(config, num_train=num_examples, num_test=max(1, num_examples // 10))
+  builder = cls(config=config or None, data_dir=data_dir or _common.default_data_dir())
+  builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+def tfds_builder(name: str, *, data_dir: str | None = None, download: bool = True) -> tfds.core.DatasetBuilder:
+  """A real TFDS dataset's builder, prepared as array_record files (downloaded if `download`).
+
+  Raises:
+    FileNotFoundError: not prepared in data_dir and download=False.
+    RuntimeError: preparing needs TensorFlow (the stock generators use it) and it is not installed.
+    ValueError: the dataset was prepared in a format without random access (tfrecord).
+  """
+  builder = tfds.builder(name, data_dir=data_dir or _common.default_data_dir())
+  if not builder.is_prepared():
+    if not download:
+      raise FileNotFoundError(f"{name!r} is not prepared under {builder.data_dir!r} and download=False.")
+    try:
+      builder.download_and_prepare(file_format="array_record")
+    except ModuleNotFoundError as e:
+      if e.name != "tensorflow":
+        raise
+      raise RuntimeError(
+          f"Preparing {name!r} runs TFDS's own generator, which needs TensorFlow; reading does not. "
+          f"Prepare it once where TensorFlow is installed: `tfds build {name} --file_format=array_record "
+          f"--data_dir={builder.data_dir}`, then copy that folder here.") from e
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(
+        f"{name!r} under {builder.data_dir!r} is stored as {builder.info.file_format}, which has no random "
+        f"access; convert it with `tfds convert_format --dataset_dir={builder.data_dir} "
+        f"--out_file_format=array_record`.")
+  return builder
+
+
+def _source_from_builder(name: str, builder: tfds.core.DatasetBuilder, split: str) -> Source:
+  if split not in builder.info.splits:
+    raise ValueError(f"split: {name!r} has splits {sorted(builder.info.splits)}, got {split!r}.")
+  features = builder.info.features
+  x_key = "x" if "x" in features else "image"
+  if x_key not in features:
+    raise ValueError(f"{name!r} has no 'x' or 'image' feature; its features are {sorted(features)}.")
+  return Source(name=name, split=split, records=builder.as_data_source(split=split), x_key=x_key,
+                label_key="label" if "label" in features else None,
+                scale_uint8=np.dtype(features[x_key].np_dtype) == np.uint8)
+
+
+def load(name: str, *, split: str, data_dir: str | None = None, download: bool = True,
+         num_examples: int | None = None) -> Source:
+  """The random-access `Source` of `split` of dataset `name` (see the module docstring for names)."""
+  _check_name(name)
+  if name in EMBEDDED_NAMES:
+    builder = embedded_builder(name, data_dir=data_dir, num_examples=num_examples)
+  else:
+    if num_examples is not None:
+      raise ValueError(f"num_examples: only embedded toy2d/gmm datasets can be resized, not {name!r}.")
+    builder = tfds_builder(name.removeprefix(TFDS_PREFIX), data_dir=data_dir, download=download)
+  return _source_from_builder(name, builder, split)
