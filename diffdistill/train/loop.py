@@ -5,7 +5,7 @@
                      workdir=workdir, num_steps=config.num_steps, checkpointer=ckpt,
                      log_every=..., checkpoint_every=..., hooks=[loop.Hook(every, fn)])
 
-After step s (state.step == s), in this order: every hook with s % every == 0 runs; the
+After step s (state.step == s), in this order: every hook due at s runs; the
 metrics of step s and the hooks' scalars ("<hook name>/<key>") are logged as one line if
 s % log_every == 0 or a hook ran; a checkpoint of (state, data position) is started if s % checkpoint_every == 0 or s ==
 num_steps. The data iterator has then yielded exactly s batches, so a run restored from step s
@@ -39,13 +39,15 @@ class NonFiniteError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-  """Calls `fn(state, step)` after every `every`-th step; returned scalars are logged.
+  """Calls `fn(state, step)` after every `every`-th step (0: never) and, if `at_end`, after the
+  last step; returned scalars are logged.
 
   `fn` runs on every process; one that writes files should do so when `distributed.is_writer()`.
   """
   every: int
   fn: Callable[[TrainState, int], Mapping[str, Any] | None]
   name: str = "hook"
+  at_end: bool = False
 
 
 def _check_nonfinite(metrics, step: int, limit: int) -> None:
@@ -94,7 +96,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
       pending = (metrics, s)
       record = {}
       for hook in hooks:
-        if hook.every and s % hook.every == 0:
+        if (hook.every and s % hook.every == 0) or (hook.at_end and s == num_steps):
           record.update({f"{hook.name}/{k}": v for k, v in (hook.fn(state, s) or {}).items()})
       if record or s % log_every == 0:  # one line per step: the step's metrics + hook outputs
         host = jax.device_get(metrics)

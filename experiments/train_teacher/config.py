@@ -45,8 +45,8 @@ def _base() -> ml_collections.ConfigDict:
   c.max_nonfinite_in_row = 10
   c.ema_decays = (0.999,)
   c.eval_ema = 0.999                 # the EMA copy used by samples and evaluation
-  c.sample_every = 0                 # PNG of samples every so many steps (0: at the end only)
-  c.eval_every = 0                   # sample metrics every so many steps (0: at the end only)
+  c.sample_every = 0                 # samples (PNG + metrics vs exact data) every so many steps
+  c.sample_at_end = True             # ... and after the last step
   c.num_eval_samples = 2000
   c.sampler_rtol = 1e-4              # PF-ODE tolerance of the evaluation sampler
   c.progress = True
@@ -55,6 +55,7 @@ def _base() -> ml_collections.ConfigDict:
   c.dataset.name = "toy2d/ring"
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
   c.dataset.prefetch = 2
+  c.dataset.num_examples = ml_collections.config_dict.placeholder(int)  # toy2d/gmm: None = 100k
 
   c.network = ml_collections.ConfigDict()
   c.network.name = "mlp"

@@ -107,7 +107,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   tx = optim.make_optimizer(config.optim, num_steps=config.num_steps)
   data = data_lib.get_dataset(config.dataset.name, split="train", batch_size=config.batch_size,
                               seed=config.seed, data_dir=config.dataset.data_dir,
-                              prefetch=config.dataset.prefetch, **distributed.data_shard())
+                              prefetch=config.dataset.prefetch,
+                              num_examples=config.dataset.num_examples, **distributed.data_shard())
   example_shape = tuple(data.batch(0)["x"].shape[1:])
   return Setup(config=config, mesh=mesh, data=data, example_shape=example_shape,
                conditional=conditional, module=module, schedule=schedule,
@@ -163,15 +164,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
   else:
     state, data_state = restored
     setup.data.set_state(data_state)
-    logging.info("Resumed from step %d.", int(state.step))
+    logging.warning("Resuming from the checkpoint of step %d.", int(state.step))
   if distributed.is_writer():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   train_step = step_lib.make_train_step(setup.loss_fn, mesh=setup.mesh,
                                         accumulation_steps=config.optim.accumulation_steps)
-  sample_every = config.sample_every or config.num_steps
-  hooks = [loop.Hook(every=sample_every, fn=sample_hook(setup, workdir), name="eval")]
+  hooks = [loop.Hook(every=config.sample_every, at_end=config.sample_at_end,
+                     fn=sample_hook(setup, workdir), name="eval")]
   try:
     return loop.run(state=state, train_step=train_step, data=_LossBatches(setup), mesh=setup.mesh,
                     workdir=workdir, num_steps=config.num_steps, checkpointer=checkpointer,
@@ -186,6 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if _DISTRIBUTED.value:
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
