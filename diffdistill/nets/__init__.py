@@ -1,0 +1,94 @@
+"""Flax (Linen) score networks; the only package of diffdistill that imports Flax.
+
+A network is a Linen module called as `module.apply({"params": p}, x, t, label, deterministic=...)`;
+`make_apply` turns it into the pure function every other part of the library speaks,
+
+    apply(params, x, t, *, label=None, dropout_rng=None) -> out      # out: x's shape and dtype
+
+which is the raw-network contract of `parametrization.as_denoiser(apply, kind=..., schedule=...)`:
+the same network becomes an eps, v, x0, flow, score or EDM-preconditioned denoiser. The time input
+t is whatever `parametrization.net_inputs` gives (t, or EDM's c_noise); see `nets.embeddings` for the
+scaling. Dropout is active iff `dropout_rng` is given; a class-conditional network (num_classes = K)
+takes integer labels in [0, K], where K is the null label of classifier-free guidance.
+
+    module = nets.get_network("mlp", features=128)
+    params = nets.init_params(module, rng, x_example)
+    apply = nets.make_apply(module)
+    denoise = parametrization.as_denoiser(apply, kind="eps", schedule=schedule)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
+                                         time_embedding)
+from diffdistill.nets.mlp import ScoreMLP
+
+Array = jax.Array
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": ScoreMLP,
+}
+
+
+def get_network(name: str, **kwargs) -> nn.Module:
+  """Builds a network by registry name (`NETWORKS`), e.g. get_network("mlp", features=128)."""
+  if name not in NETWORKS:
+    raise ValueError(f"Unknown network {name!r}; expected one of {sorted(NETWORKS)}.")
+  try:
+    return NETWORKS[name](**kwargs)
+  except TypeError as e:
+    raise ValueError(f"Bad arguments for network {name!r}: {e}.") from None
+
+
+def _batch_times(x: Array, t: Array) -> Array:
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    return jnp.broadcast_to(t, (x.shape[0],))
+  if t.shape != (x.shape[0],):
+    raise ValueError(f"t must be a scalar or have shape [B] = [{x.shape[0]}], got {t.shape}.")
+  return t
+
+
+def make_apply(module: nn.Module) -> Callable[..., Array]:
+  """The pure `apply(params, x, t, *, label=None, dropout_rng=None) -> out` of a network.
+
+  Args (of the returned function):
+    params: the network's 'params' collection (as returned by `init_params`).
+    x: [B, ...] network input (NHWC images [B, H, W, C] or vectors [B, d]).
+    t: [B] or scalar time input.
+    label: [B] integer labels for a class-conditional network (K = null label), else None.
+    dropout_rng: a PRNG key turns dropout on (training); None runs deterministically.
+  Returns:
+    [B, ...], x's shape and dtype.
+  """
+
+  def apply(params, x, t, *, label=None, dropout_rng=None):
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return module.apply({"params": params}, x, _batch_times(x, t), label,
+                        deterministic=dropout_rng is None, rngs=rngs)
+
+  return apply
+
+
+def init_params(module: nn.Module, rng: Array, x: Array) -> Any:
+  """Initial params of `module` for inputs shaped like x [B, ...] (t = 0, label = 0 if conditional)."""
+  t = jnp.zeros((x.shape[0],), jnp.float32)
+  label = jnp.zeros((x.shape[0],), jnp.int32) if getattr(module, "num_classes", 0) else None
+  return module.init({"params": rng}, x, t, label)["params"]
+
+
+def num_params(params: Any) -> int:
+  """Total number of scalars in a params pytree (works on jax.ShapeDtypeStruct leaves too)."""
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "num_params", "ScoreMLP",
+           "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]

@@ -1,0 +1,135 @@
+"""Time (noise-level) embeddings: sinusoidal (transformer "positional") and random Fourier features.
+
+Both map a scalar network time input s (shape [B]) to a [B, dim] feature vector:
+
+    positional:  f_i = scale * max_positions^(-i / (dim/2 - 1)),  i = 0 .. dim/2 - 1
+                 emb = [sin(f s), cos(f s)]
+    fourier:     f_i ~ N(0, scale^2) drawn once at init (a non-trainable constant),
+                 emb = [sin(2 pi f s), cos(2 pi f s)]
+
+Time scaling. The network sees whatever `parametrization.net_inputs` gives it: t itself for the
+kinds x0/eps/v/flow/score (t in [0, 1] for VP, VE and rectified flow; [0, pi/2] for TrigFlow),
+and c_noise = log(sigma/alpha) / 4 = -lambda / 8 for kind 'edm' (about [-1.55, 1.1] over EDM's
+sigma range [0.002, 80]). Both are O(1)-wide ranges, so one default works for both:
+
+  * positional, scale = 1000: on t in [0, 1] these are exactly DDPM's embedding of the step index
+    1000 t (Ho et al. 2020; EDM's VP preconditioning uses 999 t); on c_noise the phases span a range
+    2.6x wider with the same resolution per unit, so neighbouring noise levels stay distinguishable
+    and the slowest frequency (1e-4 * 1000 = 0.1 rad per unit) still varies monotonically.
+  * fourier, scale = 16: the value of Song et al. (2021) and EDM's NCSN++ (applied there to
+    log-sigma-like inputs of the same O(1) width).
+
+The EDM schedule used with a non-'edm' kind feeds t = sigma in [0.002, 80], which is not O(1):
+use kind 'edm' there (which feeds c_noise), or lower `scale`.
+
+References:
+  Vaswani et al., Attention Is All You Need, 2017 (sinusoidal embedding).
+  Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020 (embedding of the step index).
+  Tancik et al., Fourier Features Let Networks Learn High Frequency Functions, NeurIPS 2020.
+  Song et al., Score-Based Generative Modeling through SDEs, ICLR 2021 (Gaussian Fourier projection).
+  Karras et al., Elucidating the Design Space of Diffusion Models, NeurIPS 2022 (PositionalEmbedding
+  with endpoint, FourierEmbedding; c_noise = ln(sigma) / 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _as_batch_times(t: Array) -> Array:
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim != 1:
+    raise ValueError(f"time input must have shape [B], got shape {t.shape}.")
+  return t
+
+
+class SinusoidalEmbedding(nn.Module):
+  """emb = [sin(f s), cos(f s)], f_i = scale * max_positions^(-i/(dim/2 - 1)); [B] -> [B, dim]."""
+
+  dim: int
+  scale: float = 1000.0
+  max_positions: float = 10000.0
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    if self.dim < 4 or self.dim % 2:
+      raise ValueError(f"SinusoidalEmbedding: dim must be even and >= 4, got dim={self.dim}.")
+    t = _as_batch_times(t)
+    half = self.dim // 2
+    freqs = self.scale * jnp.exp(-math.log(self.max_positions) * jnp.arange(half) / (half - 1))
+    phase = t[:, None] * freqs[None, :]  # [B, dim/2]
+    return jnp.concatenate([jnp.sin(phase), jnp.cos(phase)], axis=-1)
+
+
+class FourierEmbedding(nn.Module):
+  """Random Fourier features emb = [sin(2 pi f s), cos(2 pi f s)], f ~ N(0, scale^2); [B] -> [B, dim].
+
+  The frequencies are drawn from `seed` when the module is traced, not stored as a variable: they
+  are part of the architecture (like EDM's registered buffer), never trained, and never seen by an
+  optimizer's weight decay.
+  """
+
+  dim: int
+  scale: float = 16.0
+  seed: int = 0
+
+  @nn.compact
+  def __call__(self, t: Array) -> Array:
+    if self.dim < 2 or self.dim % 2:
+      raise ValueError(f"FourierEmbedding: dim must be even and >= 2, got dim={self.dim}.")
+    t = _as_batch_times(t)
+    freqs = self.scale * jax.random.normal(jax.random.key(self.seed), (self.dim // 2,), jnp.float32)
+    phase = 2.0 * math.pi * t[:, None] * freqs[None, :]  # [B, dim/2]
+    return jnp.concatenate([jnp.sin(phase), jnp.cos(phase)], axis=-1)
+
+
+TIME_EMBEDDINGS = {"positional": SinusoidalEmbedding, "fourier": FourierEmbedding}
+DEFAULT_SCALES = {"positional": 1000.0, "fourier": 16.0}
+
+
+def time_embedding(kind: str, dim: int, scale: float | None = None) -> nn.Module:
+  """Builds a time embedding by name ('positional' or 'fourier'); scale=None takes its default."""
+  if kind not in TIME_EMBEDDINGS:
+    raise ValueError(f"Unknown time embedding {kind!r}; expected one of {sorted(TIME_EMBEDDINGS)}.")
+  return TIME_EMBEDDINGS[kind](dim=dim, scale=DEFAULT_SCALES[kind] if scale is None else scale)
+
+
+class ConditionEmbedding(nn.Module):
+  """The shared conditioning vector of the MLP and the U-Net (EDM's SongUNet mapping network):
+
+      e = time_embedding(s) [+ Embed(label)],   emb = silu(W2 silu(W1 e))        [B] -> [B, emb_dim]
+
+  With `num_classes` = K > 0 the label table has K + 1 rows; row K is the null label of
+  classifier-free guidance (Ho & Salimans 2022), trained by conditioning dropout in the loss.
+  """
+
+  noise_dim: int
+  emb_dim: int
+  embedding: str = "positional"
+  scale: float | None = None
+  num_classes: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array, label: Array | None = None) -> Array:
+    e = time_embedding(self.embedding, self.noise_dim, self.scale)(t)  # [B, noise_dim]
+    if not self.num_classes and label is not None:
+      raise ValueError("label given to an unconditional network (num_classes=0).")
+    if self.num_classes:
+      if label is None or label.shape != t.shape:
+        raise ValueError(f"a class-conditional network needs label of shape {t.shape} (use the null "
+                         f"label {self.num_classes} for unconditional), got "
+                         f"{None if label is None else label.shape}.")
+      e = e + nn.Embed(self.num_classes + 1, self.noise_dim, name="label_embed")(label)
+    e = nn.silu(nn.Dense(self.emb_dim, dtype=self.dtype, name="map0")(e))
+    return nn.silu(nn.Dense(self.emb_dim, dtype=self.dtype, name="map1")(e))  # [B, emb_dim]
+
+
+__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "DEFAULT_SCALES",
+           "time_embedding", "ConditionEmbedding"]

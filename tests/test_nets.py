@@ -1,0 +1,175 @@
+"""Tests for diffdistill/nets: shapes, dtypes, conditioning, dropout, the registry, parameter counts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffdistill import nets, parametrization, schedules
+from diffdistill.nets import embeddings
+
+
+def _perturbed(params, rng, scale=0.1):
+  """Params with noise added everywhere (zero-initialized output layers would hide dropout/labels)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype)
+                                      for p, k in zip(leaves, keys)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Time embeddings.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_embedding_matches_its_formula():
+  t = jnp.array([0.0, 0.25, 1.0])
+  emb = embeddings.SinusoidalEmbedding(dim=8, scale=1000.0).apply({}, t)
+  freqs = 1000.0 * 10000.0 ** (-np.arange(4) / 3)  # endpoint: last frequency = scale / max_positions
+  phase = np.asarray(t)[:, None] * freqs
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(phase), np.cos(phase)], 1), atol=2e-4)
+  assert emb.shape == (3, 8) and emb.dtype == jnp.float32
+
+
+def test_fourier_embedding_is_fixed_and_has_the_requested_scale():
+  module = embeddings.FourierEmbedding(dim=4096, scale=16.0)
+  variables = module.init(jax.random.key(0), jnp.zeros(2))
+  assert not jax.tree.leaves(variables)  # nothing to train
+  t = jnp.array([0.0, 1e-3])
+  emb = module.apply({}, t)
+  assert emb.shape == (2, 4096)
+  np.testing.assert_allclose(emb[0], np.r_[np.zeros(2048), np.ones(2048)], atol=1e-6)
+  # At s = 1e-3 every phase 2 pi f s is within (-pi, pi), so f is recovered exactly: std 16.
+  freqs = np.arctan2(np.asarray(emb[1, :2048]), np.asarray(emb[1, 2048:])) / (2 * np.pi * 1e-3)
+  np.testing.assert_allclose(np.std(freqs), 16.0, rtol=0.06)
+  assert abs(np.mean(freqs)) < 4 * 16.0 / np.sqrt(2048)
+  np.testing.assert_allclose(module.apply({}, t), emb)  # deterministic
+
+
+@pytest.mark.parametrize("kind", ["positional", "fourier"])
+def test_embeddings_separate_neighbouring_times_in_both_input_ranges(kind):
+  """t in [0, 1] (most kinds) and c_noise = -lambda/8 in [-1.55, 1.1] (kind 'edm'): nearby inputs
+  map to distinct features and far inputs to nearly orthogonal ones."""
+  module = embeddings.time_embedding(kind, 128)
+  for lo, hi in [(0.0, 1.0), (-1.55, 1.1)]:
+    s = jnp.linspace(lo, hi, 200)
+    e = module.apply({}, s)
+    e = e / jnp.linalg.norm(e, axis=1, keepdims=True)
+    gram = np.asarray(e @ e.T)
+    assert np.all(np.diag(gram, 1) < 0.9999)  # neighbours (spacing <= 0.013) distinguishable
+    assert abs(gram[0, -1]) < 0.5  # the ends far apart
+
+
+def test_embedding_errors():
+  with pytest.raises(ValueError, match="Unknown time embedding 'gaussian'"):
+    embeddings.time_embedding("gaussian", 16)
+  with pytest.raises(ValueError, match="dim must be even"):
+    embeddings.SinusoidalEmbedding(dim=7).apply({}, jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"shape \[B\]"):
+    embeddings.SinusoidalEmbedding(dim=8).apply({}, jnp.zeros((2, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("embedding", ["positional", "fourier"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_shapes_and_dtypes(embedding, dtype):
+  module = nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16, embedding=embedding,
+                            dtype=dtype)
+  x = jnp.ones((5, 64))
+  params = nets.init_params(module, jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  apply = nets.make_apply(module)
+  out = apply(params, x, jnp.linspace(0, 1, 5))
+  assert out.shape == x.shape and out.dtype == x.dtype
+  assert apply(params, x, 0.5).shape == x.shape  # a scalar t broadcasts
+
+
+def test_mlp_depends_on_time_and_input():
+  module = nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16)
+  x = jax.random.normal(jax.random.key(1), (4, 2))
+  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  apply = jax.jit(nets.make_apply(module))
+  a = apply(params, x, jnp.full(4, 0.2))
+  assert float(jnp.max(jnp.abs(a - apply(params, x, jnp.full(4, 0.8))))) > 1e-3
+  assert float(jnp.max(jnp.abs(a - apply(params, x + 1.0, jnp.full(4, 0.2))))) > 1e-3
+  # At init the output layer is zero: the network starts at out = 0.
+  fresh = nets.init_params(module, jax.random.key(0), x)
+  np.testing.assert_array_equal(apply(fresh, x, jnp.full(4, 0.2)), 0.0)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("mlp", dict(features=32, num_blocks=2, emb_dim=16, dropout=0.5), (6, 2)),
+])
+def test_dropout_only_with_a_key(name, kwargs, shape):
+  module = nets.get_network(name, **kwargs)
+  x = jax.random.normal(jax.random.key(1), shape)
+  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  apply = jax.jit(nets.make_apply(module))
+  t = jnp.full(shape[0], 0.5)
+  det = apply(params, x, t)
+  np.testing.assert_array_equal(det, apply(params, x, t))
+  k1, k2 = jax.random.key(3), jax.random.key(4)
+  d1 = apply(params, x, t, dropout_rng=k1)
+  np.testing.assert_array_equal(d1, apply(params, x, t, dropout_rng=k1))
+  assert float(jnp.max(jnp.abs(d1 - det))) > 1e-3
+  assert float(jnp.max(jnp.abs(d1 - apply(params, x, t, dropout_rng=k2)))) > 1e-3
+  no_dropout = nets.get_network(name, **{**kwargs, "dropout": 0.0})
+  np.testing.assert_allclose(nets.make_apply(no_dropout)(params, x, t, dropout_rng=k1), det,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [
+    ("mlp", dict(features=32, num_blocks=2, emb_dim=16, num_classes=3), (4, 2)),
+])
+def test_class_conditioning_and_the_null_label(name, kwargs, shape):
+  module = nets.get_network(name, **kwargs)
+  x = jax.random.normal(jax.random.key(1), shape)
+  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  apply = jax.jit(nets.make_apply(module))
+  t = jnp.full(shape[0], 0.5)
+  null = jnp.full(shape[0], 3)
+  assert params["ConditionEmbedding_0"]["label_embed"]["embedding"].shape[0] == 4  # K + 1 rows
+  out_null = apply(params, x, t, label=null)
+  out_0 = apply(params, x, t, label=jnp.zeros(shape[0], int))
+  assert float(jnp.max(jnp.abs(out_null - out_0))) > 1e-3
+  # Classifier-free guidance through parametrization.guided: w = 0 is the null-label denoiser.
+  denoise = parametrization.as_denoiser(apply, kind="eps", schedule=schedules.VPLinear())
+  guided = parametrization.guided(denoise, 0.0, null_cond={"label": 3})
+  np.testing.assert_allclose(guided(params, x, t, label=jnp.zeros(shape[0], int)),
+                             denoise(params, x, t, label=null), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="needs label"):
+    apply(params, x, t)
+  unconditional = nets.get_network(name, **{**kwargs, "num_classes": 0})
+  with pytest.raises(ValueError, match="unconditional network"):
+    nets.make_apply(unconditional)(params, x, t, label=null)
+
+
+@pytest.mark.parametrize("kind", parametrization.KINDS)
+def test_networks_plug_into_every_parametrization(kind):
+  module = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16)
+  x = jax.random.normal(jax.random.key(1), (3, 2))
+  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  schedule = schedules.EDM() if kind == "edm" else schedules.VPCosine()
+  t = jnp.array([0.1, 0.4, 0.9])
+  denoise = jax.jit(parametrization.as_denoiser(nets.make_apply(module), kind=kind, schedule=schedule))
+  x0 = denoise(params, x, t)
+  assert x0.shape == x.shape and bool(jnp.all(jnp.isfinite(x0)))
+
+
+def test_registry_errors():
+  with pytest.raises(ValueError, match=r"Unknown network 'resnet'; expected one of \['mlp'"):
+    nets.get_network("resnet")
+  with pytest.raises(ValueError, match="Bad arguments for network 'mlp'"):
+    nets.get_network("mlp", widht=3)
+  module = nets.get_network("mlp", features=8, num_blocks=1, emb_dim=8)
+  params = nets.init_params(module, jax.random.key(0), jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\] = \[2\]"):
+    nets.make_apply(module)(params, jnp.ones((2, 2)), jnp.ones(3))
+  with pytest.raises(ValueError, match=r"shape \[B, d\]"):
+    nets.make_apply(module)(params, jnp.ones((2, 2, 2)), jnp.ones(2))
