@@ -12,35 +12,11 @@ import jax
 import pytest
 
 from diffdistill.train import checkpoint as ckpt_lib
-from experiments.train_teacher import config as config_lib, main as main_lib
+from experiments.train_teacher import main as main_lib
+from train_helpers import as_config, as_flags, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 400
-
-
-def tiny(data_dir, **overrides):
-  """toy2d_cpu shrunk to milliseconds per step, as config-override flags and as a ConfigDict."""
-  values = {"num_steps": NUM_STEPS, "batch_size": 16, "log_every": 1, "checkpoint_every": 50,
-            "optim.warmup_steps": 10, "network.kwargs.features": 16,
-            "network.kwargs.num_blocks": 1, "network.kwargs.emb_dim": 16,
-            "sample_at_end": False, "dataset.num_examples": 1000, "dataset.data_dir": data_dir,
-            "dataset.prefetch": 0, "progress": False, **overrides}
-  return values
-
-
-def as_flags(values):
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-def as_config(values):
-  config = config_lib.get_config("toy2d_cpu")
-  for key, value in values.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+NUM_STEPS = tiny(None)["num_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +88,14 @@ def test_bad_config_is_a_clear_error_before_compiling_or_writing(tmp_path, data_
 def test_workdir_of_another_model_is_an_error_before_compiling_and_untouched(tmp_path, data_dir,
                                                                               caplog):
   workdir = str(tmp_path / "run")
-  main_lib.train(as_config(tiny(data_dir, num_steps=2, checkpoint_every=2)), workdir)
+  main_lib.train(as_config(tiny(data_dir, num_steps=2, checkpoint_every=2,
+                                      **{"optim.warmup_steps": 0})), workdir)
   before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
             for r, _, fs in os.walk(workdir) for f in fs}
   with caplog.at_level(logging.WARNING), jax.log_compiles(True):
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different model"):
-      main_lib.train(as_config(tiny(data_dir, num_steps=4, **{"network.kwargs.features": 32})),
+      main_lib.train(as_config(tiny(data_dir, num_steps=4, **{"network.kwargs.features": 32,
+                                                          "optim.warmup_steps": 0})),
                      workdir)
   assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
   after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
