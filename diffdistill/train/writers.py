@@ -97,7 +97,6 @@ class MetricsWriter:
       for name, v in record.items():
         if name != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(name, v, global_step=int(step))
-      self._tb.flush()
 
   def close(self) -> None:
     if self._file is not None:
