@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 
 from diffdistill import nets, parametrization, schedules
-from diffdistill.nets import embeddings
+from diffdistill.nets import embeddings, unet
+
+# One resolution level (attention in the middle block only): the cheapest U-Net to compile.
+TINY_UNET = dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(),
+                 channel_mult_emb=2)
+# Two levels: exercises down/up-sampling, skip concatenation and attention at a chosen resolution.
+SMALL_UNET = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                  channel_mult_emb=2)
 
 
-def _perturbed(params, rng, scale=0.1):
-  """Params with noise added everywhere (zero-initialized output layers would hide dropout/labels)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(rng, len(leaves))
-  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape, p.dtype)
-                                      for p, k in zip(leaves, keys)])
+def _random_params(module, x, seed=0, scale=0.5):
+  """N(0, scale^2) params of module's shapes, built from jax.eval_shape: no init compile (the
+  tests stay fast), and no zero-initialized layer hides the effect of dropout or labels."""
+  shapes = jax.eval_shape(lambda k: nets.init_params(module, k, x), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +91,7 @@ def test_mlp_shapes_and_dtypes(embedding, dtype):
   x = jnp.ones((5, 64))
   params = nets.init_params(module, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  apply = nets.make_apply(module)
+  apply = jax.jit(nets.make_apply(module))
   out = apply(params, x, jnp.linspace(0, 1, 5))
   assert out.shape == x.shape and out.dtype == x.dtype
   assert apply(params, x, 0.5).shape == x.shape  # a scalar t broadcasts
@@ -93,7 +100,7 @@ def test_mlp_shapes_and_dtypes(embedding, dtype):
 def test_mlp_depends_on_time_and_input():
   module = nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16)
   x = jax.random.normal(jax.random.key(1), (4, 2))
-  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  params = _random_params(module, x)
   apply = jax.jit(nets.make_apply(module))
   a = apply(params, x, jnp.full(4, 0.2))
   assert float(jnp.max(jnp.abs(a - apply(params, x, jnp.full(4, 0.8))))) > 1e-3
@@ -105,11 +112,12 @@ def test_mlp_depends_on_time_and_input():
 
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("mlp", dict(features=32, num_blocks=2, emb_dim=16, dropout=0.5), (6, 2)),
+    ("unet", dict(TINY_UNET, dropout=0.5), (2, 4, 4, 1)),
 ])
 def test_dropout_only_with_a_key(name, kwargs, shape):
   module = nets.get_network(name, **kwargs)
   x = jax.random.normal(jax.random.key(1), shape)
-  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  params = _random_params(module, x)
   apply = jax.jit(nets.make_apply(module))
   t = jnp.full(shape[0], 0.5)
   det = apply(params, x, t)
@@ -121,16 +129,17 @@ def test_dropout_only_with_a_key(name, kwargs, shape):
   assert float(jnp.max(jnp.abs(d1 - apply(params, x, t, dropout_rng=k2)))) > 1e-3
   no_dropout = nets.get_network(name, **{**kwargs, "dropout": 0.0})
   np.testing.assert_allclose(nets.make_apply(no_dropout)(params, x, t, dropout_rng=k1), det,
-                             rtol=1e-6, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("mlp", dict(features=32, num_blocks=2, emb_dim=16, num_classes=3), (4, 2)),
+    ("unet", dict(TINY_UNET, num_classes=3), (2, 4, 4, 3)),
 ])
 def test_class_conditioning_and_the_null_label(name, kwargs, shape):
   module = nets.get_network(name, **kwargs)
   x = jax.random.normal(jax.random.key(1), shape)
-  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  params = _random_params(module, x)
   apply = jax.jit(nets.make_apply(module))
   t = jnp.full(shape[0], 0.5)
   null = jnp.full(shape[0], 3)
@@ -154,10 +163,10 @@ def test_class_conditioning_and_the_null_label(name, kwargs, shape):
 def test_networks_plug_into_every_parametrization(kind):
   module = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16)
   x = jax.random.normal(jax.random.key(1), (3, 2))
-  params = _perturbed(nets.init_params(module, jax.random.key(0), x), jax.random.key(2))
+  params = _random_params(module, x)
   schedule = schedules.EDM() if kind == "edm" else schedules.VPCosine()
   t = jnp.array([0.1, 0.4, 0.9])
-  denoise = jax.jit(parametrization.as_denoiser(nets.make_apply(module), kind=kind, schedule=schedule))
+  denoise = parametrization.as_denoiser(nets.make_apply(module), kind=kind, schedule=schedule)
   x0 = denoise(params, x, t)
   assert x0.shape == x.shape and bool(jnp.all(jnp.isfinite(x0)))
 
@@ -168,8 +177,66 @@ def test_registry_errors():
   with pytest.raises(ValueError, match="Bad arguments for network 'mlp'"):
     nets.get_network("mlp", widht=3)
   module = nets.get_network("mlp", features=8, num_blocks=1, emb_dim=8)
-  params = nets.init_params(module, jax.random.key(0), jnp.ones((2, 2)))
+  params = _random_params(module, jnp.ones((2, 2)))
   with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\] = \[2\]"):
     nets.make_apply(module)(params, jnp.ones((2, 2)), jnp.ones(3))
   with pytest.raises(ValueError, match=r"shape \[B, d\]"):
     nets.make_apply(module)(params, jnp.ones((2, 2, 2)), jnp.ones(2))
+  tiny = nets.get_network("unet", **SMALL_UNET)
+  with pytest.raises(ValueError, match="NHWC"):
+    nets.init_params(tiny, jax.random.key(0), jnp.ones((2, 8, 8)))
+  with pytest.raises(ValueError, match="divisible by 2"):
+    nets.init_params(tiny, jax.random.key(0), jnp.ones((2, 7, 7, 1)))
+  with pytest.raises(ValueError, match="Unknown network 'unet_cifar'.*'unet_ddpmpp_cifar10'"):
+    nets.get_network("unet_cifar")
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config,dtype", [(SMALL_UNET, jnp.float32), (TINY_UNET, jnp.bfloat16)])
+def test_unet_shapes_and_dtypes(config, dtype):
+  module = nets.get_network("unet", **config, embedding="fourier", dtype=dtype)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  params = _random_params(module, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  apply = jax.jit(nets.make_apply(module))
+  out = apply(params, x, jnp.array([0.1, 0.9]))
+  assert out.shape == x.shape and out.dtype == x.dtype and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.max(jnp.abs(out - apply(params, x, jnp.array([0.5, 0.5]))))) > 1e-3
+
+
+def test_unet_blocks_start_as_scaled_identities():
+  """Zero-initialized residual branches: a block is x / sqrt(2), with attention x / 2."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+  emb = jnp.ones((2, 8))
+  for attention, scale in [(False, unet.SKIP_SCALE), (True, unet.SKIP_SCALE ** 2)]:
+    block = unet.UNetBlock(16, attention=attention)
+    variables = block.init(jax.random.key(1), x, emb, deterministic=True)
+    np.testing.assert_allclose(block.apply(variables, x, emb, deterministic=True), x * scale,
+                               rtol=1e-6, atol=1e-6)
+  assert unet.SKIP_SCALE == pytest.approx(1 / math.sqrt(2))
+
+
+def test_unet_resampling_is_average_pool_and_nearest_neighbour():
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  np.testing.assert_array_equal(unet._downsample(x)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+  np.testing.assert_array_equal(unet._upsample(unet._downsample(x))[0, :2, :2, 0], 2.5)
+
+
+def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
+  """EDM's CIFAR-10 DDPM++ (Karras et al. 2022): about 56M parameters. Shapes only, no allocation."""
+  module = nets.get_network("unet_ddpmpp_cifar10")
+  shapes = jax.eval_shape(lambda k: nets.init_params(module, k, jnp.zeros((1, 32, 32, 3))),
+                          jax.random.key(0))
+  count = nets.num_params(shapes)
+  assert abs(count - 56e6) / 56e6 < 0.03, count
+  paths = {jax.tree_util.keystr(p).split("['SelfAttention")[0]
+           for p, _ in jax.tree_util.tree_leaves_with_path(shapes) if "SelfAttention" in str(p)}
+  assert len(paths) == 6  # 4 encoder blocks at 16x16, the middle block at 8x8, 1 decoder block at 16x16
+  conditional = nets.get_network("unet_ddpmpp_cifar10", num_classes=10)
+  shapes_c = jax.eval_shape(lambda k: nets.init_params(conditional, k, jnp.zeros((1, 32, 32, 3))),
+                            jax.random.key(0))
+  assert nets.num_params(shapes_c) - count == 11 * 128  # the label table, null row included

@@ -30,11 +30,16 @@ import numpy as np
 from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
                                          time_embedding)
 from diffdistill.nets.mlp import ScoreMLP
+from diffdistill.nets.unet import PRESETS as UNET_PRESETS
+from diffdistill.nets.unet import UNet
 
 Array = jax.Array
 
+# Presets are partials, so keyword arguments given to get_network override them.
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": ScoreMLP,
+    "unet": UNet,
+    **{f"unet_{name}": functools.partial(UNet, **kw) for name, kw in UNET_PRESETS.items()},
 }
 
 
@@ -90,5 +95,6 @@ def num_params(params: Any) -> int:
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "num_params", "ScoreMLP",
+__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "num_params", "ScoreMLP", "UNet",
+           "UNET_PRESETS",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]
