@@ -59,7 +59,7 @@ def test_metrics_hooks_and_tensorboard(tmp_path):
   assert calls == [(4, 4), (8, 8), (10, 10)]
   records = read(tmp_path)
   assert [r["step"] for r in records] == [3, 4, 6, 8, 9, 10]
-  assert all("loss" in r and "w_norm" in r for r in records)
+  assert all("loss" in r and "w_norm" in r and r["steps_per_sec"] > 0 for r in records)
   assert [r.get("eval/score") for r in records] == [None, 6.0, None, 12.0, None, 15.0]
   assert 0 < records[0]["w_norm"] < records[-1]["w_norm"]  # the params move
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
@@ -79,9 +79,11 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path):
 def test_truncate_after_drops_later_and_broken_lines(tmp_path):
   w = writers.MetricsWriter(str(tmp_path), tensorboard=False)
   for s in range(1, 6):
-    w.write(s, {"loss": np.float32(s), "vector": np.ones(3), "bad": np.float32("nan")})
+    w.write(s, {"loss": np.float32(s), "bins": np.arange(2), "image": np.ones((3, 3)),
+                "bad": np.float32("nan")})
   w.close()
   with open(w.path, "a") as f:
     f.write('{"step": 6, "lo')  # a line cut by a kill
   w.truncate_after(3)
-  assert read(tmp_path) == [{"step": s, "loss": float(s), "bad": "nan"} for s in (1, 2, 3)]
+  assert read(tmp_path) == [{"step": s, "loss": float(s), "bins/0": 0, "bins/1": 1, "bad": "nan"}
+                            for s in (1, 2, 3)]

@@ -6,7 +6,8 @@
                      log_every=..., checkpoint_every=..., hooks=[loop.Hook(every, fn)])
 
 After step s (state.step == s), in this order: every hook due at s runs; the
-metrics of step s and the hooks' scalars ("<hook name>/<key>") are logged as one line if
+metrics of step s, the hooks' scalars ("<hook name>/<key>") and the wall-clock steps_per_sec
+since the previous line are logged as one line if
 s % log_every == 0 or a hook ran; a checkpoint of (state, data position) is started if s % checkpoint_every == 0 or s ==
 num_steps. The data iterator has then yielded exactly s batches, so a run restored from step s
 (state and `data.set_state`) continues with the batches and randomness of an uninterrupted run.
@@ -22,6 +23,7 @@ Only process 0 writes (metrics, TensorBoard, figures); every process runs the st
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -87,6 +89,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and distributed.is_writer()),
                   dynamic_ncols=True)
   pending = None  # (step, metrics) of the previous step, for the lagged non-finite check
+  last_log = (start, time.perf_counter())
   try:
     for s in range(start + 1, num_steps + 1):
       batch = step_lib.global_batch(next(data), mesh=mesh)
@@ -100,6 +103,9 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
           record.update({f"{hook.name}/{k}": v for k, v in (hook.fn(state, s) or {}).items()})
       if record or s % log_every == 0:  # one line per step: the step's metrics + hook outputs
         host = jax.device_get(metrics)
+        now = time.perf_counter()
+        record["steps_per_sec"] = (s - last_log[0]) / (now - last_log[1])  # hooks' time included
+        last_log = (s, now)
         writer.write(s, {**host, **record})
         bar.set_postfix(loss=f"{float(host['loss']):.4g}")
       if checkpointer is not None and (s == num_steps or (checkpoint_every and s % checkpoint_every == 0)):

@@ -25,13 +25,11 @@ except ImportError:  # optional: JSON lines are always written
   tensorboardX = None
 
 METRICS_FILE = "metrics.jsonl"
+MAX_VECTOR = 16
 
 
-def _scalar(value) -> float | int | None:
-  arr = np.asarray(value)
-  if arr.size != 1:
-    return None
-  v = arr.reshape(()).item()
+def _scalar(value) -> float | int | str:
+  v = np.asarray(value).reshape(()).item()
   if isinstance(v, float) and not math.isfinite(v):
     return repr(v)  # JSON has no NaN/inf; "nan"/"inf" stay readable
   return v
@@ -82,15 +80,18 @@ class MetricsWriter:
     os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
-    """One line {"step": step, name: value, ...}; non-scalar metrics are left out."""
+    """One line {"step": step, name: value, ...}; a vector metric of at most MAX_VECTOR entries
+    (e.g. the loss per logSNR bin) becomes name/0, name/1, ...; larger arrays are left out."""
     if not self.enabled:
       return
     self._open()
     record = {"step": int(step)}
     for name, value in metrics.items():
-      v = _scalar(value)
-      if v is not None:
-        record[name] = v
+      arr = np.asarray(value)
+      if arr.size == 1:
+        record[name] = _scalar(arr)
+      elif arr.ndim == 1 and arr.size <= MAX_VECTOR:
+        record.update({f"{name}/{i}": _scalar(v) for i, v in enumerate(arr)})
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:

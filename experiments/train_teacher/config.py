@@ -104,10 +104,8 @@ def digits_cpu() -> ml_collections.ConfigDict:
   c.dataset.name = "digits8"
   c.num_steps = 4000
   c.batch_size = 128
-  c.network.name = "unet"
-  c.network.kwargs = ml_collections.ConfigDict(dict(
-      channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-      dropout=0.1))
+  c.network.name = "unet_digits8"    # nets.unet.PRESETS["digits8"]; kwargs override it
+  c.network.kwargs = ml_collections.ConfigDict()
   c.schedule.name = "edm"
   c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0,
                                                      sigma_data=0.5))
@@ -132,10 +130,8 @@ def cifar10_edm() -> ml_collections.ConfigDict:
   c.sampler_rtol = 1e-3
   c.ema_decays = (0.999293,)         # half-life 0.5M images at 512 per step: 0.5 ** (512 / 5e5)
   c.eval_ema = 0.999293
-  c.network.name = "unet"
-  c.network.kwargs = ml_collections.ConfigDict(dict(
-      channels=128, channel_mults=(2, 2, 2), num_res_blocks=4, attention_resolutions=(16,),
-      dropout=0.13))
+  c.network.name = "unet_ddpmpp_cifar10"  # nets.unet.PRESETS["ddpmpp_cifar10"]
+  c.network.kwargs = ml_collections.ConfigDict()
   c.schedule.name = "edm"
   c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0,
                                                      sigma_data=0.5))
