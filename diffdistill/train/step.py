@@ -130,8 +130,8 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = loss_and_grads(state.params, batch, rng)
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    updated, skipped = state.apply_gradients(grads), state.skip()
-    new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), updated, skipped)
+    # a branch, not a select over two full states: the skipped branch costs nothing
+    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads), lambda s: s.skip(), state)
     metrics = dict(aux)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    skipped=(~finite).astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
