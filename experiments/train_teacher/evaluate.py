@@ -25,10 +25,9 @@ import os
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
-from diffdistill import analytic, metrics
+from diffdistill import analytic
 from diffdistill.losses import dsm
 from diffdistill.train import checkpoint as ckpt_lib, state as state_lib
 from experiments.train_teacher import sampling, teacher
@@ -49,25 +48,6 @@ def load_teacher(config, workdir):
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
   state, _ = restored
   return setup, int(state.step), jax.device_get(state.ema_params[state_lib.ema_key(config.eval_ema)])
-
-
-def sample_quality(samples, mix, *, num_pairs: int, seed: int = 0) -> dict:
-  n = samples.shape[0]
-  keys = jax.random.split(jax.random.PRNGKey(seed + 777), 2 * num_pairs + 1)
-  ref = analytic.sample(mix, keys[0], n)
-  x = jnp.asarray(samples, ref.dtype)
-  floors_w2, floors_mmd = [], []
-  for i in range(num_pairs):
-    a, b = analytic.sample(mix, keys[2 * i + 1], n), analytic.sample(mix, keys[2 * i + 2], n)
-    floors_w2.append(float(metrics.sliced_wasserstein(a, b)))
-    floors_mmd.append(float(metrics.mmd2(a, b)))
-  return {"n": n, "sliced_w2": float(metrics.sliced_wasserstein(x, ref)),
-          "sliced_w2_floor_mean": float(np.mean(floors_w2)),
-          "sliced_w2_floor_max": float(np.max(floors_w2)),
-          "mmd2": float(metrics.mmd2(x, ref)),
-          "mmd2_floor_mean": float(np.mean(floors_mmd)),
-          "mmd2_floor_std": float(np.std(floors_mmd)),
-          "mmd2_floor_max_abs": float(np.max(np.abs(floors_mmd)))}
 
 
 def denoiser_error_by_logsnr(denoise, params, mix, *, schedule, per_bin: int, seed: int = 0):
@@ -103,7 +83,7 @@ def main(argv):
                       shape=setup.example_shape, schedule=setup.schedule, rtol=config.sampler_rtol)
   result = {"dataset": config.dataset.name, "step": step, "ema": config.eval_ema,
             "sampler": f"analytic.flow_map (Dopri8, rtol=atol={config.sampler_rtol})",
-            "quality": sample_quality(x, mix, num_pairs=_PAIRS.value),
+            "quality": {"n": _NUM.value, **sampling.sample_quality(x, mix, num_pairs=_PAIRS.value)},
             "denoiser_error": denoiser_error_by_logsnr(setup.denoise, params, mix,
                                                        schedule=setup.schedule,
                                                        per_bin=_PER_BIN.value)}

@@ -40,6 +40,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Default $JAX_NUM_PROCESSES.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Default $JAX_PROCESS_ID.")
 
+
 def sample_hook(setup: Setup, workdir: str) -> Callable:
   config = setup.config
   mix = sampling.exact_mixture(config.dataset.name)
@@ -61,27 +62,26 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   setup = build(config)
-  rng = jax.random.PRNGKey(config.seed)
-  replicated = step_lib.replicated(setup.mesh)
-  abstract = abstract_state(setup, rng)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)
-  restored = checkpointer.restore_latest(abstract)
-  if restored is None:
-    state = jax.jit(setup.init_state, out_shardings=replicated)(rng)
-  else:
-    state, data_state = restored
-    setup.data.set_state(data_state)
-    logging.warning("Resuming from the checkpoint of step %d.", int(state.step))
-  if distributed.is_writer():
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  train_step = step_lib.make_train_step(setup.loss_fn, mesh=setup.mesh,
-                                        accumulation_steps=config.optim.accumulation_steps)
-  hooks = [loop.Hook(every=config.sample_every, at_end=config.sample_at_end,
-                     fn=sample_hook(setup, workdir), name="eval")]
   try:
+    rng = jax.random.PRNGKey(config.seed)
+    replicated = step_lib.replicated(setup.mesh)
+    restored = checkpointer.restore_latest(abstract_state(setup, rng))
+    if restored is None:
+      state = jax.jit(setup.init_state, out_shardings=replicated)(rng)
+    else:
+      state, data_state = restored
+      setup.data.set_state(data_state)
+      logging.warning("Resuming from the checkpoint of step %d.", int(state.step))
+    if distributed.is_writer():
+      os.makedirs(workdir, exist_ok=True)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    train_step = step_lib.make_train_step(setup.loss_fn, mesh=setup.mesh,
+                                          accumulation_steps=config.optim.accumulation_steps)
+    hooks = [loop.Hook(every=config.sample_every, at_end=config.sample_at_end,
+                       fn=sample_hook(setup, workdir), name="eval")]
     return loop.run(state=state, train_step=train_step, data=LossBatches(setup), mesh=setup.mesh,
                     workdir=workdir, num_steps=config.num_steps, checkpointer=checkpointer,
                     log_every=config.log_every, checkpoint_every=config.checkpoint_every,
