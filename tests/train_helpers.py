@@ -9,7 +9,7 @@ def tiny(data_dir, **overrides):
           "optim.warmup_steps": 10, "network.kwargs.features": 16,
           "network.kwargs.num_blocks": 1, "network.kwargs.emb_dim": 16,
           "sample_at_end": False, "dataset.num_examples": 1000, "dataset.data_dir": data_dir,
-          "dataset.prefetch": 0, "progress": False, **overrides}
+          "dataset.prefetch": 0, "progress": False, "tensorboard": False, **overrides}
 
 
 def as_flags(values):

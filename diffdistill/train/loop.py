@@ -64,7 +64,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
         mesh: jax.sharding.Mesh, workdir: str, num_steps: int,
         checkpointer: Checkpointer | None = None, log_every: int = 100,
         checkpoint_every: int = 1000, hooks: Sequence[Hook] = (), max_nonfinite_in_row: int = 10,
-        progress: bool = True) -> TrainState:
+        progress: bool = True, tensorboard: bool = True) -> TrainState:
   """Trains from `state.step` to `num_steps`; returns the final state.
 
   Args:
@@ -80,11 +80,12 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
     hooks: evaluation / figure hooks.
     max_nonfinite_in_row: raise after this many consecutive skipped steps (0: never).
     progress: show a tqdm bar on process 0.
+    tensorboard: also write TensorBoard scalars (metrics.jsonl is always written).
   """
   if log_every < 1:
     raise ValueError(f"log_every must be >= 1, got {log_every}.")
   start = int(state.step)
-  writer = writers.MetricsWriter(workdir, enabled=distributed.is_writer())
+  writer = writers.MetricsWriter(workdir, enabled=distributed.is_writer(), tensorboard=tensorboard)
   writer.truncate_after(start)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and distributed.is_writer()),
                   dynamic_ncols=True)

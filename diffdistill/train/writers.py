@@ -19,11 +19,6 @@ from typing import Mapping
 
 import numpy as np
 
-try:
-  import tensorboardX
-except ImportError:  # optional: JSON lines are always written
-  tensorboardX = None
-
 METRICS_FILE = "metrics.jsonl"
 MAX_VECTOR = 16
 
@@ -56,10 +51,13 @@ class MetricsWriter:
     if self._file is None:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
       self._file = open(self.path, "a")
-      if self._want_tb and tensorboardX is not None:
-        self._tb = tensorboardX.SummaryWriter(self._tb_dir)
-      elif self._want_tb:
-        logging.warning("tensorboardX is not installed; writing %s only.", self.path)
+      if self._want_tb:
+        try:  # imported here: tensorboardX imports torch when installed (seconds)
+          import tensorboardX
+        except ImportError:
+          logging.warning("tensorboardX is not installed; writing %s only.", self.path)
+        else:
+          self._tb = tensorboardX.SummaryWriter(self._tb_dir)
 
   def truncate_after(self, step: int) -> None:
     """Keeps only the complete lines with "step" <= `step`."""

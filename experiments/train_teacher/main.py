@@ -86,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
                     workdir=workdir, num_steps=config.num_steps, checkpointer=checkpointer,
                     log_every=config.log_every, checkpoint_every=config.checkpoint_every,
                     hooks=hooks, max_nonfinite_in_row=config.max_nonfinite_in_row,
-                    progress=config.progress)
+                    progress=config.progress, tensorboard=config.tensorboard)
   finally:
     checkpointer.close()
     setup.data.close()
