@@ -65,9 +65,7 @@ def test_eight_devices_match_one_device_loss_grads_and_noise():
   np.testing.assert_allclose(l8, l1, rtol=1e-6)
   chex.assert_trees_all_close(s8.params, s1.params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(s8.ema_params, s1.ema_params, rtol=1e-5, atol=1e-6)
-  # the losses differ between steps only through data and fold_in(rng, step): a loss that
-  # ignored the step would repeat the noise; check the noise is device-count independent
-  # directly too, as an array drawn inside jit over the sharded batch
+  # and the noise itself, drawn inside jit with the output sharded over 8 devices vs on one
   mesh8, mesh1 = step_lib.make_mesh(), step_lib.make_mesh(jax.devices()[:1])
   draw = lambda x: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 7), x.shape)
   x = np.zeros((B, D), np.float32)
@@ -148,9 +146,24 @@ def test_optimizer_config_errors_and_schedule():
                                      "schedule": "cosine", "end_factor": 0.1}, num_steps=110)
   np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)],
                              [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1], atol=1e-6)
-  # clipping: a huge gradient moves SGD-free Adam... check clip directly on the chain's first stage
+  # clipping comes first: RAdam of a clipped [300, 400] equals RAdam of [0.6, 0.8]
   tx = optim.make_optimizer({"name": "radam", "learning_rate": 1.0, "grad_clip": 1.0}, num_steps=1)
   clipped, _ = tx.update({"g": jnp.array([300.0, 400.0])}, tx.init({"g": jnp.zeros(2)}))
   plain = optax.radam(1.0)
   expected, _ = plain.update({"g": jnp.array([0.6, 0.8])}, plain.init({"g": jnp.zeros(2)}))
   chex.assert_trees_all_close(clipped, expected, rtol=1e-6)
+
+
+def test_step_randomness_is_fold_in_of_the_state_rng_and_step():
+  def noise_loss(params, batch, rng):
+    return jnp.mean(jax.random.normal(rng, batch["x"].shape)) + 0.0 * jnp.sum(params["b1"]), {}
+
+  mesh = step_lib.make_mesh()
+  train_step = step_lib.make_train_step(noise_loss, mesh=mesh)
+  state = jax.device_put(make_state(), step_lib.replicated(mesh))
+  batch = batches(1)[0]
+  for s in range(2):
+    state, m = train_step(state, step_lib.global_batch(batch, mesh=mesh))
+    key = jax.random.fold_in(jax.random.PRNGKey(1), s)
+    np.testing.assert_allclose(float(m["loss"]),
+                               float(jnp.mean(jax.random.normal(key, (B, D)))), rtol=1e-5)
