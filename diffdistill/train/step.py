@@ -6,7 +6,7 @@ donated, so a step updates them in place. One step:
 
     rng_s        = fold_in(state.rng, state.step)                       (no split, no carry)
     g, loss, aux = mean over micro-batches i of grad loss_fn(params, micro_i, fold_in(rng_s, i))
-    state        = state.apply_gradients(g)   if loss and every entry of g are finite
+    state        = state.apply_gradients(g)   if loss and |g| are finite (so every entry of g)
                    state.skip()               otherwise (step and the counters move, nothing else)
 
 Why the numbers do not depend on the device count: under `jit` every array is global, so a
@@ -76,11 +76,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], *, mesh: Mesh) -> dict[s
           for k, v in local_batch.items()}
 
 
-def _all_finite(tree) -> Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
                     ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict]]:
   """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
@@ -129,11 +124,14 @@ def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = loss_and_grads(state.params, batch, rng)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    grad_norm = optax.tree.norm(grads)
+    # one reduction for both: a NaN or inf anywhere in grads makes the norm NaN or inf (so does
+    # a norm beyond float range, ~1e19 per entry in float32: such a step is skipped too)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # a branch, not a select over two full states: the skipped branch costs nothing
     new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads), lambda s: s.skip(), state)
     metrics = dict(aux)
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+    metrics.update(loss=loss, grad_norm=grad_norm,
                    skipped=(~finite).astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
                    nonfinite_in_row=new_state.nonfinite_in_row)
     return new_state, metrics
