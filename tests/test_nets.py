@@ -83,8 +83,7 @@ def test_embedding_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("embedding", ["positional", "fourier"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("embedding,dtype", [("positional", jnp.float32), ("fourier", jnp.bfloat16)])
 def test_mlp_shapes_and_dtypes(embedding, dtype):
   module = nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16, embedding=embedding,
                             dtype=dtype)
@@ -209,14 +208,13 @@ def test_unet_shapes_and_dtypes(config, dtype):
 
 
 def test_unet_blocks_start_as_scaled_identities():
-  """Zero-initialized residual branches: a block is x / sqrt(2), with attention x / 2."""
+  """Zero-initialized residual branches: a block with attention starts as (x / sqrt(2)) / sqrt(2)."""
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
   emb = jnp.ones((2, 8))
-  for attention, scale in [(False, unet.SKIP_SCALE), (True, unet.SKIP_SCALE ** 2)]:
-    block = unet.UNetBlock(16, attention=attention)
-    variables = block.init(jax.random.key(1), x, emb, deterministic=True)
-    np.testing.assert_allclose(block.apply(variables, x, emb, deterministic=True), x * scale,
-                               rtol=1e-6, atol=1e-6)
+  block = unet.UNetBlock(16, attention=True)
+  out = jax.jit(lambda k: block.apply(block.init(k, x, emb, deterministic=True), x, emb,
+                                      deterministic=True))(jax.random.key(1))
+  np.testing.assert_allclose(out, x / 2, rtol=1e-6, atol=1e-6)
   assert unet.SKIP_SCALE == pytest.approx(1 / math.sqrt(2))
 
 
@@ -240,3 +238,7 @@ def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
   shapes_c = jax.eval_shape(lambda k: nets.init_params(conditional, k, jnp.zeros((1, 32, 32, 3))),
                             jax.random.key(0))
   assert nets.num_params(shapes_c) - count == 11 * 128  # the label table, null row included
+  digits = nets.get_network("unet_digits8")  # the CPU preset builds on 8x8x1 digits
+  shapes_d = jax.eval_shape(lambda k: nets.init_params(digits, k, jnp.zeros((1, 8, 8, 1))),
+                            jax.random.key(0))
+  assert 0.5e6 < nets.num_params(shapes_d) < 2e6

@@ -197,6 +197,8 @@ def dsm_loss(apply: Callable[..., Array], *, schedule: schedules_lib.Schedule, k
     x0 = jnp.asarray(batch["x"])  # [B, ...]
     if x0.ndim < 2:
       raise ValueError(f"batch['x'] must have shape [B, ...], got {x0.shape}.")
+    # Times, noise and the loss in at least float32, whatever the storage dtype of the data.
+    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
     b = x0.shape[0]
     t_rng, eps_rng, drop_rng, net_rng = jax.random.split(rng, 4)
     t = sampler.sample(t_rng, (b,), schedule=schedule, dtype=x0.dtype)  # [B]

@@ -84,10 +84,20 @@ def make_apply(module: nn.Module) -> Callable[..., Array]:
 
 
 def init_params(module: nn.Module, rng: Array, x: Array) -> Any:
-  """Initial params of `module` for inputs shaped like x [B, ...] (t = 0, label = 0 if conditional)."""
-  t = jnp.zeros((x.shape[0],), jnp.float32)
-  label = jnp.zeros((x.shape[0],), jnp.int32) if getattr(module, "num_classes", 0) else None
-  return module.init({"params": rng}, x, t, label)["params"]
+  """Initial params of `module` for inputs shaped like x [B, ...] (t = 0, label = 0 if conditional).
+
+  Runs as one jitted computation (eager initialization compiles every initializer separately);
+  only x's shape and dtype are used.
+  """
+  shape, dtype = tuple(x.shape), x.dtype
+  conditional = bool(getattr(module, "num_classes", 0))
+
+  def init(rng):
+    t = jnp.zeros(shape[:1], jnp.float32)
+    label = jnp.zeros(shape[:1], jnp.int32) if conditional else None
+    return module.init({"params": rng}, jnp.zeros(shape, dtype), t, label)["params"]
+
+  return jax.jit(init)(rng)
 
 
 def num_params(params: Any) -> int:

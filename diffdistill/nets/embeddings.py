@@ -127,8 +127,10 @@ class ConditionEmbedding(nn.Module):
                          f"label {self.num_classes} for unconditional), got "
                          f"{None if label is None else label.shape}.")
       e = e + nn.Embed(self.num_classes + 1, self.noise_dim, name="label_embed")(label)
-    e = nn.silu(nn.Dense(self.emb_dim, dtype=self.dtype, name="map0")(e))
-    return nn.silu(nn.Dense(self.emb_dim, dtype=self.dtype, name="map1")(e))  # [B, emb_dim]
+    dense = lambda name: nn.Dense(self.emb_dim, dtype=self.dtype, name=name,  # noqa: E731
+                                  kernel_init=nn.initializers.xavier_uniform())  # as EDM's SongUNet
+    e = nn.silu(dense("map0")(e))
+    return nn.silu(dense("map1")(e))  # [B, emb_dim]
 
 
 __all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "DEFAULT_SCALES",
