@@ -4,6 +4,7 @@ Independent references: the analytic mixtures (MMD to `analytic.sample`), scikit
 array, the closed-form moons/spirals curves, and PNG bytes written here for the real-dataset path.
 """
 
+import concurrent.futures
 import io
 import json
 import sys
@@ -31,7 +32,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ring(data_dir):
-  return sources.load("toy2d/ring", split="train", data_dir=data_dir, num_examples=N_RING)
+  """Read from the array_record files batch by batch (the path of splits too big for memory)."""
+  return sources.load("toy2d/ring", split="train", data_dir=data_dir, num_examples=N_RING, in_memory=False)
 
 
 def _pipe(source, **kw):
@@ -52,11 +54,19 @@ def _assert_batches_equal(a, b):
 
 
 def test_batch_format(ring):
-  batch = next(_pipe(ring, batch_size=16))
+  ds = _pipe(ring, batch_size=16)
+  batch = next(ds)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == ds.element_spec
+  assert ring.num_classes == 8
   assert batch["x"].dtype == np.float32 and batch["x"].shape == (16, 2)
   assert batch["label"].dtype == np.int32 and batch["label"].shape == (16,)
   assert batch["index"].dtype == np.int64 and batch["index"].shape == (16,)
   assert len(ring) == N_RING
+
+
+def test_in_memory_source_gives_the_same_batches(ring):
+  assert ring.arrays is None and ring.in_memory().arrays["x"].shape == (N_RING, 2)
+  _assert_batches_equal(_take(_pipe(ring.in_memory()), 45), _take(_pipe(ring), 45))
 
 
 def test_same_seed_same_batches_and_other_seed_differs(ring):
@@ -136,6 +146,8 @@ def test_moons_and_spirals_lie_on_their_curves():
   centre = np.where(label[:, None] == 0, [0.0, 0.0], [1.0, 0.5]) + np.array([-0.5, -0.25])
   r = np.linalg.norm(x - centre, axis=1)  # Distance to the moon's circle centre: 1 + noise.
   assert abs(np.mean(r) - 1.0) < 0.02 and abs(np.std(r) - cfg.noise) < 0.02
+  upper = (x - centre)[:, 1] * np.where(label == 0, 1.0, -1.0)  # sin u >= 0 outer, -sin u <= 0 inner.
+  assert np.mean(upper > -3 * cfg.noise) > 0.99
   cfg = toy2d.make_config("spirals", num_train=2000, num_test=10)
   x, label = toy2d.sample(cfg, "train")
   theta = np.linspace(0.0, 3 * np.pi, 3000)
@@ -157,6 +169,15 @@ def test_generation_is_byte_deterministic(tmp_path):
     assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
   x = sources.load("gmm/mixture64", split="train", data_dir=str(tmp_path / "a"), num_examples=200).read(range(200))
   assert x["x"].shape == (200, 64) and 0 <= x["label"].min() and x["label"].max() < 16
+
+
+def test_concurrent_preparation_of_one_dataset(tmp_path):
+  # As several training processes on one machine do; flock also excludes threads (one open() each).
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    futures = [pool.submit(sources.load, "toy2d/moons", split="test", data_dir=str(tmp_path), num_examples=3000)
+               for _ in range(3)]
+    sizes = [len(f.result()) for f in futures]
+  assert sizes == [300] * 3
 
 
 def test_digits8_count_range_and_values(data_dir):
@@ -196,19 +217,38 @@ def fake_mnist_images(n):
   return [(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8), int(rng.integers(10))) for _ in range(n)]
 
 
-def test_real_dataset_code_path_on_self_made_mnist(tmp_path):
+@pytest.mark.parametrize("in_memory", [None, False])
+def test_real_dataset_code_path_on_self_made_mnist(tmp_path, in_memory):
   with pytest.raises(FileNotFoundError, match="download=False"):
     data.get_dataset("mnist", split="train", batch_size=8, seed=0, data_dir=str(tmp_path), download=False)
   _FakeMnist(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
-  ds = data.get_dataset("mnist", split="train", batch_size=8, seed=0, data_dir=str(tmp_path), download=False)
+  ds = data.get_dataset("mnist", split="train", batch_size=8, seed=0, data_dir=str(tmp_path), download=False,
+                        in_memory=in_memory)
+  assert (ds.source.arrays is None) == (in_memory is False)
   batches = _take(ds, 4)  # One epoch of 32.
   x = np.concatenate([b["x"] for b in batches])
   label = np.concatenate([b["label"] for b in batches])
   assert x.shape == (32, 28, 28, 1) and x.dtype == np.float32 and label.dtype == np.int32
+  assert ds.element_spec["x"] == ((8, 28, 28, 1), np.float32) and ds.source.num_classes == 10
   np.testing.assert_array_equal(np.sort(np.concatenate([b["index"] for b in batches])), np.arange(32))
   expected = {(img.astype(np.float32) / 127.5 - 1).tobytes(): lab for img, lab in fake_mnist_images(32)}
   for xi, li in zip(x, label):
     assert expected[xi.tobytes()] == li  # Every image decoded exactly, scaled to [-1, 1], with its label.
+  # Any other TFDS builder, by 'tfds:NAME', takes the same path.
+  other = data.get_dataset("tfds:mnist", split="train", batch_size=8, seed=0, data_dir=str(tmp_path), download=False)
+  _assert_batches_equal(_take(other, 4), batches)
+
+
+class _NumpyImageMnist(_FakeMnist, skip_registration=True):
+  """Yields NumPy images, as TFDS's real generators do; TFDS PNG-encodes those with TensorFlow."""
+
+  def _generate_examples(self, num_examples):
+    yield from enumerate({"image": img, "label": lab} for img, lab in fake_mnist_images(num_examples))
+
+
+def test_preparing_with_numpy_images_says_tensorflow_is_needed(tmp_path):
+  with pytest.raises(RuntimeError, match="needs TensorFlow; reading does not"):
+    sources.prepare_builder(_NumpyImageMnist(data_dir=str(tmp_path)))
 
 
 def test_no_tensorflow(ring):
@@ -239,3 +279,21 @@ def test_set_state_rejects_another_pipelines_state(ring):
     _pipe(ring, seed=1).set_state(_pipe(ring, seed=2).get_state())
   with pytest.raises(ValueError, match="step"):
     _pipe(ring).set_state({"steps": 3})
+
+
+@pytest.mark.slow
+def test_full_size_embedded_datasets(tmp_path):
+  """The default sizes (about 30 s to generate on 2 cores)."""
+  for name in sources.EMBEDDED_NAMES:
+    sizes = {split: len(sources.load(name, split=split, data_dir=str(tmp_path), in_memory=False))
+             for split in ("train", "test")}
+    assert sizes == ({"train": 1500, "test": 297} if name == "digits8" else {"train": 100_000, "test": 10_000})
+  x = sources.load("gmm/mixture64", split="test", data_dir=str(tmp_path)).read(np.arange(10_000))["x"]
+  exact = analytic.sample(analytic.mixture64(), jax.random.key(0), 10_000)
+  assert abs(float(metrics.mmd2(x, exact))) < 1e-3  # Floor of two exact sets: 3e-5; another mixture64: 0.18.
+
+
+def test_data_dir_from_the_environment(tmp_path, monkeypatch):
+  monkeypatch.setenv("DIFFDISTILL_DATA_DIR", str(tmp_path))
+  data.get_dataset("toy2d/grid", split="test", batch_size=4, seed=0, num_examples=40)
+  assert (tmp_path / "toy2d" / "grid-n40-4" / "1.0.0" / "dataset_info.json").exists()

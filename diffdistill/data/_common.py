@@ -7,7 +7,10 @@ CPU's), and no accelerator is touched while a dataset is prepared.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 
 import numpy as np
 
@@ -16,12 +19,33 @@ from diffdistill import analytic
 DATA_DIR_ENV = "DIFFDISTILL_DATA_DIR"
 
 
-def default_data_dir() -> str:
-  """$DIFFDISTILL_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS's own default)."""
+def resolve_data_dir(data_dir: str | None) -> str:
+  """data_dir if given, else $DIFFDISTILL_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  (TFDS's own default); `~` expanded."""
+  if data_dir:
+    return os.path.expanduser(data_dir)
   for var in (DATA_DIR_ENV, "TFDS_DATA_DIR"):
     if os.environ.get(var):
       return os.path.expanduser(os.environ[var])
   return os.path.expanduser("~/tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def preparation_lock(data_dir: str, name: str):
+  """Holds an exclusive lock on data_dir/.locks/NAME.lock while one process prepares `name`.
+
+  TFDS writes a split into a temporary folder and renames it; two processes preparing the same
+  dataset at once (several training processes on one machine) would collide at the rename
+  (FileExistsError). With the lock, the first prepares and the others then find it prepared.
+  """
+  lock_dir = os.path.join(data_dir, ".locks")
+  os.makedirs(lock_dir, exist_ok=True)
+  with open(os.path.join(lock_dir, re.sub(r"[^\w.-]", "_", name) + ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sample_mixture(mix: analytic.GaussianMixture, rng: np.random.Generator,

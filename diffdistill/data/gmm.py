@@ -10,6 +10,7 @@ model trained here has a known exact denoiser, `analytic.denoiser(schedule)` wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,11 +42,16 @@ def make_config(mixture: str, *, num_train: int = 100_000, num_test: int = 10_00
                    description=f"analytic.{mixture}(): {num_train} train / {num_test} test samples.")
 
 
+@functools.lru_cache(maxsize=None)
+def _mixture(name: str) -> analytic.GaussianMixture:
+  return analytic.get_mixture(name)  # mixture64 factors 16 64x64 covariances: build it once.
+
+
 def sample(config: GmmConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The examples of one split: x [n, d] float32, component [n] int64 (a fresh seed per split)."""
   n = {"train": config.num_train, "test": config.num_test}[split]
   rng = np.random.default_rng([config.seed, {"train": 0, "test": 1}[split]])
-  return _common.sample_mixture(analytic.get_mixture(config.mixture), rng, n)
+  return _common.sample_mixture(_mixture(config.mixture), rng, n)
 
 
 class Gmm(tfds.core.GeneratorBasedBuilder):
@@ -55,7 +61,7 @@ class Gmm(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [make_config(m) for m in MIXTURES]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    mix = analytic.get_mixture(self.builder_config.mixture)
+    mix = _mixture(self.builder_config.mixture)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
