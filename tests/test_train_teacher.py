@@ -103,3 +103,16 @@ def test_workdir_of_another_model_is_an_error_before_compiling_and_untouched(tmp
   after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
            for r, _, fs in os.walk(workdir) for f in fs}
   assert after == before
+
+
+def test_end_of_run_samples_figure_and_metrics_against_the_exact_ring(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  main_lib.train(as_config(tiny(data_dir, num_steps=4, log_every=2, sample_at_end=True,
+                                num_eval_samples=64, sampler_rtol=1e-2,
+                                **{"optim.warmup_steps": 0})), workdir)
+  assert os.path.getsize(os.path.join(workdir, "samples", "step_0000004.png")) > 1000
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    record = json.loads(f.readlines()[-1])
+  assert record["step"] == 4
+  # 4 steps of training are far from the ring: the distance must sit well above its floor
+  assert record["eval/sliced_w2"] > 2 * record["eval/sliced_w2_floor_mean"] > 0
