@@ -1,0 +1,122 @@
+"""The training loop: steps, metrics, hooks (evaluation, sample figures), checkpoints.
+
+    state = jax.device_put(state_or_restored_state, step_lib.replicated(mesh))
+    state = loop.run(state=state, train_step=train_step, data=data_iter, mesh=mesh,
+                     workdir=workdir, num_steps=config.num_steps, checkpointer=ckpt,
+                     log_every=..., checkpoint_every=..., hooks=[loop.Hook(every, fn)])
+
+After step s (state.step == s), in this order: every hook due at s runs; the
+metrics of step s, the hooks' scalars ("<hook name>/<key>") and the wall-clock steps_per_sec
+since the previous line are logged as one line if
+s % log_every == 0 or a hook ran; a checkpoint of (state, data position) is started if s % checkpoint_every == 0 or s ==
+num_steps. The data iterator has then yielded exactly s batches, so a run restored from step s
+(state and `data.set_state`) continues with the batches and randomness of an uninterrupted run.
+
+Non-finite steps are skipped inside the step (`train.step`); when `max_nonfinite_in_row`
+consecutive steps were skipped the loop raises `NonFiniteError` naming the step. The count is
+read one step late, so the device keeps a step queued.
+
+Only process 0 writes (metrics, TensorBoard, figures); every process runs the steps, the hooks
+(which may run sharded computations) and the checkpoint saves (an orbax collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from diffdistill.train import distributed, step as step_lib, writers
+from diffdistill.train.checkpoint import Checkpointer
+from diffdistill.train.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """Calls `fn(state, step)` after every `every`-th step (0: never) and, if `at_end`, after the
+  last step; returned scalars are logged.
+
+  `fn` runs on every process; one that writes files should do so when `distributed.is_writer()`.
+  """
+  every: int
+  fn: Callable[[TrainState, int], Mapping[str, Any] | None]
+  name: str = "hook"
+  at_end: bool = False
+
+
+def _check_nonfinite(metrics, step: int, limit: int) -> None:
+  in_row = int(metrics["nonfinite_in_row"])
+  if limit and in_row >= limit:
+    raise NonFiniteError(
+        f"{in_row} consecutive steps with a non-finite loss or gradient, the last at step {step} "
+        f"(limit max_nonfinite_in_row={limit}); last loss {float(metrics['loss'])}.")
+
+
+def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, np.ndarray]],
+        mesh: jax.sharding.Mesh, workdir: str, num_steps: int,
+        checkpointer: Checkpointer | None = None, log_every: int = 100,
+        checkpoint_every: int = 1000, hooks: Sequence[Hook] = (), max_nonfinite_in_row: int = 10,
+        progress: bool = True, tensorboard: bool = True) -> TrainState:
+  """Trains from `state.step` to `num_steps`; returns the final state.
+
+  Args:
+    state: a fresh or restored state, placed on `mesh` (replicated).
+    train_step: `train.step.make_train_step(...)`.
+    data: this process's iterator of numpy batches (its rows of the global batch), with
+      `get_state()` when checkpointing; already set to the restored position.
+    mesh: the step's mesh.
+    workdir: where metrics.jsonl, tensorboard/ and hook outputs go.
+    num_steps: the step to stop at.
+    checkpointer: None to never checkpoint.
+    log_every, checkpoint_every: periods in steps (checkpoint_every 0: only at the end).
+    hooks: evaluation / figure hooks.
+    max_nonfinite_in_row: raise after this many consecutive skipped steps (0: never).
+    progress: show a tqdm bar on process 0.
+    tensorboard: also write TensorBoard scalars (metrics.jsonl is always written).
+  """
+  if log_every < 1:
+    raise ValueError(f"log_every must be >= 1, got {log_every}.")
+  start = int(state.step)
+  writer = writers.MetricsWriter(workdir, enabled=distributed.is_writer(), tensorboard=tensorboard)
+  writer.truncate_after(start)
+  bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and distributed.is_writer()),
+                  dynamic_ncols=True)
+  pending = None  # (step, metrics) of the previous step, for the lagged non-finite check
+  last_log = (start, time.perf_counter())
+  try:
+    for s in range(start + 1, num_steps + 1):
+      batch = step_lib.global_batch(next(data), mesh=mesh)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        _check_nonfinite(*pending, max_nonfinite_in_row)
+      pending = (metrics, s)
+      record = {}
+      for hook in hooks:
+        if (hook.every and s % hook.every == 0) or (hook.at_end and s == num_steps):
+          record.update({f"{hook.name}/{k}": v for k, v in (hook.fn(state, s) or {}).items()})
+      if record or s % log_every == 0:  # one line per step: the step's metrics + hook outputs
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        record["steps_per_sec"] = (s - last_log[0]) / (now - last_log[1])  # hooks' time included
+        last_log = (s, now)
+        writer.write(s, {**host, **record})
+        bar.set_postfix(loss=f"{float(host['loss']):.4g}")
+      if checkpointer is not None and (s == num_steps or (checkpoint_every and s % checkpoint_every == 0)):
+        checkpointer.save(s, state, data.get_state())
+      bar.update(1)
+    if pending is not None:
+      _check_nonfinite(*pending, max_nonfinite_in_row)
+  finally:
+    bar.close()
+    writer.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+  return state

@@ -1,0 +1,111 @@
+"""The teacher of a train_teacher config: validation, dataset, network, loss and optimizer.
+
+Pure wiring with no JAX computation, so that main.py and evaluate.py fail on a bad config
+before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffdistill import data as data_lib
+from diffdistill import nets, parametrization
+from diffdistill import schedules as schedules_lib
+from diffdistill.losses import dsm
+from diffdistill.train import distributed, optim, state as state_lib, step as step_lib
+
+BATCH_KEYS = ("x", "label")  # what the loss reads; the pipeline's "index" stays on the host
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything built from a config before any compilation."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  data: Any                      # this process's data pipeline
+  example_shape: tuple[int, ...]
+  conditional: bool
+  module: Any
+  schedule: schedules_lib.Schedule
+  denoise: Callable              # denoise(params, x, t, **cond) -> x0 (built once: hashable)
+  loss_fn: Callable
+  tx: Any
+
+  def init_state(self, rng: jax.Array) -> state_lib.TrainState:
+    x = jnp.zeros((1, *self.example_shape), jnp.float32)
+    params = nets.init_params(self.module, jax.random.fold_in(rng, 1), x)
+    return state_lib.TrainState.create(params=params, tx=self.tx, rng=jax.random.fold_in(rng, 2),
+                                       ema_decays=self.config.ema_decays)
+
+
+def _one_of(value, accepted, what):
+  if value not in accepted:
+    raise ValueError(f"{what} must be one of {sorted(accepted)}, got {value!r}.")
+
+
+def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Raises ValueError for any name or size the run would reject (no JAX computation)."""
+  optim.validate(config.optim)
+  _one_of(config.network.name, nets.NETWORKS, "config.network.name")
+  _one_of(config.dataset.name, data_lib.valid_names(), "config.dataset.name")
+  _one_of(config.loss.kind, parametrization.KINDS, "config.loss.kind")
+  if config.eval_ema not in config.ema_decays:
+    raise ValueError(f"config.eval_ema ({config.eval_ema}) must be one of config.ema_decays "
+                     f"({tuple(config.ema_decays)}).")
+  distributed.local_batch_size(config.batch_size)
+  step_lib.check_batch_size(config.batch_size, mesh=mesh,
+                            accumulation_steps=config.optim.accumulation_steps)
+  for key in ("num_steps", "log_every"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  mesh = step_lib.make_mesh()
+  validate(config, mesh)
+  schedule = schedules_lib.get(config.schedule.name, **config.schedule.kwargs)
+  module = nets.get_network(config.network.name, **config.network.kwargs)
+  apply = nets.make_apply(module)
+  conditional = bool(getattr(module, "num_classes", 0))
+  dropout = bool(getattr(module, "dropout", 0.0))
+  loss_fn = dsm.dsm_loss(
+      apply, schedule=schedule, kind=config.loss.kind, weighting=config.loss.weighting,
+      time_sampler=config.loss.time_sampler, cond_drop_prob=config.loss.cond_drop_prob,
+      null_label=module.num_classes if conditional else None, dropout=dropout)
+  tx = optim.make_optimizer(config.optim, num_steps=config.num_steps)
+  data = data_lib.get_dataset(config.dataset.name, split="train", batch_size=config.batch_size,
+                              seed=config.seed, data_dir=config.dataset.data_dir,
+                              prefetch=config.dataset.prefetch,
+                              num_examples=config.dataset.num_examples, **distributed.data_shard())
+  example_shape = tuple(data.batch(0)["x"].shape[1:])
+  return Setup(config=config, mesh=mesh, data=data, example_shape=example_shape,
+               conditional=conditional, module=module, schedule=schedule,
+               denoise=parametrization.as_denoiser(apply, kind=config.loss.kind, schedule=schedule),
+               loss_fn=loss_fn, tx=tx)
+
+
+class LossBatches:
+  """The pipeline's batches restricted to the keys the loss reads, with the pipeline's get_state."""
+
+  def __init__(self, setup: Setup):
+    self._data = setup.data
+    self._keys = BATCH_KEYS if setup.conditional else ("x",)
+
+  def __next__(self):
+    batch = next(self._data)
+    return {k: batch[k] for k in self._keys}
+
+  def get_state(self):
+    return self._data.get_state()
+
+
+def abstract_state(setup: Setup, rng: jax.Array):
+  """The state's shapes, dtypes and (replicated) shardings, without computing anything."""
+  rep = step_lib.replicated(setup.mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                      jax.eval_shape(setup.init_state, rng))

@@ -1,0 +1,89 @@
+"""train.checkpoint: exact round trip, keep-last-N, another model's checkpoint, damaged steps."""
+
+import logging
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffdistill.train import checkpoint as ckpt_lib, optim, state as state_lib
+
+
+def make_state(width=4, seed=0):
+  tx = optim.make_optimizer({"name": "adamw", "learning_rate": 1e-3, "weight_decay": 0.1},
+                            num_steps=10)
+  rs = np.random.RandomState(seed)
+  params = {"w": jnp.asarray(rs.randn(3, width), jnp.float32), "b": jnp.zeros(width)}
+  return state_lib.TrainState.create(params=params, tx=tx, rng=jax.random.PRNGKey(seed),
+                                     ema_decays=(0.9, 0.99))
+
+
+def abstract(state):
+  return jax.eval_shape(lambda: state)
+
+
+def save_steps(directory, steps, **kw):
+  ckpt = ckpt_lib.Checkpointer(directory, **kw)
+  for s in steps:
+    state = make_state(seed=s).replace(step=jnp.asarray(s, jnp.int32))
+    ckpt.save(s, state, {"position": s, "epoch": 0})
+  ckpt.close()
+
+
+def listing(directory):
+  return sorted((root, tuple(sorted(files))) for root, _, files in os.walk(directory))
+
+
+def test_round_trip_is_exact_and_keeps_last_n(tmp_path):
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10, 20, 30, 40], max_to_keep=2)
+  ckpt = ckpt_lib.Checkpointer(d)
+  assert ckpt.all_steps() == [30, 40]
+  state, data = ckpt.restore_latest(abstract(make_state()))
+  expected = make_state(seed=40)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.ema_params,
+                                                        state.opt_state, state.rng)),
+                              jax.tree.map(np.asarray, (expected.params, expected.ema_params,
+                                                        expected.opt_state, expected.rng)))
+  assert int(state.step) == 40 and data == {"position": 40, "epoch": 0}
+  assert state.tx is not None and state.ema_decays == (0.9, 0.99)
+
+
+def test_empty_or_missing_directory_restores_nothing_and_creates_nothing(tmp_path):
+  d = str(tmp_path / "none")
+  assert ckpt_lib.Checkpointer(d).restore_latest(abstract(make_state())) is None
+  assert not os.path.exists(d)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error_and_writes_nothing(tmp_path):
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10])
+  before = listing(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"different model(.|\n)*params.w: "
+                     r"checkpoint \(\(3, 4\).*vs model \(\(3, 8\)"):
+    ckpt_lib.Checkpointer(d).restore_latest(abstract(make_state(width=8)))
+  assert listing(tmp_path) == before
+
+
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10, 20])
+  for root, _, files in os.walk(os.path.join(d, "20", "state")):  # truncate every file
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+  # and a save killed midway: orbax's temporary folder, which is never a step
+  os.makedirs(os.path.join(d, "30.orbax-checkpoint-tmp-1234", "state"))
+  ckpt = ckpt_lib.Checkpointer(d)
+  with caplog.at_level(logging.WARNING):
+    state, data = ckpt.restore_latest(abstract(make_state()))
+  assert int(state.step) == 10 and data["position"] == 10
+  assert any("checkpoint" in r.message and "/20" in r.message for r in caplog.records)
+  assert os.path.isdir(os.path.join(d + ".corrupt", "20"))
+  ckpt.save(20, state, data)  # the step number is free again
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(d).all_steps() == [10, 20]

@@ -1,0 +1,89 @@
+"""train.loop and train.writers: metrics lines, TensorBoard events, hooks, the non-finite stop."""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffdistill.train import loop, optim, state as state_lib, step as step_lib, writers
+
+
+def loss_fn(params, batch, rng):
+  del rng
+  return jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2), {"w_norm": jnp.sum(params["w"] ** 2)}
+
+
+class Data:
+  """Batches [16, 2]; from batch `nan_from` on (1-based) every batch holds a NaN."""
+
+  def __init__(self, nan_from=None):
+    self.position, self.nan_from = 0, nan_from
+
+  def __next__(self):
+    self.position += 1
+    x = np.random.RandomState(self.position).randn(16, 2).astype(np.float32)
+    if self.nan_from is not None and self.position >= self.nan_from:
+      x[0, 0] = np.nan
+    return {"x": x}
+
+  def get_state(self):
+    return {"step": self.position}
+
+
+def setup():
+  mesh = step_lib.make_mesh()
+  tx = optim.make_optimizer({"name": "adam", "learning_rate": 1e-2}, num_steps=100)
+  state = state_lib.TrainState.create(params={"w": jnp.zeros((2, 1))}, tx=tx,
+                                      rng=jax.random.PRNGKey(0))
+  return mesh, jax.device_put(state, step_lib.replicated(mesh)), step_lib.make_train_step(
+      loss_fn, mesh=mesh)
+
+
+def read(workdir):
+  with open(os.path.join(workdir, writers.METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_metrics_hooks_and_tensorboard(tmp_path):
+  mesh, state, train_step = setup()
+  calls = []
+  hook = loop.Hook(every=4, at_end=True, name="eval",
+                   fn=lambda s, step: calls.append((step, int(s.step))) or {"score": step * 1.5})
+  state = loop.run(state=state, train_step=train_step, data=Data(), mesh=mesh,
+                   workdir=str(tmp_path), num_steps=10, log_every=3, hooks=[hook], progress=False)
+  assert int(state.step) == 10
+  assert calls == [(4, 4), (8, 8), (10, 10)]
+  records = read(tmp_path)
+  assert [r["step"] for r in records] == [3, 4, 6, 8, 9, 10]
+  assert all("loss" in r and "w_norm" in r and r["steps_per_sec"] > 0 for r in records)
+  assert [r.get("eval/score") for r in records] == [None, 6.0, None, 12.0, None, 15.0]
+  assert 0 < records[0]["w_norm"] < records[-1]["w_norm"]  # the params move
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_step(tmp_path):
+  mesh, state, train_step = setup()
+  with pytest.raises(loop.NonFiniteError, match="3 consecutive steps .* the last at step 6"):
+    loop.run(state=state, train_step=train_step, data=Data(nan_from=4), mesh=mesh,
+             workdir=str(tmp_path), num_steps=20, log_every=1, max_nonfinite_in_row=3,
+             progress=False)
+  records = read(tmp_path)
+  assert [r["skipped"] for r in records[:6]] == [0, 0, 0, 1, 1, 1]
+  assert records[5]["nonfinite_in_row"] == 3 and records[5]["num_nonfinite"] == 3
+
+
+def test_truncate_after_drops_later_and_broken_lines(tmp_path):
+  w = writers.MetricsWriter(str(tmp_path), tensorboard=False)
+  for s in range(1, 6):
+    w.write(s, {"loss": np.float32(s), "bins": np.arange(2), "image": np.ones((3, 3)),
+                "bad": np.float32("nan")})
+  w.close()
+  with open(w.path, "a") as f:
+    f.write('{"step": 6, "lo')  # a line cut by a kill
+  w.truncate_after(3)
+  assert read(tmp_path) == [{"step": s, "loss": float(s), "bins/0": 0, "bins/1": 1, "bad": "nan"}
+                            for s in (1, 2, 3)]

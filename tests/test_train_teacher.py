@@ -1,0 +1,118 @@
+"""experiments/train_teacher end to end: exact resume after SIGKILL, clear errors before compiling."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from diffdistill.train import checkpoint as ckpt_lib
+from experiments.train_teacher import main as main_lib
+from train_helpers import as_config, as_flags, tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 1000  # long enough that the kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def command(workdir, values):
+  return [sys.executable, "-m", "experiments.train_teacher.main",
+          "--config=experiments/train_teacher/config.py:toy2d_cpu", f"--workdir={workdir}",
+          *as_flags(values)]
+
+
+def env():
+  """One CPU device: the subprocess runs are about step overhead, and 1 device steps fastest."""
+  e = dict(os.environ)
+  e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return e
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return [r["step"] for r in records], [r["loss"] for r in records]
+
+
+def test_sigkill_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data_dir):
+  values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10)
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  subprocess.run(command(ref, values), cwd=ROOT, env=env(), check=True, capture_output=True)
+  proc = subprocess.Popen(command(killed, values), cwd=ROOT, env=env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "50")):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps_at_kill, _ = losses(killed)
+  assert 50 <= max(steps_at_kill) < NUM_STEPS  # killed mid-run, after the checkpoint
+  restart = subprocess.run(command(killed, values), cwd=ROOT, env=env(), check=True,
+                           capture_output=True, text=True)
+  assert "Resuming from the checkpoint of step" in restart.stderr
+  ref_steps, ref_losses = losses(ref)
+  steps, resumed_losses = losses(killed)
+  assert steps == ref_steps == list(range(10, NUM_STEPS + 1, 10))
+  assert resumed_losses == ref_losses  # bit for bit
+
+
+BAD = [
+    ({"optim.name": "sgdd"}, "optim.name must be one of"),
+    ({"network.name": "resnet"}, "config.network.name must be one of"),
+    ({"dataset.name": "toy2d/rings"}, "config.dataset.name must be one of"),
+    ({"loss.kind": "noise"}, "config.loss.kind must be one of"),
+    ({"batch_size": 12}, "must be a positive multiple of the device count"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[m.split()[0] for _, m in BAD])
+def test_bad_config_is_a_clear_error_before_compiling_or_writing(tmp_path, data_dir, caplog,
+                                                                 overrides, message):
+  workdir = str(tmp_path / "run")
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    with pytest.raises(ValueError, match=message):
+      main_lib.train(as_config(tiny(data_dir, **overrides)), workdir)
+  assert not os.path.exists(workdir)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_workdir_of_another_model_is_an_error_before_compiling_and_untouched(tmp_path, data_dir,
+                                                                              caplog):
+  workdir = str(tmp_path / "run")
+  main_lib.train(as_config(tiny(data_dir, num_steps=2, checkpoint_every=2,
+                                      **{"optim.warmup_steps": 0})), workdir)
+  before = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
+            for r, _, fs in os.walk(workdir) for f in fs}
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different model"):
+      main_lib.train(as_config(tiny(data_dir, num_steps=4, **{"network.kwargs.features": 32,
+                                                          "optim.warmup_steps": 0})),
+                     workdir)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+  after = {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
+           for r, _, fs in os.walk(workdir) for f in fs}
+  assert after == before
+
+
+def test_end_of_run_samples_figure_and_metrics_against_the_exact_ring(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  main_lib.train(as_config(tiny(data_dir, num_steps=4, log_every=2, sample_at_end=True,
+                                num_eval_samples=64, sampler_rtol=1e-2,
+                                **{"optim.warmup_steps": 0})), workdir)
+  assert os.path.getsize(os.path.join(workdir, "samples", "step_0000004.png")) > 1000
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    record = json.loads(f.readlines()[-1])
+  assert record["step"] == 4
+  # 4 steps of training are far from the ring: the distance must sit well above its floor
+  assert record["eval/sliced_w2"] > 2 * record["eval/sliced_w2_floor_mean"] > 0
