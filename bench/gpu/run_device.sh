@@ -7,12 +7,13 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 4
 export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/device.txt 2>&1
-python3 -c "import jax; print(jax.__version__, jax.devices())" >> $OUT/device.txt 2>&1
+LOG=$OUT/log.txt
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
+python3 -c "import jax; print(jax.__version__, jax.devices())" >> $LOG 2>&1
 for dt in float32 bfloat16; do
-  timeout 150 python3 bench/train_step.py --configs=cifar10_edm --batch=128 --iters=20 --dtype=$dt \
-    --out=$OUT/train_step_$dt > $OUT/train_step_$dt.log 2>&1; echo "train_step $dt rc $?"
+  timeout 120 python3 bench/train_step.py --configs=cifar10_edm --batch=128 --iters=20 --dtype=$dt \
+    --out=$OUT/train_step_$dt >> $LOG 2>&1; echo "train_step $dt rc $?"
 done
 timeout 200 python3 -m bench.solvers_vs_peers --repeats 5 --overhead-repeats 20 --out $OUT/peers \
-  > $OUT/peers.log 2>&1; echo "peers rc $?"
-tail -5 $OUT/train_step_*.log; cat $OUT/device.txt
+  >> $LOG 2>&1; echo "peers rc $?"
+tail -60 $LOG
