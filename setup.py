@@ -29,9 +29,14 @@ setup(
         # Python < 3.9; Pillow decodes real-dataset images.
         "importlib_resources",
         "pillow",
+        # TensorBoard event files without TensorFlow (imported lazily by train/writers.py).
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],
-        "bench": ["torch", "diffusers>=0.30", "k-diffusion>=0.1.1", "scipy>=1.11"],
+        # Install torch first (pip install torch==2.13.0 takes the CPU wheel), then this extra,
+        # then `pip install --no-deps k-diffusion==0.1.1.post1`: its own dependency list drags in
+        # torchvision, wandb and clean-fid, which the benchmark does not use (bench/README.md).
+        "bench": ["torch>=2.4", "diffusers>=0.42", "torchsde>=0.2.6", "torchdiffeq>=0.2.5", "scipy>=1.11"],
     },
 )

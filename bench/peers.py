@@ -189,7 +189,7 @@ def run_diffusers(case: DiffusersCase, denoise: Callable, x_t: torch.Tensor, nfe
     s_end = sigmas[-1]
     x = x / torch.sqrt(1.0 + s_end ** 2).to(x.dtype)
     # Heun's sigmas repeat each interior point (one per evaluation): keep the distinct ones.
-    pts = np.unique(sigmas.numpy())[::-1]
+    pts = np.unique(sigmas.cpu().numpy())[::-1]
     final_denoise = float(s_end) == 0.0
     if final_denoise:
       pts = pts[:-1]
@@ -201,8 +201,8 @@ def run_diffusers(case: DiffusersCase, denoise: Callable, x_t: torch.Tensor, nfe
       x0 = denoise(x, torch.sqrt(ac[k]).to(x.dtype), torch.sqrt(1.0 - ac[k]).to(x.dtype))
       calls += 1
       x = sched.step(x0, t, x).prev_sample
-    ks = np.concatenate([sched.timesteps.numpy().astype(np.int64), [0]])  # all end at timestep 0
-    a2 = ac.numpy()[ks]
+    ks = np.concatenate([sched.timesteps.cpu().numpy().astype(np.int64), [0]])  # all end at timestep 0
+    a2 = ac.cpu().numpy()[ks]
     logsnr = np.log(a2) - np.log1p(-a2)
     final_denoise = False
   if calls != nfe:

@@ -11,7 +11,7 @@ LOG=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
 python3 -c "import jax; print(jax.__version__, jax.devices())" >> $LOG 2>&1
 for dt in float32 bfloat16; do
-  timeout 120 python3 bench/train_step.py --configs=cifar10_edm --batch=128 --iters=20 --dtype=$dt \
+  timeout 200 python3 bench/train_step.py --configs=cifar10_edm --batch=128 --iters=5 --dtype=$dt \
     --out=$OUT/train_step_$dt >> $LOG 2>&1; echo "train_step $dt rc $?"
 done
 timeout 200 python3 -m bench.solvers_vs_peers --repeats 5 --overhead-repeats 20 --out $OUT/peers \
