@@ -38,10 +38,14 @@ import tqdm  # noqa: E402
 
 from diffdistill import analytic, metrics, schedules, solvers  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py"),
-    "The quickstart config (variants: ring2d, mixture64, tiny).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where results and the figure go.")
+
+def _define_flags():
+  """Flags are defined only when this file runs as the program: tests import `run` from it
+  beside other experiments' mains, and absl allows one definition of each flag name."""
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py"),
+      "The quickstart config (variants: ring2d, mixture64, tiny).")
+  flags.DEFINE_string("workdir", "runs/quickstart", "Where results and the figure go.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,13 +228,14 @@ def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   start = time.perf_counter()
-  rows = run(config, _WORKDIR.value)
+  rows = run(config, workdir)
   print(table(rows, config))
   print(f"{len(rows)} runs in {time.perf_counter() - start:.0f} s; results.md, results.json and "
-        f"quickstart.png in {_WORKDIR.value}")
+        f"quickstart.png in {workdir}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
