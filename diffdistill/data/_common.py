@@ -1,4 +1,5 @@
-"""Pieces shared by the embedded builders: the default data_dir and a NumPy mixture sampler.
+"""Pieces shared by the embedded builders: the default data_dir, config names and per-split
+seeds for generated sizes, and a NumPy mixture sampler.
 
 Builders sample with NumPy (PCG64 from a fixed seed), not with jax.random: the generated files are
 then the same bytes on every machine and backend (a GPU's normal sampler need not round like a
@@ -17,6 +18,27 @@ import numpy as np
 from diffdistill import analytic
 
 DATA_DIR_ENV = "DIFFDISTILL_DATA_DIR"
+DEFAULT_SIZES = (100_000, 10_000)  # (train, test) examples of a generated dataset.
+_SPLIT_STREAM = {"train": 0, "test": 1}
+
+
+def sized_config_name(builder: str, arg: str, kind: str, kinds: tuple[str, ...], num_train: int,
+                      num_test: int) -> str:
+  """The config name of `kind` at a size: `kind` at DEFAULT_SIZES, else `kind-nTRAIN-TEST`, so that
+  every size gets files of its own. Raises ValueError (naming `arg`) for an unknown kind, or for an
+  empty split."""
+  if kind not in kinds:
+    raise ValueError(f"{builder}: {arg} must be one of {kinds}, got {kind!r}.")
+  if num_train < 1 or num_test < 1:
+    raise ValueError(f"{builder}: num_train and num_test must be >= 1, got {num_train}, {num_test}.")
+  return kind if (num_train, num_test) == DEFAULT_SIZES else f"{kind}-n{num_train}-{num_test}"
+
+
+def split_size_and_rng(config, split: str) -> tuple[int, np.random.Generator]:
+  """(examples, generator) of one split of a generated config: PCG64 seeded by [seed, split
+  stream], so train and test are independent and each is the same on every machine."""
+  n = {"train": config.num_train, "test": config.num_test}[split]
+  return n, np.random.default_rng([config.seed, _SPLIT_STREAM[split]])
 
 
 def resolve_data_dir(data_dir: str | None) -> str:

@@ -30,14 +30,10 @@ class GmmConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def make_config(mixture: str, *, num_train: int = 100_000, num_test: int = 10_000) -> GmmConfig:
+def make_config(mixture: str, *, num_train: int = _common.DEFAULT_SIZES[0],
+                num_test: int = _common.DEFAULT_SIZES[1]) -> GmmConfig:
   """A config; sizes other than the default get their own name (`mixture64-n512-64`), hence their own files."""
-  if mixture not in MIXTURES:
-    raise ValueError(f"gmm: mixture must be one of {MIXTURES}, got {mixture!r}.")
-  if num_train < 1 or num_test < 1:
-    raise ValueError(f"gmm: num_train and num_test must be >= 1, got {num_train}, {num_test}.")
-  default = (num_train, num_test) == (100_000, 10_000)
-  name = mixture if default else f"{mixture}-n{num_train}-{num_test}"
+  name = _common.sized_config_name("gmm", "mixture", mixture, MIXTURES, num_train, num_test)
   return GmmConfig(name=name, mixture=mixture, num_train=num_train, num_test=num_test,
                    description=f"analytic.{mixture}(): {num_train} train / {num_test} test samples.")
 
@@ -49,8 +45,7 @@ def _mixture(name: str) -> analytic.GaussianMixture:
 
 def sample(config: GmmConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The examples of one split: x [n, d] float32, component [n] int64 (a fresh seed per split)."""
-  n = {"train": config.num_train, "test": config.num_test}[split]
-  rng = np.random.default_rng([config.seed, {"train": 0, "test": 1}[split]])
+  n, rng = _common.split_size_and_rng(config, split)
   return _common.sample_mixture(_mixture(config.mixture), rng, n)
 
 

@@ -41,14 +41,10 @@ class Toy2dConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def make_config(distribution: str, *, num_train: int = 100_000, num_test: int = 10_000) -> Toy2dConfig:
+def make_config(distribution: str, *, num_train: int = _common.DEFAULT_SIZES[0],
+                num_test: int = _common.DEFAULT_SIZES[1]) -> Toy2dConfig:
   """A config; sizes other than the default get their own name (`ring-n512-64`), hence their own files."""
-  if distribution not in DISTRIBUTIONS:
-    raise ValueError(f"toy2d: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-  if num_train < 1 or num_test < 1:
-    raise ValueError(f"toy2d: num_train and num_test must be >= 1, got {num_train}, {num_test}.")
-  default = (num_train, num_test) == (100_000, 10_000)
-  name = distribution if default else f"{distribution}-n{num_train}-{num_test}"
+  name = _common.sized_config_name("toy2d", "distribution", distribution, DISTRIBUTIONS, num_train, num_test)
   noise = {"moons": 0.1, "spirals": 0.05}.get(distribution, 0.0)
   return Toy2dConfig(name=name, distribution=distribution, num_train=num_train, num_test=num_test,
                      noise=noise, description=f"{distribution}: {num_train} train / {num_test} test.")
@@ -73,8 +69,7 @@ def _spirals(rng: np.random.Generator, n: int, noise: float) -> tuple[np.ndarray
 
 def sample(config: Toy2dConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The examples of one split: x [n, 2] float32, label [n] int64 (a fresh seed per split)."""
-  n = {"train": config.num_train, "test": config.num_test}[split]
-  rng = np.random.default_rng([config.seed, {"train": 0, "test": 1}[split]])
+  n, rng = _common.split_size_and_rng(config, split)
   if config.distribution in ("ring", "grid"):
     mix = analytic.ring2d() if config.distribution == "ring" else analytic.grid2d()
     return _common.sample_mixture(mix, rng, n)
