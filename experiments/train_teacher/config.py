@@ -91,6 +91,16 @@ def _base() -> ml_collections.ConfigDict:
   return c
 
 
+def _use_edm(c: ml_collections.ConfigDict) -> None:
+  """EDM's setting (Karras et al. 2022): sigma in [0.002, 80], sigma_data 0.5, preconditioned output,
+  lambda(sigma) weighting and log-normal noise levels."""
+  c.schedule.name = "edm"
+  c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5))
+  c.loss.kind = "edm"
+  c.loss.weighting = "edm"
+  c.loss.time_sampler = "lognormal"
+
+
 def toy2d_cpu() -> ml_collections.ConfigDict:
   """python -m experiments.train_teacher.main \\
        --config=experiments/train_teacher/config.py:toy2d_cpu --workdir=runs/teacher_toy2d
@@ -121,12 +131,7 @@ def digits_cpu() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100
   c.network.name = "unet_digits8"    # nets.unet.PRESETS["digits8"]; kwargs override it
   c.network.kwargs = ml_collections.ConfigDict()
-  c.schedule.name = "edm"
-  c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0,
-                                                     sigma_data=0.5))
-  c.loss.kind = "edm"
-  c.loss.weighting = "edm"
-  c.loss.time_sampler = "lognormal"
+  _use_edm(c)
   c.optim.learning_rate = 2e-3
   c.num_eval_samples = 64
   c.sampler_rtol = 1e-3
@@ -150,12 +155,7 @@ def cifar10_edm() -> ml_collections.ConfigDict:
   c.eval_ema = 0.999293
   c.network.name = "unet_ddpmpp_cifar10"  # nets.unet.PRESETS["ddpmpp_cifar10"]
   c.network.kwargs = ml_collections.ConfigDict()
-  c.schedule.name = "edm"
-  c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0,
-                                                     sigma_data=0.5))
-  c.loss.kind = "edm"
-  c.loss.weighting = "edm"
-  c.loss.time_sampler = "lognormal"
+  _use_edm(c)
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 19_531      # 10M images / 512
   c.optim.schedule = "constant"
