@@ -95,12 +95,12 @@ def bench_one(name: str, *, batch: int | None, dtype: str, iters: int) -> dict:
   bare_s = _time(lambda: fwd_bwd(params, x, t, rng), iters=iters)
 
   tx = optim.make_optimizer(config.optim, num_steps=config.num_steps)
-  state = jax.device_put(state_lib.TrainState.create(params=params, tx=tx, rng=rng,
-                                                     ema_decays=config.ema_decays),
+  model = state_lib.Player.create(params=params, tx=tx, ema=dict(config.ema))
+  state = jax.device_put(state_lib.TrainState.create(players={"model": model}, rng=rng),
                          step_lib.replicated(mesh))
   train_step = step_lib.make_train_step(loss_fn, mesh=mesh)
   data = step_lib.global_batch({"x": np.asarray(x)}, mesh=mesh)
-  compiled = train_step.lower(state, data).compile()
+  compiled = train_step.jitted.lower(state, data, {}).compile()
   holder = [state]
 
   def one_step():

@@ -17,8 +17,8 @@ def make_state(width=4, seed=0):
                             num_steps=10)
   rs = np.random.RandomState(seed)
   params = {"w": jnp.asarray(rs.randn(3, width), jnp.float32), "b": jnp.zeros(width)}
-  return state_lib.TrainState.create(params=params, tx=tx, rng=jax.random.PRNGKey(seed),
-                                     ema_decays=(0.9, 0.99))
+  model = state_lib.Player.create(params=params, tx=tx, ema={"fast": 0.9, "slow": 0.99})
+  return state_lib.TrainState.create(players={"model": model}, rng=jax.random.PRNGKey(seed))
 
 
 def abstract(state):
@@ -44,12 +44,13 @@ def test_round_trip_is_exact_and_keeps_last_n(tmp_path):
   assert ckpt.all_steps() == [30, 40]
   state, data = ckpt.restore_latest(abstract(make_state()))
   expected = make_state(seed=40)
-  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.ema_params,
-                                                        state.opt_state, state.rng)),
-                              jax.tree.map(np.asarray, (expected.params, expected.ema_params,
-                                                        expected.opt_state, expected.rng)))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.ema,
+                                                        state.players['model'].opt_state, state.rng)),
+                              jax.tree.map(np.asarray, (expected.params, expected.ema,
+                                                        expected.players['model'].opt_state, expected.rng)))
   assert int(state.step) == 40 and data == {"position": 40, "epoch": 0}
-  assert state.tx is not None and state.ema_decays == (0.9, 0.99)
+  model = state.players["model"]
+  assert model.tx is not None and model.ema_decays == (("fast", 0.9), ("slow", 0.99))
 
 
 def test_empty_or_missing_directory_restores_nothing_and_creates_nothing(tmp_path):

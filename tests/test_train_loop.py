@@ -37,8 +37,8 @@ class Data:
 def setup():
   mesh = step_lib.make_mesh()
   tx = optim.make_optimizer({"name": "adam", "learning_rate": 1e-2}, num_steps=100)
-  state = state_lib.TrainState.create(params={"w": jnp.zeros((2, 1))}, tx=tx,
-                                      rng=jax.random.PRNGKey(0))
+  model = state_lib.Player.create(params={"w": jnp.zeros((2, 1))}, tx=tx)
+  state = state_lib.TrainState.create(players={"model": model}, rng=jax.random.PRNGKey(0))
   return mesh, jax.device_put(state, step_lib.replicated(mesh)), step_lib.make_train_step(
       loss_fn, mesh=mesh)
 

@@ -34,10 +34,11 @@ def deterministic_loss(params, batch, rng):
   return jnp.mean(jnp.sum((pred - batch["y"]) ** 2, axis=-1)), {}
 
 
-def make_state(ema_decays=(0.9,), lr=1e-2):
+def make_state(ema=None, lr=1e-2):
   tx = optim.make_optimizer({"name": "adam", "learning_rate": lr}, num_steps=10)
-  return state_lib.TrainState.create(params=init_params(jax.random.PRNGKey(0)), tx=tx,
-                                     rng=jax.random.PRNGKey(1), ema_decays=ema_decays)
+  model = state_lib.Player.create(params=init_params(jax.random.PRNGKey(0)), tx=tx,
+                                  ema={"eval": 0.9} if ema is None else ema)
+  return state_lib.TrainState.create(players={"model": model}, rng=jax.random.PRNGKey(1))
 
 
 def batches(n, seed=0):
@@ -64,7 +65,7 @@ def test_eight_devices_match_one_device_loss_grads_and_noise():
   s1, l1 = run(denoising_loss, jax.devices()[:1], data)
   np.testing.assert_allclose(l8, l1, rtol=1e-6)
   chex.assert_trees_all_close(s8.params, s1.params, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(s8.ema_params, s1.ema_params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s8.ema, s1.ema, rtol=1e-5, atol=1e-6)
   # and the noise itself, drawn inside jit with the output sharded over 8 devices vs on one
   mesh8, mesh1 = step_lib.make_mesh(), step_lib.make_mesh(jax.devices()[:1])
   draw = lambda x: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 7), x.shape)
@@ -88,7 +89,7 @@ def test_step_matches_plain_adam_and_ema_closed_form():
     params = optax.apply_updates(params, updates)
     ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params)
   chex.assert_trees_all_close(state.params, params, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(state.ema_params["0.9"], ema, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.ema["eval"], ema, rtol=1e-5, atol=1e-6)
   assert int(state.step) == 2
 
 
@@ -117,12 +118,12 @@ def test_nonfinite_step_is_skipped_and_counted():
   good, bad = batches(2)
   bad["x"][5, 1] = np.nan
   state, m = train_step(state, step_lib.global_batch(good, mesh=mesh))
-  before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
+  before = jax.tree.map(np.asarray, (state.params, state.players['model'].opt_state, state.ema))
   for expected_in_row in (1, 2):
     state, m = train_step(state, step_lib.global_batch(bad, mesh=mesh))
     assert int(m["skipped"]) == 1 and int(m["nonfinite_in_row"]) == expected_in_row
-  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.opt_state,
-                                                        state.ema_params)), before)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, (state.params, state.players['model'].opt_state,
+                                                        state.ema)), before)
   assert int(state.step) == 3 and int(state.num_nonfinite) == 2
   state, m = train_step(state, step_lib.global_batch(good, mesh=mesh))
   assert int(m["skipped"]) == 0 and int(m["nonfinite_in_row"]) == 0
@@ -164,6 +165,7 @@ def test_step_randomness_is_fold_in_of_the_state_rng_and_step():
   batch = batches(1)[0]
   for s in range(2):
     state, m = train_step(state, step_lib.global_batch(batch, mesh=mesh))
-    key = jax.random.fold_in(jax.random.PRNGKey(1), s)
+    # the rng of update 0, repeat 0 of step s (train.step's rule)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(1), s), 0), 0)
     np.testing.assert_allclose(float(m["loss"]),
                                float(jnp.mean(jax.random.normal(key, (B, D)))), rtol=1e-5)

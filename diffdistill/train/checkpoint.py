@@ -53,13 +53,22 @@ def _signature(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _diff(saved: dict, expected: dict, limit: int = 6) -> str:
-  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params."), k))  # params first
+  # the params leaves first (players.<name>.params.*), then EMA copies and optimizer state
+  order = lambda keys: sorted(keys, key=lambda k: (".params." not in f".{k}", k))  # noqa: E731
   lines = [f"  {k}: checkpoint {saved[k]} vs model {expected[k]}"
            for k in order(saved.keys() & expected.keys()) if saved[k] != expected[k]]
   lines += [f"  missing in checkpoint: {k} {expected[k]}" for k in order(expected.keys() - saved.keys())]
   lines += [f"  only in checkpoint: {k} {saved[k]}" for k in order(saved.keys() - expected.keys())]
   more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
   return "\n".join(lines[:limit]) + more
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+  """An exception as one short line: its type and the first line of its message (orbax and
+  TensorStore errors carry tens of lines of spec)."""
+  first = (str(e).strip().splitlines() or [""])[0]
+  first = first if len(first) <= limit else first[:limit - 3] + "..."
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _gather_json(obj) -> dict[str, Any]:
@@ -120,7 +129,7 @@ class Checkpointer:
         saved = _signature(metadata)
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged step)
         logging.warning("checkpoint %s/%d: unreadable metadata (%s); skipping it.",
-                        self.directory, step, e)
+                        self.directory, step, _short(e))
         continue
       expected = _signature(abstract_state)
       if saved != expected:
@@ -137,14 +146,16 @@ class Checkpointer:
     """
     self.check_compatible(abstract_state)
     manager = self._open(create=False)
-    for step in reversed(self.all_steps()):
+    steps = list(reversed(self.all_steps()))
+    for i, step in enumerate(steps):
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         data = restored["data"][f"process_{jax.process_index()}"]
       except Exception as e:  # noqa: BLE001 (a damaged step of any kind is skipped)
-        logging.warning("checkpoint %s/%d is incomplete or damaged (%s: %s); skipping it.",
-                        self.directory, step, type(e).__name__, e)
+        fallback = f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "starting afresh"
+        logging.warning("checkpoint step %d in %s is damaged (%s); moved to %s.corrupt/, %s.",
+                        step, self.directory, _short(e), self.directory, fallback)
         self._set_aside(step)
         continue
       return restored["state"], data

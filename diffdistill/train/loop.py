@@ -3,7 +3,8 @@
     state = jax.device_put(state_or_restored_state, step_lib.replicated(mesh))
     state = loop.run(state=state, train_step=train_step, data=data_iter, mesh=mesh,
                      workdir=workdir, num_steps=config.num_steps, checkpointer=ckpt,
-                     log_every=..., checkpoint_every=..., hooks=[loop.Hook(every, fn)])
+                     log_every=..., checkpoint_every=..., hooks=[loop.Hook(every, fn)],
+                     frozen=frozen)          # teacher params etc. (train.step.make_step)
 
 After step s (state.step == s), in this order: every hook due at s runs; the
 metrics of step s, the hooks' scalars ("<hook name>/<key>") and the wall-clock steps_per_sec
@@ -15,6 +16,9 @@ num_steps. The data iterator has then yielded exactly s batches, so a run restor
 Non-finite steps are skipped inside the step (`train.step`); when `max_nonfinite_in_row`
 consecutive steps were skipped the loop raises `NonFiniteError` naming the step. The count is
 read one step late, so the device keeps a step queued.
+
+Ctrl-C (KeyboardInterrupt) stops the loop after the pending checkpoint saves finish, and raises
+`Interrupted`, whose message says which step was saved last and that the same command resumes.
 
 Only process 0 writes (metrics, TensorBoard, figures); every process runs the steps, the hooks
 (which may run sharded computations) and the checkpoint saves (an orbax collective).
@@ -39,6 +43,17 @@ class NonFiniteError(FloatingPointError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
+class Interrupted(KeyboardInterrupt):
+  """The run was interrupted (Ctrl-C); the message says what was saved and how to resume."""
+
+
+def _loss_summary(metrics) -> str:
+  """The loss (or each update's loss, for several players) as text."""
+  if "loss" in metrics:
+    return f"{float(metrics['loss']):.4g}"
+  return " ".join(f"{k[:-5]}={float(v):.4g}" for k, v in metrics.items() if k.endswith("/loss"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hook:
   """Calls `fn(state, step)` after every `every`-th step (0: never) and, if `at_end`, after the
@@ -57,14 +72,14 @@ def _check_nonfinite(metrics, step: int, limit: int) -> None:
   if limit and in_row >= limit:
     raise NonFiniteError(
         f"{in_row} consecutive steps with a non-finite loss or gradient, the last at step {step} "
-        f"(limit max_nonfinite_in_row={limit}); last loss {float(metrics['loss'])}.")
+        f"(limit max_nonfinite_in_row={limit}); last loss {_loss_summary(metrics)}.")
 
 
 def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, np.ndarray]],
         mesh: jax.sharding.Mesh, workdir: str, num_steps: int,
         checkpointer: Checkpointer | None = None, log_every: int = 100,
         checkpoint_every: int = 1000, hooks: Sequence[Hook] = (), max_nonfinite_in_row: int = 10,
-        progress: bool = True, tensorboard: bool = True) -> TrainState:
+        progress: bool = True, tensorboard: bool = True, frozen: Any = None) -> TrainState:
   """Trains from `state.step` to `num_steps`; returns the final state.
 
   Args:
@@ -81,6 +96,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
     max_nonfinite_in_row: raise after this many consecutive skipped steps (0: never).
     progress: show a tqdm bar on process 0.
     tensorboard: also write TensorBoard scalars (metrics.jsonl is always written).
+    frozen: the step's frozen inputs (teacher params, round constants), passed to every step.
   """
   if log_every < 1:
     raise ValueError(f"log_every must be >= 1, got {log_every}.")
@@ -90,11 +106,13 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not (progress and distributed.is_writer()),
                   dynamic_ncols=True)
   pending = None  # (step, metrics) of the previous step, for the lagged non-finite check
+  done = start  # the last step whose update returned
   last_log = (start, time.perf_counter())
   try:
     for s in range(start + 1, num_steps + 1):
       batch = step_lib.global_batch(next(data), mesh=mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, frozen)
+      done = s
       if pending is not None:
         _check_nonfinite(*pending, max_nonfinite_in_row)
       pending = (metrics, s)
@@ -108,12 +126,22 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
         record["steps_per_sec"] = (s - last_log[0]) / (now - last_log[1])  # hooks' time included
         last_log = (s, now)
         writer.write(s, {**host, **record})
-        bar.set_postfix(loss=f"{float(host['loss']):.4g}")
+        bar.set_postfix_str(f"loss {_loss_summary(host)}")
       if checkpointer is not None and (s == num_steps or (checkpoint_every and s % checkpoint_every == 0)):
         checkpointer.save(s, state, data.get_state())
       bar.update(1)
     if pending is not None:
       _check_nonfinite(*pending, max_nonfinite_in_row)
+  except KeyboardInterrupt:
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.wait()
+      steps = checkpointer.all_steps()
+      saved = (f"the last checkpoint is step {steps[-1]} in {checkpointer.directory}; run the same "
+               "command to resume from it" if steps else "no checkpoint was saved yet")
+    else:
+      saved = "this run keeps no checkpoints"
+    raise Interrupted(f"Interrupted after step {done}: {saved}.") from None
   finally:
     bar.close()
     writer.close()

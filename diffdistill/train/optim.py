@@ -5,7 +5,9 @@
       learning_rate: peak learning rate
       b1, b2, eps: Adam moments (defaults 0.9, 0.999, 1e-8)
       weight_decay: decoupled weight decay, adamw only (default 0)
-      warmup_steps: linear warm-up from 0 to the peak (default 0)
+      warmup_steps: linear warm-up from 0 to the peak (default 0), capped at a quarter of the
+                    run (num_steps // 4) so that a short run of a long config (an override
+                    like --config.num_steps=80) stays valid; the cap is logged
       schedule: "constant" | "cosine" (cosine decays from the peak, after warm-up, to
                 end_factor * peak at step decay_steps; default constant)
       decay_steps: end of the cosine decay (default: the run's num_steps)
@@ -27,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import optax
@@ -59,11 +62,21 @@ def validate(config: Mapping[str, Any]) -> None:
     raise ValueError(f"optim.accumulation_steps must be >= 1, got {config.get('accumulation_steps')!r}.")
 
 
+def warmup_steps(config: Mapping[str, Any], *, num_steps: int) -> int:
+  """The warm-up actually used: optim.warmup_steps, at most num_steps // 4."""
+  asked = int(_get(config, "warmup_steps", 0))
+  used = min(asked, max(int(num_steps), 0) // 4)
+  if used < asked:
+    logging.warning("optim.warmup_steps=%d capped at %d, a quarter of the run's %d steps.", asked,
+                    used, num_steps)
+  return used
+
+
 def learning_rate_schedule(config: Mapping[str, Any], *, num_steps: int) -> optax.Schedule:
   """Linear warm-up to the peak, then constant or cosine decay to end_factor * peak."""
   validate(config)
   peak = float(config["learning_rate"])
-  warmup = int(_get(config, "warmup_steps", 0))
+  warmup = warmup_steps(config, num_steps=num_steps)
   if _get(config, "schedule", "constant") == "constant":
     after = optax.constant_schedule(peak)
   else:

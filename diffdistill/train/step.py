@@ -1,13 +1,23 @@
-"""A data-parallel train step built from any loss factory's `loss_fn(params, batch, rng)`.
+"""The data-parallel train step of any method: `step(state, batch, frozen) -> (state, metrics)`.
 
-Data parallelism is `jax.jit` over a one-axis device mesh: the batch is sharded on the `data`
-axis, the state is replicated, and XLA inserts the gradient all-reduce. The state's buffers are
-donated, so a step updates them in place. One step:
+A method (`train.method.Method`) is a sequence of updates, each differentiating one player's
+loss `loss_fn(params, batch, rng, **inputs)`; single-network training (DSM) is one update of one
+player (`make_train_step`). Data parallelism is `jax.jit` over a one-axis device mesh: the batch
+is sharded on the `data` axis, the state and `frozen` are replicated (or `frozen` gets its own
+sharding, for large teachers), and XLA inserts the gradient all-reduce. The state's buffers are
+donated, so a step updates them in place; `frozen` (teacher params, a previous round's student,
+round constants) is an argument, never donated, never differentiated, never a constant of the
+graph, so a new teacher or a new round compiles nothing. One step:
 
-    rng_s        = fold_in(state.rng, state.step)                       (no split, no carry)
-    g, loss, aux = mean over micro-batches i of grad loss_fn(params, micro_i, fold_in(rng_s, i))
-    state        = state.apply_gradients(g)   if loss and |g| are finite (so every entry of g)
-                   state.skip()               otherwise (step and the counters move, nothing else)
+    rng_s = fold_in(state.rng, state.step)                                 (no split, no carry)
+    for update u (in the declared order), for repeat r < u.repeats:
+      inputs       = the update's sources, read from frozen and the players as they are now
+      g, loss, aux = mean over micro-batches i of
+                     grad loss_fn(params_u, micro_i, fold_in(rng_ur, i), **inputs),
+                     rng_ur = fold_in(fold_in(rng_s, u), r)
+      player_u     = player_u.apply_gradients(g, step)   if loss and |g| are finite
+                     player_u                            otherwise (the update is skipped)
+    state.step += 1; the non-finite counters move if any update was skipped
 
 Why the numbers do not depend on the device count: under `jit` every array is global, so a
 `jax.random` draw of shape [B, ...] inside `loss_fn` yields the same values for example b however
@@ -34,10 +44,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffdistill.train.method import Method, Update, resolve
 from diffdistill.train.state import TrainState
 
 Array = jax.Array
-LossFn = Callable[[Any, Mapping[str, Array], Array], tuple[Array, Mapping[str, Array]]]
+LossFn = Callable[..., tuple[Array, Mapping[str, Array]]]
 DATA_AXIS = "data"
 
 
@@ -72,70 +83,135 @@ def global_batch(local_batch: Mapping[str, np.ndarray], *, mesh: Mesh) -> dict[s
   p * B/P ... (p+1) * B/P - 1 of the global batch); with one process this is a device_put.
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  local_devices = mesh.local_mesh.devices.size
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    if v.ndim < 1 or v.shape[0] % local_devices:
+      raise ValueError(f"batch[{k!r}] has {v.shape[0] if v.ndim else 'no'} rows on this process, "
+                       f"which must be a multiple of its {local_devices} devices (the batch is "
+                       "split evenly over the mesh's data axis); change the batch size.")
+    out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
 
 
-def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1
-                    ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict]]:
-  """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated.
+def _grad_fn(loss_fn: LossFn, k: int, micro_sharding) -> Callable:
+  """(params, batch, rng, inputs) -> ((loss, aux), grads), averaged over k micro-batches."""
+  grad_fn = jax.value_and_grad(lambda p, b, r, inputs: loss_fn(p, b, r, **inputs), has_aux=True)
+  if k == 1:
+    return grad_fn
+
+  def split(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = examples i, i+k, ...
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def accumulated(params, batch, rng, inputs):
+    def body(carry, xs):
+      i, micro = xs
+      (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, i), inputs)
+      return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    micro = jax.tree.map(split, dict(batch))
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, first, rng, inputs)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    loss, aux, grads = jax.tree.map(lambda s: s / k, total)
+    return (loss, aux), grads
+
+  return accumulated
+
+
+def make_step(method: Method, *, mesh: Mesh, accumulation_steps: int = 1,
+              frozen_sharding: Any = None) -> Callable:
+  """The jitted `step(state, batch, frozen=None) -> (state, metrics)` of a method.
 
   Args:
-    loss_fn: `loss_fn(params, batch, rng) -> (scalar loss, aux dict of arrays)`, a pure
-      function from a loss factory (e.g. `losses.dsm.dsm_loss`).
+    method: the updates, their order, repeats and input sources (`train.method`).
     mesh: the device mesh; its only axis must be named `data`.
-    accumulation_steps: k micro-batches per step, scanned in sequence (activation memory of
+    accumulation_steps: k micro-batches per update, scanned in sequence (activation memory of
       B / k examples), their gradients, losses and aux averaged; one optimizer update.
+    frozen_sharding: the sharding of `frozen` (a sharding or a pytree of them); default replicated.
 
   Returns:
-    step(state, batch) with batch a dict of global arrays [B, ...] (see `global_batch`), and
-    metrics: loss, grad_norm, every aux entry (averaged over micro-batches), skipped (1 if
-    this step was skipped), num_nonfinite and nonfinite_in_row (after the step).
+    step(state, batch, frozen): `state` is donated; `batch` a dict of global arrays [B, ...] (see
+    `global_batch`); `frozen` a pytree the losses read (None when the method reads none). The
+    method's inputs are checked against the state and `frozen` when the step is first traced.
+    metrics: for each update, its aux entries, loss, grad_norm and skipped (averaged over
+    repeats and micro-batches; skipped summed), under "<update name>/" when the method has
+    several updates; and skipped (1 if any update was skipped), num_nonfinite and
+    nonfinite_in_row (after the step).
   """
   if mesh.axis_names != (DATA_AXIS,):
     raise ValueError(f"mesh must have the single axis {DATA_AXIS!r}, got {mesh.axis_names}.")
   k = int(accumulation_steps)
   if k < 1:
     raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}.")
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   micro_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+  grad_fns = [_grad_fn(u.loss_fn, k, micro_sharding) for u in method.updates]
+  single = len(method.updates) == 1
 
-  def loss_and_grads(params, batch, rng):
-    if k == 1:
-      return grad_fn(params, batch, rng)
+  def run_update(ui: int, u: Update, players, batch, frozen, rng_s, step_no):
+    def one(player, r):
+      current = {**players, u.player: player}
+      inputs = {key: resolve(path, frozen=frozen, players=current, step=step_no)
+                for key, path in u.inputs.items()}
+      rng = jax.random.fold_in(jax.random.fold_in(rng_s, ui), r)
+      (loss, aux), grads = grad_fns[ui](player.params, batch, rng, inputs)
+      grad_norm = optax.tree.norm(grads)
+      # one reduction for both: a NaN or inf anywhere in grads makes the norm NaN or inf (so
+      # does a norm beyond float range, ~1e19 per entry in float32: such an update is skipped)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # a branch, not a select over two full players: the skipped branch costs nothing
+      player = jax.lax.cond(finite, lambda p: p.apply_gradients(grads, step_no), lambda p: p,
+                            player)
+      return player, {**aux, "loss": loss, "grad_norm": grad_norm,
+                      "skipped": (~finite).astype(jnp.int32)}
 
-    def split(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = examples i, i+k, ...
-      x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-      return jax.lax.with_sharding_constraint(x, micro_sharding)
+    if u.repeats == 1:
+      return one(players[u.player], 0)
+    player, ms = jax.lax.scan(one, players[u.player], jnp.arange(u.repeats))
+    metrics = {name: (jnp.sum(v, 0) if name == "skipped" else jnp.mean(v, 0))
+               for name, v in ms.items()}
+    return player, metrics
 
-    def body(carry, inputs):
-      i, micro = inputs
-      (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-
-    micro = jax.tree.map(split, dict(batch))
-    zeros = jax.tree.map(jnp.zeros_like,
-                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng))
-    zeros = (zeros[0][0], zeros[0][1], zeros[1])
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-    loss, aux, grads = jax.tree.map(lambda s: s / k, total)
-    return (loss, aux), grads
-
-  def step(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = loss_and_grads(state.params, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    # one reduction for both: a NaN or inf anywhere in grads makes the norm NaN or inf (so does
-    # a norm beyond float range, ~1e19 per entry in float32: such a step is skipped too)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # a branch, not a select over two full states: the skipped branch costs nothing
-    new_state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads), lambda s: s.skip(), state)
-    metrics = dict(aux)
-    metrics.update(loss=loss, grad_norm=grad_norm,
-                   skipped=(~finite).astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
-                   nonfinite_in_row=new_state.nonfinite_in_row)
+  def step(state: TrainState, batch, frozen):
+    method.check(state.players, frozen)
+    rng_s = jax.random.fold_in(state.rng, state.step)
+    players = dict(state.players)
+    metrics, skipped = {}, jnp.zeros((), jnp.int32)
+    for ui, u in enumerate(method.updates):
+      players[u.player], m = run_update(ui, u, players, batch, frozen, rng_s, state.step)
+      skipped = skipped + m["skipped"]
+      metrics.update(m if single else {f"{u.label}/{name}": v for name, v in m.items()})
+    bad = skipped > 0
+    in_row = jnp.where(bad, state.nonfinite_in_row + 1, 0)
+    new_state = state.replace(step=state.step + 1, players=players,
+                              num_nonfinite=state.num_nonfinite + bad.astype(jnp.int32),
+                              nonfinite_in_row=in_row)
+    metrics.update(skipped=bad.astype(jnp.int32), num_nonfinite=new_state.num_nonfinite,
+                   nonfinite_in_row=in_row)
     return new_state, metrics
 
   rep = replicated(mesh)
-  return jax.jit(step, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
-                 donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(rep, batch_sharding(mesh), frozen_sharding or rep),
+                   out_shardings=(rep, rep), donate_argnums=0)
+
+  def call(state: TrainState, batch, frozen=None):
+    return jitted(state, batch, {} if frozen is None else frozen)
+
+  call.method = method
+  call.jitted = jitted
+  return call
+
+
+def make_train_step(loss_fn: LossFn, *, mesh: Mesh, accumulation_steps: int = 1,
+                    player: str = "model") -> Callable:
+  """The step of single-network training: one update of `player` with `loss_fn(params, batch,
+  rng)` (e.g. `losses.dsm.dsm_loss`); metrics unprefixed. See `make_step`."""
+  return make_step(Method(name="train", updates=(Update(player=player, loss_fn=loss_fn),)),
+                   mesh=mesh, accumulation_steps=accumulation_steps)
+
+
+__all__ = ["DATA_AXIS", "make_mesh", "batch_sharding", "replicated", "check_batch_size",
+           "global_batch", "make_step", "make_train_step"]

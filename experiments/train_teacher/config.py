@@ -46,8 +46,8 @@ def _base() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000          # 0: only at the end
   c.keep_checkpoints = 3
   c.max_nonfinite_in_row = 10
-  c.ema_decays = (0.999,)
-  c.eval_ema = 0.999                 # the EMA copy used by samples and evaluation
+  c.ema = ml_collections.ConfigDict({"eval": 0.999})  # EMA copies of the params: name -> decay
+  c.eval_ema = "eval"                # the EMA copy used by samples and evaluation
   c.sample_every = 0                 # samples (PNG + metrics vs exact data) every so many steps
   c.sample_at_end = True             # ... and after the last step
   c.num_eval_samples = 2000
@@ -151,8 +151,7 @@ def cifar10_edm() -> ml_collections.ConfigDict:
   c.sample_every = 50_000
   c.num_eval_samples = 64
   c.sampler_rtol = 1e-3
-  c.ema_decays = (0.999293,)         # half-life 0.5M images at 512 per step: 0.5 ** (512 / 5e5)
-  c.eval_ema = 0.999293
+  c.ema.eval = 0.999293              # half-life 0.5M images at 512 per step: 0.5 ** (512 / 5e5)
   c.network.name = "unet_ddpmpp_cifar10"  # nets.unet.PRESETS["ddpmpp_cifar10"]
   c.network.kwargs = ml_collections.ConfigDict()
   _use_edm(c)

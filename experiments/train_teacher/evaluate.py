@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from diffdistill import analytic
 from diffdistill.losses import dsm
-from diffdistill.train import checkpoint as ckpt_lib, state as state_lib
+from diffdistill.train import checkpoint as ckpt_lib
 from experiments.train_teacher import sampling, teacher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The config the teacher was trained with.")
@@ -47,7 +47,7 @@ def load_teacher(config, workdir):
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
   state, _ = restored
-  return setup, int(state.step), jax.device_get(state.ema_params[state_lib.ema_key(config.eval_ema)])
+  return setup, int(state.step), jax.device_get(state.ema[config.eval_ema])
 
 
 def denoiser_error_by_logsnr(denoise, params, mix, *, schedule, per_bin: int, seed: int = 0):

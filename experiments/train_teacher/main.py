@@ -46,7 +46,7 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
   mix = sampling.exact_mixture(config.dataset.name)
 
   def fn(state, step):
-    params = jax.device_get(state.ema_params[state_lib.ema_key(config.eval_ema)])
+    params = jax.device_get(state.ema[config.eval_ema])
     if not distributed.is_writer():
       return None
     x = sampling.sample(setup.denoise, params, jax.random.PRNGKey(config.seed + step),
@@ -99,7 +99,11 @@ def main(argv):
   if _DISTRIBUTED.value:
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  train(_CONFIG.value, _WORKDIR.value)
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except loop.Interrupted as e:
+    print(e)
+    raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

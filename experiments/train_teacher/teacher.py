@@ -39,8 +39,8 @@ class Setup:
   def init_state(self, rng: jax.Array) -> state_lib.TrainState:
     x = jnp.zeros((1, *self.example_shape), jnp.float32)
     params = nets.init_params(self.module, jax.random.fold_in(rng, 1), x)
-    return state_lib.TrainState.create(params=params, tx=self.tx, rng=jax.random.fold_in(rng, 2),
-                                       ema_decays=self.config.ema_decays)
+    model = state_lib.Player.create(params=params, tx=self.tx, ema=dict(self.config.ema))
+    return state_lib.TrainState.create(players={"model": model}, rng=jax.random.fold_in(rng, 2))
 
 
 def _one_of(value, accepted, what):
@@ -54,9 +54,9 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
   _one_of(config.network.name, nets.NETWORKS, "config.network.name")
   _one_of(config.dataset.name, data_lib.valid_names(), "config.dataset.name")
   _one_of(config.loss.kind, parametrization.KINDS, "config.loss.kind")
-  if config.eval_ema not in config.ema_decays:
-    raise ValueError(f"config.eval_ema ({config.eval_ema}) must be one of config.ema_decays "
-                     f"({tuple(config.ema_decays)}).")
+  if config.eval_ema not in config.ema:
+    raise ValueError(f"config.eval_ema ({config.eval_ema!r}) must name one of the EMA copies in "
+                     f"config.ema ({sorted(config.ema)}).")
   distributed.local_batch_size(config.batch_size)
   step_lib.check_batch_size(config.batch_size, mesh=mesh,
                             accumulation_steps=config.optim.accumulation_steps)
