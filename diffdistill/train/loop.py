@@ -107,6 +107,9 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
                   dynamic_ncols=True)
   pending = None  # (step, metrics) of the previous step, for the lagged non-finite check
   done = start  # the last step whose update returned
+  if frozen is not None:  # placed once, not transferred again at every step
+    frozen = jax.device_put(frozen, getattr(train_step, "frozen_sharding", None)
+                            or step_lib.replicated(mesh))
   last_log = (start, time.perf_counter())
   try:
     for s in range(start + 1, num_steps + 1):

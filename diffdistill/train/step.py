@@ -194,14 +194,20 @@ def make_step(method: Method, *, mesh: Mesh, accumulation_steps: int = 1,
     return new_state, metrics
 
   rep = replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(rep, batch_sharding(mesh), frozen_sharding or rep),
+  frozen_sharding = frozen_sharding or rep
+  jitted = jax.jit(step, in_shardings=(rep, batch_sharding(mesh), frozen_sharding),
                    out_shardings=(rep, rep), donate_argnums=0)
 
   def call(state: TrainState, batch, frozen=None):
-    return jitted(state, batch, {} if frozen is None else frozen)
+    # Inputs are placed where the step expects them (a no-op once they are): a fresh state or
+    # a host-side teacher would otherwise be a differently placed argument and trace again.
+    state = jax.device_put(state, rep)
+    frozen = jax.device_put({} if frozen is None else frozen, frozen_sharding)
+    return jitted(state, batch, frozen)
 
   call.method = method
   call.jitted = jitted
+  call.frozen_sharding = frozen_sharding
   return call
 
 
