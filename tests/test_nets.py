@@ -242,3 +242,33 @@ def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
   shapes_d = jax.eval_shape(lambda k: nets.init_params(digits, k, jnp.zeros((1, 8, 8, 1))),
                             jax.random.key(0))
   assert 0.5e6 < nets.num_params(shapes_d) < 2e6
+
+
+def test_extra_conditioning_starts_as_the_source_network_then_depends_on_its_input():
+  # A student with an extra scalar input r, initialized from a teacher without it, computes the
+  # teacher's function at init (zero-initialized projection) and learns to use r.
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  t = jnp.linspace(0.1, 0.9, 4)
+  teacher = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16)
+  student = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16, extra_cond=("r",))
+  tp = nets.init_params(teacher, jax.random.key(1), x)
+  sp = nets.init_from(nets.init_params(student, jax.random.key(2), x), tp)
+  # make the teacher's output non-trivial (the output layer starts at zero)
+  leaves, treedef = jax.tree.flatten(tp)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  tp = jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape)
+                                    for a, k in zip(leaves, keys)])
+  sp = nets.init_from(sp, tp)
+  t_apply, s_apply = nets.make_apply(teacher), nets.make_apply(student)
+  want = t_apply(tp, x, t)
+  for r in (0.0, 0.5):
+    np.testing.assert_allclose(s_apply(sp, x, t, r=jnp.full((4,), r)), want, rtol=1e-6, atol=1e-6)
+  kernel = sp["ConditionEmbedding_0"]["r_embed"]["kernel"]
+  sp["ConditionEmbedding_0"]["r_embed"]["kernel"] = 0.3 * jax.random.normal(jax.random.key(4),
+                                                                            kernel.shape)
+  a, b = s_apply(sp, x, t, r=jnp.zeros(4)), s_apply(sp, x, t, r=jnp.full((4,), 0.5))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  with pytest.raises(ValueError, match=r"takes the extra inputs \['r'\]"):
+    s_apply(sp, x, t)
+  with pytest.raises(ValueError, match="the source has"):
+    nets.init_from(tp, sp)

@@ -3,13 +3,15 @@
 A network is a Linen module called as `module.apply({"params": p}, x, t, label, deterministic=...)`;
 `make_apply` turns it into the pure function every other part of the library speaks,
 
-    apply(params, x, t, *, label=None, dropout_rng=None) -> out      # out: x's shape and dtype
+    apply(params, x, t, *, label=None, dropout_rng=None, **extra) -> out   # out: x's shape, dtype
 
 which is the raw-network contract of `parametrization.as_denoiser(apply, kind=..., schedule=...)`:
 the same network becomes an eps, v, x0, flow, score or EDM-preconditioned denoiser. The time input
 t is whatever `parametrization.net_inputs` gives (t, or EDM's c_noise); see `nets.embeddings` for the
 scaling. Dropout is active iff `dropout_rng` is given; a class-conditional network (num_classes = K)
-takes integer labels in [0, K], where K is the null label of classifier-free guidance.
+takes integer labels in [0, K], where K is the null label of classifier-free guidance. A network
+built with `extra_cond=("r",)` takes the named extra scalar inputs as keywords, `apply(p, x, t, r=r)`
+([B] or scalar each), which is how distilled students are conditioned on more than (x, t).
 
     module = nets.get_network("mlp", features=128)
     params = nets.init_params(module, rng, x_example)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,7 +66,7 @@ def _batch_times(x: Array, t: Array) -> Array:
 
 
 def make_apply(module: nn.Module) -> Callable[..., Array]:
-  """The pure `apply(params, x, t, *, label=None, dropout_rng=None) -> out` of a network.
+  """The pure `apply(params, x, t, *, label=None, dropout_rng=None, **extra) -> out` of a network.
 
   Args (of the returned function):
     params: the network's 'params' collection (as returned by `init_params`).
@@ -71,13 +74,19 @@ def make_apply(module: nn.Module) -> Callable[..., Array]:
     t: [B] or scalar time input.
     label: [B] integer labels for a class-conditional network (K = null label), else None.
     dropout_rng: a PRNG key turns dropout on (training); None runs deterministically.
+    **extra: the module's `extra_cond` scalar inputs by name, each [B] or scalar.
   Returns:
     [B, ...], x's shape and dtype.
   """
+  names = tuple(getattr(module, "extra_cond", ()))
 
-  def apply(params, x, t, *, label=None, dropout_rng=None):
+  def apply(params, x, t, *, label=None, dropout_rng=None, **extra):
+    if set(extra) != set(names):
+      raise ValueError(f"{type(module).__name__} takes the extra inputs {sorted(names)} "
+                       f"(extra_cond), got {sorted(extra)}.")
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return module.apply({"params": params}, x, _batch_times(x, t), label,
+    extra = {k: _batch_times(x, v) for k, v in extra.items()}
+    return module.apply({"params": params}, x, _batch_times(x, t), label, extra=extra or None,
                         deterministic=dropout_rng is None, rngs=rngs)
 
   return apply
@@ -92,12 +101,31 @@ def init_params(module: nn.Module, rng: Array, x: Array) -> Any:
   shape, dtype = tuple(x.shape), x.dtype
   conditional = bool(getattr(module, "num_classes", 0))
 
+  names = tuple(getattr(module, "extra_cond", ()))
+
   def init(rng):
     t = jnp.zeros(shape[:1], jnp.float32)
     label = jnp.zeros(shape[:1], jnp.int32) if conditional else None
-    return module.init({"params": rng}, jnp.zeros(shape, dtype), t, label)["params"]
+    extra = {k: t for k in names} or None
+    return module.init({"params": rng}, jnp.zeros(shape, dtype), t, label, extra=extra)["params"]
 
   return jax.jit(init)(rng)
+
+
+def init_from(params: Any, source: Any) -> Any:
+  """`params` with every leaf that `source` also has replaced by source's (a student initialized
+  from its teacher: the student may have more inputs, e.g. extra_cond, but must contain every
+  teacher leaf with the same shape). Raises ValueError naming the first mismatch."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(source)).items():
+    name = "/".join(map(str, path))
+    if path not in flat:
+      raise ValueError(f"init_from: the source has {name}, which the network does not.")
+    if tuple(flat[path].shape) != tuple(value.shape):
+      raise ValueError(f"init_from: {name} has shape {tuple(value.shape)} in the source and "
+                       f"{tuple(flat[path].shape)} in the network.")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def num_params(params: Any) -> int:
@@ -105,6 +133,6 @@ def num_params(params: Any) -> int:
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "num_params", "ScoreMLP", "UNet",
+__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
            "UNET_PRESETS",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]

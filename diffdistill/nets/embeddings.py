@@ -107,6 +107,11 @@ class ConditionEmbedding(nn.Module):
 
   With `num_classes` = K > 0 the label table has K + 1 rows; row K is the null label of
   classifier-free guidance (Ho & Salimans 2022), trained by conditioning dropout in the loss.
+
+  `extra` names further scalar inputs a distilled student is conditioned on (MeanFlow's r,
+  a shortcut model's step size d, guided distillation's w, CTM's target time s). Each gets the
+  same kind of embedding as t and a zero-initialized projection, e += W_n embed(c_n), so a student
+  with extra inputs starts as the network it is initialized from (its params are a superset).
   """
 
   noise_dim: int
@@ -115,10 +120,20 @@ class ConditionEmbedding(nn.Module):
   scale: float | None = None
   num_classes: int = 0
   dtype: jnp.dtype = jnp.float32
+  extra: tuple[str, ...] = ()
 
   @nn.compact
-  def __call__(self, t: Array, label: Array | None = None) -> Array:
+  def __call__(self, t: Array, label: Array | None = None,
+               extra: dict[str, Array] | None = None) -> Array:
     e = time_embedding(self.embedding, self.noise_dim, self.scale)(t)  # [B, noise_dim]
+    extra = extra or {}
+    if set(extra) != set(self.extra):
+      raise ValueError(f"extra conditioning inputs {sorted(extra)} do not match the network's "
+                       f"extra_cond {sorted(self.extra)}.")
+    for name in self.extra:
+      c = time_embedding(self.embedding, self.noise_dim, self.scale)(extra[name])
+      e = e + nn.Dense(self.noise_dim, dtype=self.dtype, name=f"{name}_embed",
+                       kernel_init=nn.initializers.zeros)(c)
     if not self.num_classes and label is not None:
       raise ValueError("label given to an unconditional network (num_classes=0).")
     if self.num_classes:

@@ -54,6 +54,7 @@ class ScoreMLP(nn.Module):
     num_classes: K > 0 makes it class-conditional with K + 1 labels (the last is the null label).
     dropout: dropout rate inside the blocks (active only when `make_apply` gets a dropout_rng).
     dtype: computation dtype (params stay float32).
+    extra_cond: names of extra scalar inputs (e.g. ("r",) for MeanFlow; nets.embeddings).
   """
 
   features: int = 256
@@ -64,14 +65,15 @@ class ScoreMLP(nn.Module):
   num_classes: int = 0
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  extra_cond: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
-               deterministic: bool = True) -> Array:
+               extra: dict[str, Array] | None = None, deterministic: bool = True) -> Array:
     if x.ndim != 2:
       raise ValueError(f"ScoreMLP: x must have shape [B, d], got {x.shape}.")
     emb = ConditionEmbedding(self.emb_dim, self.emb_dim, self.embedding, self.embedding_scale,
-                             self.num_classes, self.dtype)(t, label)  # [B, emb_dim]
+                             self.num_classes, self.dtype, self.extra_cond)(t, label, extra)
     h = nn.Dense(self.features, dtype=self.dtype)(x)  # [B, features]
     for _ in range(self.num_blocks):
       h = MLPBlock(self.features, self.dropout, self.dtype)(h, emb, deterministic=deterministic)

@@ -128,6 +128,7 @@ class UNet(nn.Module):
     num_classes: K > 0 makes it class-conditional (labels 0..K-1, null label K).
     num_heads: attention heads (EDM's DDPM++: 1).
     dtype: computation dtype (params stay float32).
+    extra_cond: names of extra scalar inputs (e.g. ("w",) for guided distillation).
   """
 
   model_channels: int = 128
@@ -141,10 +142,11 @@ class UNet(nn.Module):
   num_classes: int = 0
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  extra_cond: tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
-               deterministic: bool = True) -> Array:
+               extra: dict[str, Array] | None = None, deterministic: bool = True) -> Array:
     if x.ndim != 4:
       raise ValueError(f"UNet: x must be NHWC images [B, H, W, C], got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
@@ -155,7 +157,7 @@ class UNet(nn.Module):
                                       dtype=self.dtype, **kw)
     emb = ConditionEmbedding(self.model_channels, self.model_channels * self.channel_mult_emb,
                              self.embedding, self.embedding_scale, self.num_classes,
-                             self.dtype)(t, label)  # [B, E]
+                             self.dtype, self.extra_cond)(t, label, extra)  # [B, E]
     det = dict(deterministic=deterministic)
 
     h = nn.Conv(self.model_channels, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(x)
