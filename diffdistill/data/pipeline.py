@@ -83,6 +83,8 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
     spec = {"x": ((b, *self.source.example_shape), np.dtype(np.float32))}
     if self.source.label_key is not None:
       spec["label"] = ((b,), np.dtype(np.int32))
+    for key in self.source.extra_keys:
+      spec[key] = ((b, *self.source.example_shape), np.dtype(np.float32))
     spec["index"] = ((b,), np.dtype(np.int64))
     return spec
 

@@ -62,6 +62,8 @@ class Source:
     example_shape: the shape of one "x" (e.g. (2,), (8, 8, 1), (32, 32, 3)).
     num_classes: the number of labels, or None where there are none.
     arrays: the whole split as stored ({"x": [n, ...], "label": [n]}) once `in_memory()` loaded it.
+    extra_keys: further float features read as they are, under their own names (teacher pairs'
+      "x_T").
   """
   name: str
   split: str
@@ -72,6 +74,7 @@ class Source:
   example_shape: tuple[int, ...]
   num_classes: int | None
   arrays: dict[str, np.ndarray] | None = None
+  extra_keys: tuple[str, ...] = ()
 
   def __len__(self) -> int:
     return len(self.records)
@@ -80,7 +83,8 @@ class Source:
   def nbytes(self) -> int:
     """Bytes of the whole split as stored (its "x" and labels)."""
     itemsize = 1 if self.scale_uint8 else 4
-    return len(self) * (int(np.prod(self.example_shape)) * itemsize + (8 if self.label_key else 0))
+    per_example = int(np.prod(self.example_shape)) * (itemsize + 4 * len(self.extra_keys))
+    return len(self) * (per_example + (8 if self.label_key else 0))
 
   def _read_stored(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
     if self.arrays is not None:
@@ -89,6 +93,8 @@ class Source:
     out = {"x": np.stack([e[self.x_key] for e in examples])}  # [n, ...]
     if self.label_key is not None:
       out["label"] = np.asarray([e[self.label_key] for e in examples], np.int64)
+    for key in self.extra_keys:
+      out[key] = np.stack([e[key] for e in examples])
     return out
 
   def read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
@@ -98,6 +104,8 @@ class Source:
     out = {"x": x / np.float32(127.5) - np.float32(1.0) if self.scale_uint8 else x}
     if self.label_key is not None:
       out["label"] = stored["label"].astype(np.int32)
+    for key in self.extra_keys:
+      out[key] = stored[key].astype(np.float32)
     return out
 
   def in_memory(self) -> "Source":
@@ -187,6 +195,13 @@ def prepare_builder(builder: tfds.core.DatasetBuilder, *, download: bool = True)
         f"Preparing {name!r} runs TFDS's own generator, which needs TensorFlow; reading does not. "
         f"Prepare it once where TensorFlow is installed: `tfds build {name} --file_format=array_record "
         f"--data_dir=DATA_DIR`, then copy DATA_DIR/{name} here.") from e
+
+
+def source_from_builder(name: str, builder: tfds.core.DatasetBuilder, split: str, *,
+                        extra_keys: tuple[str, ...] = ()) -> Source:
+  """The `Source` of a prepared builder's split ("x" or "image" as x, "label" if present, and the
+  float features `extra_keys`)."""
+  return dataclasses.replace(_source_from_builder(name, builder, split), extra_keys=extra_keys)
 
 
 def _source_from_builder(name: str, builder: tfds.core.DatasetBuilder, split: str) -> Source:
