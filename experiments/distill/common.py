@@ -1,0 +1,420 @@
+"""The machinery every distillation recipe shares: stages of training, their data, and evaluation.
+
+A recipe (`recipes/`) turns a config into a `Plan`: an ordered list of `Stage`s and the `Student`s
+to evaluate. A stage trains players with one `train.method.Method` for a number of steps; its
+players start from the results of earlier stages (a student starts from the teacher copy, a
+progressive-distillation round from the previous round), and its frozen inputs (teacher params,
+round constants) are computed from them too. Stages run in order, each in `WORKDIR/<stage name>/`
+with its own checkpoints: a killed run restarted with the same command skips the finished stages
+(restored from their last checkpoint) and resumes the interrupted one where it stopped.
+
+Evaluation (`evaluate`): every student maps the same N exact samples x_start of the teacher's
+marginal at t_start to t_end with its NFE; it is scored against the exact probability-flow map of
+x_start (analytic teachers: `analytic.flow_map` of the exact denoiser, float64; trained teachers:
+the teacher's own adaptive solve) and, as a distribution, against exact samples (sliced W2, MMD^2,
+with the exact-vs-exact floor), next to the teacher's DDIM and its best training-free solver at
+the same NFE. Each student's samples go to `samples/<student>_nfe<k>.npz`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffdistill import analytic, metrics, nets, parametrization
+from diffdistill import schedules as schedules_lib
+from diffdistill import solvers
+from diffdistill import data as data_lib
+from diffdistill.train import checkpoint as ckpt_lib
+from diffdistill.train import loop, optim, state as state_lib, step as step_lib
+from diffdistill.train.method import Method
+from experiments import teachers as teachers_lib
+from experiments.train_teacher import sampling
+
+Results = dict[str, Any]  # stage name -> {player name: params (the eval EMA where there is one)}
+SOLVER_CANDIDATES = ("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
+                     "dpm_solver_2", "heun", "ddim")
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+  """A student network: raw module, its denoiser on `schedule` in parametrization `kind`."""
+  module: Any
+  kind: str
+  schedule: schedules_lib.Schedule
+  example_shape: tuple[int, ...]
+
+  @functools.cached_property
+  def apply(self) -> Callable:  # the raw network
+    return nets.make_apply(self.module)
+
+  @functools.cached_property
+  def denoise(self) -> Callable:  # apply(params, x, t, **cond) -> x0_hat, built once (hashable)
+    return parametrization.as_denoiser(self.apply, kind=self.kind, schedule=self.schedule)
+
+  def init(self, rng) -> Any:
+    return nets.init_params(self.module, rng, jnp.zeros((1, *self.example_shape), jnp.float32))
+
+
+def make_net(config, schedule, example_shape, *, extra_cond: Sequence[str] = ()) -> Net:
+  """The student network of `config.student` (network name, kwargs, kind)."""
+  kwargs = dict(config.student.kwargs)
+  if extra_cond:
+    kwargs["extra_cond"] = tuple(extra_cond)
+  module = nets.get_network(config.student.network, **kwargs)
+  parametrization.check_kind(config.student.kind)
+  return Net(module=module, kind=config.student.kind, schedule=schedule,
+             example_shape=tuple(example_shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+class MixtureBatches(Iterator[dict]):
+  """Exact samples of a mixture, batch s drawn from PCG64([seed, s]): resumable in O(1)."""
+
+  def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int):
+    from diffdistill.data import _common  # noqa: PLC0415
+    self._sample = functools.partial(_common.sample_mixture, mix)
+    self.batch_size, self.seed, self.step = batch_size, seed, 0
+
+  def __next__(self):
+    x, _ = self._sample(np.random.default_rng([self.seed, self.step]), self.batch_size)
+    self.step += 1
+    return {"x": x}
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = int(state["step"])
+
+  def close(self):
+    pass
+
+
+class Keys(Iterator[dict]):
+  """Batches that select only `keys` of another iterator (the loss's inputs; indices stay home)."""
+
+  def __init__(self, data, keys: Sequence[str]):
+    self._data, self._keys = data, tuple(keys)
+
+  def __next__(self):
+    batch = next(self._data)
+    return {k: batch[k] for k in self._keys}
+
+  def get_state(self):
+    return self._data.get_state()
+
+  def set_state(self, state):
+    self._data.set_state(state)
+
+  def close(self):
+    getattr(self._data, "close", lambda: None)()
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stage:
+  """One training stage.
+
+  players: results of the earlier stages -> {name: Player} (fresh players, optimizer included).
+  frozen: results -> the frozen inputs of the method (None: none).
+  data: (results, stage_dir) -> a resumable iterator of numpy batches (get_state / set_state).
+  """
+  name: str
+  method: Method
+  num_steps: int
+  players: Callable[[Results], dict[str, state_lib.Player]]
+  data: Callable[[Results, str], Any]
+  frozen: Callable[[Results], Any] = lambda results: None
+  eval_ema: str | None = "eval"  # the EMA copy reported as the stage's result (None: params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """A distilled sampler: run(params, x_start) -> samples at t_end with exactly `nfe` calls."""
+  name: str
+  nfe: int
+  params: Callable[[Results], Any]
+  run: Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class Plan:
+  stages: list[Stage]
+  students: list[Student]
+  notes: dict = dataclasses.field(default_factory=dict)  # extra numbers for results.json
+
+
+@dataclasses.dataclass
+class Setup:
+  """The teacher, the data of the testbed, and the evaluation's start and end."""
+  config: Any
+  teacher: teachers_lib.Teacher
+  mesh: jax.sharding.Mesh
+  t_start: float
+  t_end: float
+
+  def data(self, seed: int, batch_size: int | None = None):
+    """Data samples (exact samples for analytic teachers; the dataset for trained ones)."""
+    batch_size = batch_size or self.config.batch_size
+    if self.teacher.mixture is not None:
+      return MixtureBatches(self.teacher.mixture, batch_size, seed)
+    ds = data_lib.get_dataset(self.config.teacher.dataset, split="train", batch_size=batch_size,
+                              seed=seed, prefetch=0)
+    return Keys(ds, ("x", "label") if self.teacher.num_classes else ("x",))
+
+  def start_noise(self, rng, n: int) -> jax.Array:
+    """n samples of the teacher's marginal at t_start: alpha x0 + sigma eps (exact for analytic
+    teachers; for trained ones x0 from the dataset's first examples)."""
+    s = self.teacher.schedule
+    k0, k1 = jax.random.split(rng)
+    if self.teacher.mixture is not None:
+      x0 = analytic.sample(self.teacher.mixture, k0, n, dtype=jnp.float32)
+    else:
+      x0 = jnp.zeros((n, *self.teacher.example_shape), jnp.float32)
+    t = jnp.float32(self.t_start)
+    return s.alpha(t) * x0 + s.sigma(t) * jax.random.normal(k1, (n, *self.teacher.example_shape))
+
+  def teacher_sampler(self, solver: str, nfe: int | None, **kw) -> Callable:
+    """jitted x_start -> x_end of the teacher with a training-free solver."""
+    return jax.jit(functools.partial(
+        solvers.make_sampler(self.teacher.apply, schedule=self.teacher.schedule, solver=solver,
+                             nfe=nfe, t_start=self.t_start, t_end=self.t_end, **kw),
+        teachers_lib.device_params(self.teacher)))
+
+  def exact_map(self, x_start: np.ndarray) -> np.ndarray:
+    """The exact flow map of x_start from t_start to t_end (float64 adaptive solve)."""
+    teacher = self.teacher
+    with jax.enable_x64(True):
+      params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), teacher.params)
+      out = []
+      for chunk in np.array_split(np.asarray(x_start, np.float64), max(1, len(x_start) // 2048)):
+        out.append(np.asarray(analytic.flow_map(
+            teacher.apply, params, jnp.asarray(chunk), schedule=teacher.schedule,
+            t_start=self.t_start, t_end=self.t_end, rtol=self.config.eval.ref_tol,
+            atol=self.config.eval.ref_tol)))
+    return np.concatenate(out)
+
+
+def make_setup(config) -> Setup:
+  tc = config.teacher
+  kind = "file" if tc.mixture_file else tc.kind
+  if kind == "workdir":
+    teacher = teachers_lib.load(kind="workdir", path=tc.path)
+  else:
+    schedule = schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs))
+    teacher = teachers_lib.load(kind=kind, name=tc.name, path=tc.mixture_file or None,
+                                schedule=schedule)
+  s = teacher.schedule
+  return Setup(config=config, teacher=teacher, mesh=step_lib.make_mesh(), t_start=float(s.t_max),
+               t_end=float(s.t_min))
+
+
+def make_player(config_optim, params, *, num_steps: int, ema: Mapping[str, Any] | None = None):
+  return state_lib.Player.create(params=params, tx=optim.make_optimizer(config_optim,
+                                                                         num_steps=num_steps),
+                                 ema=ema)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _result(state: state_lib.TrainState, eval_ema: str | None) -> dict[str, Any]:
+  out = {}
+  for name, p in state.players.items():
+    params = p.ema[eval_ema] if eval_ema and eval_ema in p.ema else p.params
+    out[name] = jax.device_get(params)
+  return out
+
+
+def run_stages(plan: Plan, setup: Setup, workdir: str, *, progress: bool = True) -> tuple[Results, dict]:
+  """Trains every stage in order (resuming finished and interrupted ones); returns the results
+  and per-stage stats {name: {steps, seconds, final metrics}}."""
+  config = setup.config
+  results: Results = {}
+  stats = {}
+  for index, stage in enumerate(plan.stages):
+    stage_dir = os.path.join(workdir, stage.name)
+    players = stage.players(results)
+    frozen = stage.frozen(results)
+    state = state_lib.TrainState.create(players=players,
+                                        rng=jax.random.fold_in(jax.random.key(config.seed), index))
+    stage.method.check(state.players, frozen)
+    rep = step_lib.replicated(setup.mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(lambda: state))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=1)
+    data = stage.data(results, stage_dir)
+    try:
+      restored = checkpointer.restore_latest(abstract)
+      if restored is not None:
+        state, data_state = restored
+        data.set_state(data_state)
+      t0 = time.perf_counter()
+      start = int(state.step)
+      if start < stage.num_steps:
+        train_step = step_lib.make_step(stage.method, mesh=setup.mesh)
+        state = loop.run(state=state, train_step=train_step, data=data, mesh=setup.mesh,
+                         workdir=stage_dir, num_steps=stage.num_steps, checkpointer=checkpointer,
+                         log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                         progress=progress, tensorboard=False, frozen=frozen)
+      seconds = time.perf_counter() - t0
+    finally:
+      checkpointer.close()
+      getattr(data, "close", lambda: None)()
+    results[stage.name] = _result(state, stage.eval_ema)
+    last = _last_metrics(stage_dir)
+    stats[stage.name] = {"steps": stage.num_steps, "trained_now": stage.num_steps - start,
+                         "seconds": seconds, "final": last}
+  return results, stats
+
+
+def _last_metrics(stage_dir: str) -> dict:
+  path = os.path.join(stage_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.read().strip().splitlines()
+  return json.loads(lines[-1]) if lines else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _time(fn, *args, repeats: int) -> tuple[np.ndarray, float]:
+  out = np.asarray(jax.block_until_ready(fn(*args)))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return out, 1e3 * statistics.median(times)
+
+
+def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
+  with jax.enable_x64(True):
+    err = metrics.per_sample_error(jnp.asarray(samples, jnp.float64), jnp.asarray(reference))
+  row = {"median": float(err["median"]), "rms": float(err["rms"]),
+         "nan": bool(np.any(~np.isfinite(samples)))}
+  if quality_ref.get("mixture") is not None:
+    q = sampling.sample_quality(samples.reshape(len(samples), -1), quality_ref["mixture"])
+    row.update(sliced_w2=q["sliced_w2"], sliced_w2_floor=q["sliced_w2_floor_mean"],
+               mmd2=q["mmd2"], mmd2_floor=q["mmd2_floor_mean"])
+    modes = metrics.mode_stats(quality_ref["mixture"],
+                               jnp.asarray(samples.reshape(len(samples), -1), jnp.float32))
+    row["mode_weight_tv"] = float(modes["weight_tv"])
+  return row
+
+
+def best_solver_row(setup: Setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
+  """The teacher's best training-free solver at exactly `nfe` calls (lowest median error)."""
+  best = None
+  for name in SOLVER_CANDIDATES:
+    try:
+      solvers.steps_for_nfe(name, nfe)
+    except ValueError:
+      continue
+    out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=repeats)
+    row = {"method": f"teacher {name}", "nfe": nfe, "ms": ms, **score(out, reference, quality_ref)}
+    if best is None or row["median"] < best["median"]:
+      best = row
+  return best
+
+
+def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
+             progress: bool = True) -> list[dict]:
+  """Scores every student and the teacher's DDIM / best solver at the students' NFEs."""
+  import tqdm  # noqa: PLC0415
+  config = setup.config
+  x_start = setup.start_noise(jax.random.key(config.eval.seed), config.eval.num_samples)
+  reference = setup.exact_map(np.asarray(x_start))
+  quality_ref = {"mixture": setup.teacher.mixture}
+  s = setup.teacher.schedule
+  ends = {k: float(v) for k, v in (
+      ("alpha_start", s.alpha(jnp.float32(setup.t_start))), ("sigma_start", s.sigma(jnp.float32(setup.t_start))),
+      ("alpha_end", s.alpha(jnp.float32(setup.t_end))), ("sigma_end", s.sigma(jnp.float32(setup.t_end))))}
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  rows = []
+  nfes = sorted({st.nfe for st in plan.students})
+  for student in tqdm.tqdm(plan.students, desc="students", disable=not progress):
+    params = student.params(results)
+    run = jax.jit(student.run)
+    out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
+    rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
+                 **score(out, reference, quality_ref)})
+    np.savez(os.path.join(workdir, "samples", f"{student.name}_nfe{student.nfe}.npz"),
+             x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
+  for nfe in nfes:
+    out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
+    rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
+                 **score(out, reference, quality_ref)})
+    best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
+    if best is not None and best["method"] != "teacher ddim":
+      rows.append(best)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown: one line per (method, NFE)."""
+  has_q = any("sliced_w2" in r for r in rows)
+  head = "| method | NFE | coupling error median | RMS |"
+  head += " sliced W2 (floor) | MMD² (floor) |" if has_q else ""
+  lines = [head + " ms |", "|---|---:|---:|---:|" + ("---:|---:|" if has_q else "") + "---:|"]
+  for r in sorted(rows, key=lambda r: (r["nfe"], r["method"].startswith("teacher"), r["median"])):
+    line = f"| {r['method']} | {r['nfe']} | {r['median']:.2e} | {r['rms']:.2e} |"
+    if has_q:
+      line += (f" {r['sliced_w2']:.3f} ({r['sliced_w2_floor']:.3f}) | {r['mmd2']:.1e} "
+               f"({r['mmd2_floor']:.0e}) |")
+    lines.append(line + f" {r['ms']:.1f} |" + (" NaN!" if r.get("nan") else ""))
+  return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], setup: Setup, workdir: str, title: str) -> None:
+  """Coupling error vs NFE for students and the teacher; for 2-D data, student samples too."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for name in dict.fromkeys(r["method"] for r in rows):
+    pts = sorted((r["nfe"], r["median"]) for r in rows if r["method"] == name)
+    teacher = name.startswith("teacher")
+    ax.loglog(*zip(*pts), marker="o" if not teacher else "s", ls="--" if teacher else "-",
+              label=name, ms=4)
+  ax.set_xlabel("NFE")
+  ax.set_ylabel("median per-sample error vs the exact flow map")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "distill.png"), dpi=110)
+  plt.close(fig)
+
+
+__all__ = ["Net", "make_net", "MixtureBatches", "Keys", "Stage", "Student", "Plan", "Setup",
+           "make_setup", "make_player", "run_stages", "evaluate", "table", "figure", "score"]

@@ -1,0 +1,87 @@
+"""Distils a teacher with any method of the library and scores the students against the exact map.
+
+COMMAND (from the repository root):
+  python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
+
+See config.py for the variants (<method>_<testbed>). The run trains the recipe's stages in order
+(`common.run_stages`; a killed run resumes with the same command), then evaluates every student
+next to the teacher's DDIM and best training-free solver at the same NFE and writes into the
+workdir: results.json (the table, the command, the config, per-stage steps and wall time),
+results.md, distill.png, and samples/<student>_nfe<k>.npz (x_start, samples, nfe and the noise
+levels alpha/sigma at the start and end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments.distill import common
+from experiments.distill.recipes import RECIPES
+
+
+def _define_flags():
+  from ml_collections import config_flags  # noqa: PLC0415
+  config_flags.DEFINE_config_file("config", None, "config.py:<method>_<testbed>", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run folder: stages, samples, results.")
+
+
+def build_plan(config, setup) -> common.Plan:
+  if config.method not in RECIPES:
+    raise ValueError(f"config.method must be one of {sorted(RECIPES)}, got {config.method!r}.")
+  return RECIPES[config.method](config, setup)
+
+
+def run(config, workdir: str) -> dict:
+  """Builds the plan, trains its stages, evaluates its students; returns results.json's content."""
+  start = time.perf_counter()
+  setup = common.make_setup(config)
+  plan = build_plan(config, setup)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  results, stats = common.run_stages(plan, setup, workdir, progress=config.progress)
+  train_s = time.perf_counter() - start
+  rows = common.evaluate(plan, setup, results, workdir, progress=config.progress)
+  notes = {}
+  if "extra" in plan.notes:
+    x_start = setup.start_noise(__import__("jax").random.key(config.eval.seed), config.eval.num_samples)
+    notes = plan.notes["extra"](results, x_start)
+  out = {"command": " ".join(["python -m experiments.distill.main"] + sys.argv[1:]),
+         "variant": f"{config.method}_{config.testbed}", "teacher": setup.teacher.name,
+         "rows": rows, "stages": stats, "notes": notes,
+         "seconds": {"train": train_s, "total": time.perf_counter() - start},
+         "config": config.to_dict()}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(out, f, indent=1, default=str)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(common.table(rows))
+  common.figure(rows, setup, workdir, f"{config.method} on {setup.teacher.name}")
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  from diffdistill.train import loop  # noqa: PLC0415
+  try:
+    out = run(config, workdir)
+  except loop.Interrupted as e:
+    print(e)
+    raise SystemExit(130) from None
+  print(common.table(out["rows"]))
+  if out["notes"]:
+    print(out["notes"])
+  print(f"{out['variant']}: {out['seconds']['total']:.0f} s; results in {workdir}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

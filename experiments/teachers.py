@@ -1,0 +1,116 @@
+"""One loader for every teacher: an analytic mixture by name, a mixture file, or a trained network.
+
+    teacher = teachers.load(kind="analytic", name="mixture64", schedule=schedules.VPLinear())
+    teacher = teachers.load(kind="file", path="mix.npz", schedule=...)
+    teacher = teachers.load(kind="workdir", path="runs/teacher_digits")
+    teacher.apply(teacher.params, x, t)          # the denoiser: x0_hat
+
+A teacher is the `(apply, params, schedule)` triple of DESIGN.md plus what the experiments need
+to know about it: the exact data law where there is one (`mixture`: analytic and file teachers),
+the example shape, and for a trained network its raw module and output kind (so that a student
+can start from its weights, `nets.init_from`).
+
+A mixture file is an `.npz` with `weights` [K], `means` [K, d] and `covs` [K, d, d] (any K, d;
+`save_mixture` writes one). A train_teacher workdir is read through its `config.json` and its
+newest checkpoint (the EMA params named by the config's `eval_ema`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffdistill import analytic
+from diffdistill import schedules as schedules_lib
+
+KINDS = ("analytic", "file", "workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """apply(params, x, t, **cond) -> x0_hat, its params and schedule, and what is known about it."""
+  name: str
+  apply: Callable
+  params: Any
+  schedule: schedules_lib.Schedule
+  example_shape: tuple[int, ...]
+  mixture: analytic.GaussianMixture | None = None  # the exact data law, when known
+  module: Any = None  # a trained teacher's raw network (nets), else None
+  kind: str | None = None  # that network's output parametrization
+  num_classes: int = 0
+
+
+def save_mixture(path: str, mix: analytic.GaussianMixture) -> None:
+  """Writes `mix` as a mixture file (weights [K], means [K, d], covs [K, d, d])."""
+  np.savez(path, weights=np.asarray(mix.weights, np.float64), means=np.asarray(mix.means),
+           covs=np.asarray(mix.covs))
+
+
+def load_mixture(path: str) -> analytic.GaussianMixture:
+  """Reads a mixture file; ValueError naming what is missing or misshapen."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No mixture file at {path!r}.")
+  with np.load(path) as f:
+    missing = {"weights", "means", "covs"} - set(f.files)
+    if missing:
+      raise ValueError(f"Mixture file {path!r} lacks {sorted(missing)}; it needs weights [K], "
+                       f"means [K, d] and covs [K, d, d] (it has {sorted(f.files)}).")
+    return analytic.GaussianMixture(f["weights"], f["means"], f["covs"])
+
+
+def load(*, kind: str, name: str | None = None, path: str | None = None,
+         schedule: schedules_lib.Schedule | None = None) -> Teacher:
+  """The teacher of `kind` (module docstring).
+
+  Args:
+    kind: 'analytic' (name: an analytic.MIXTURES name), 'file' (path: a mixture .npz) or
+      'workdir' (path: a train_teacher run folder).
+    schedule: the analytic and file teachers' forward process (default VPLinear()); a trained
+      teacher has its own (from its config).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}.")
+  if kind == "workdir":
+    if schedule is not None:
+      raise ValueError("a trained teacher brings its own schedule; do not pass one.")
+    return _load_workdir(path)
+  schedule = schedule or schedules_lib.VPLinear()
+  if kind == "analytic":
+    mix, label = analytic.get_mixture(name), name
+  else:
+    if not path:
+      raise ValueError("teacher kind 'file' needs path= a mixture .npz.")
+    mix, label = load_mixture(path), os.path.basename(path)
+  return Teacher(name=label, apply=analytic.denoiser(schedule), params=mix, schedule=schedule,
+                 example_shape=(mix.dim,), mixture=mix)
+
+
+def _load_workdir(path: str | None) -> Teacher:
+  from experiments.train_teacher import evaluate  # noqa: PLC0415 (flax only when needed)
+  if not path or not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(
+        f"No trained teacher at {path!r} (its config.json is missing). Train one with "
+        f"`python -m experiments.train_teacher.main --config=experiments/train_teacher/config.py:"
+        f"digits_cpu --workdir={path or 'runs/teacher_digits'}` (~15 min on 2 CPU cores).")
+  with open(os.path.join(path, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  setup, step, params = evaluate.load_teacher(config, path)
+  setup.data.close()
+  return Teacher(name=f"{config.dataset.name}@{step}", apply=setup.denoise, params=params,
+                 schedule=setup.schedule, example_shape=setup.example_shape,
+                 mixture=None, module=setup.module, kind=config.loss.kind,
+                 num_classes=int(getattr(setup.module, "num_classes", 0)))
+
+
+def device_params(teacher: Teacher):
+  """The teacher's params as device arrays (float32)."""
+  return jax.tree.map(lambda a: jax.numpy.asarray(a), teacher.params)
+
+
+__all__ = ["Teacher", "KINDS", "load", "save_mixture", "load_mixture", "device_params"]
