@@ -41,8 +41,6 @@ from experiments import teachers as teachers_lib
 from experiments.train_teacher import sampling
 
 Results = dict[str, Any]  # stage name -> {player name: params (the eval EMA where there is one)}
-SOLVER_CANDIDATES = ("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
-                     "dpm_solver_2", "heun", "ddim")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,17 +85,31 @@ def make_net(config, schedule, example_shape, *, extra_cond: Sequence[str] = ())
 
 
 class MixtureBatches(Iterator[dict]):
-  """Exact samples of a mixture, batch s drawn from PCG64([seed, s]): resumable in O(1)."""
+  """Exact samples of a mixture, batch s drawn from PCG64([seed, s]): resumable in O(1).
+
+  x = mu_k + U_k (sqrt(s_k) * z), k ~ Categorical(pi): the law of `analytic.sample`, computed one
+  component at a time (a [n_k, d] x [d, d] product each) rather than gathering a d x d rotation
+  per example, which made sampling the slowest part of a 64-D training step.
+  """
 
   def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int):
-    from diffdistill.data import _common  # noqa: PLC0415
-    self._sample = functools.partial(_common.sample_mixture, mix)
+    self._weights = np.asarray(mix.weights, np.float64)
+    self._weights = self._weights / self._weights.sum()
+    self._means = np.asarray(mix.means, np.float64)
+    self._scales = np.sqrt(np.asarray(mix.eigvals, np.float64))
+    self._rot = None if mix.eigvecs is None else np.asarray(mix.eigvecs, np.float64)
     self.batch_size, self.seed, self.step = batch_size, seed, 0
 
   def __next__(self):
-    x, _ = self._sample(np.random.default_rng([self.seed, self.step]), self.batch_size)
+    rng = np.random.default_rng([self.seed, self.step])
+    k = rng.choice(self._weights.size, size=self.batch_size, p=self._weights)
+    z = rng.standard_normal((self.batch_size, self._means.shape[1])) * self._scales[k]
+    if self._rot is not None:
+      for c in np.unique(k):
+        rows = k == c
+        z[rows] = z[rows] @ self._rot[c].T
     self.step += 1
-    return {"x": x}
+    return {"x": (self._means[k] + z).astype(np.float32)}
 
   def get_state(self):
     return {"step": self.step}
@@ -232,10 +244,16 @@ def make_setup(config) -> Setup:
                t_end=float(s.t_min))
 
 
+@functools.lru_cache(maxsize=None)
+def _optimizer(config_json: str, num_steps: int):
+  return optim.make_optimizer(json.loads(config_json), num_steps=num_steps)
+
+
 def make_player(config_optim, params, *, num_steps: int, ema: Mapping[str, Any] | None = None):
-  return state_lib.Player.create(params=params, tx=optim.make_optimizer(config_optim,
-                                                                         num_steps=num_steps),
-                                 ema=ema)
+  """A fresh player. Equal optimizer settings give the same optax object: the optimizer is part
+  of the state's static structure, so a new object would retrace the step at every round."""
+  tx = _optimizer(json.dumps(dict(config_optim), sort_keys=True), int(num_steps))
+  return state_lib.Player.create(params=params, tx=tx, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +275,7 @@ def run_stages(plan: Plan, setup: Setup, workdir: str, *, progress: bool = True)
   config = setup.config
   results: Results = {}
   stats = {}
+  steps = {}  # one jitted step per method: the rounds of a method share its compilation
   for index, stage in enumerate(plan.stages):
     stage_dir = os.path.join(workdir, stage.name)
     players = stage.players(results)
@@ -277,7 +296,9 @@ def run_stages(plan: Plan, setup: Setup, workdir: str, *, progress: bool = True)
       t0 = time.perf_counter()
       start = int(state.step)
       if start < stage.num_steps:
-        train_step = step_lib.make_step(stage.method, mesh=setup.mesh)
+        if id(stage.method) not in steps:
+          steps[id(stage.method)] = step_lib.make_step(stage.method, mesh=setup.mesh)
+        train_step = steps[id(stage.method)]
         state = loop.run(state=state, train_step=train_step, data=data, mesh=setup.mesh,
                          workdir=stage_dir, num_steps=stage.num_steps, checkpointer=checkpointer,
                          log_every=config.log_every, checkpoint_every=config.checkpoint_every,
@@ -335,7 +356,7 @@ def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict
 def best_solver_row(setup: Setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
   """The teacher's best training-free solver at exactly `nfe` calls (lowest median error)."""
   best = None
-  for name in SOLVER_CANDIDATES:
+  for name in setup.config.eval.solvers:
     try:
       solvers.steps_for_nfe(name, nfe)
     except ValueError:

@@ -62,7 +62,11 @@ def _base() -> ml_collections.ConfigDict:
   c.pairs = ml_collections.ConfigDict(dict(num_pairs=32768, chunk_size=4096, solver="adaptive",
                                            nfe=0, tol=1e-5))
 
-  c.eval = ml_collections.ConfigDict(dict(num_samples=4096, seed=1, repeats=3, ref_tol=1e-8))
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=4096, seed=1, repeats=3, ref_tol=1e-8,
+      # the teacher's training-free solvers tried at each student NFE (the best is reported)
+      solvers=("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
+               "dpm_solver_2", "heun")))
   return c
 
 
@@ -93,6 +97,7 @@ def _method(c, method):
     c.teacher.schedule = "rectified_flow"
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
+    c.copy.time_sampler = "uniform"  # logSNR is -inf at the pure-noise end
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
@@ -121,6 +126,7 @@ def _tiny(c):
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6
+  c.eval.solvers = ("dpm_solver_pp_2m",)
   c.optim.warmup_steps = 0
 
 

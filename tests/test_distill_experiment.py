@@ -1,0 +1,105 @@
+"""experiments/distill end to end on tiny variants: outputs, resume after SIGKILL, one compile."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffdistill import analytic, schedules
+from diffdistill.losses import progressive
+from diffdistill.train import state as state_lib, step as step_lib
+from diffdistill.train.method import Method, Update
+from experiments.distill import config as config_lib
+from experiments.distill import main as main_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env():
+  e = dict(os.environ)
+  e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return e
+
+
+@pytest.mark.parametrize("variant", ["pd_ring2d", "kd_ring2d", "reflow_ring2d"])
+def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
+  config = config_lib.get_config(f"{variant},tiny")
+  out = main_lib.run(config, str(tmp_path))
+  rows = out["rows"]
+  students = [r for r in rows if not r["method"].startswith("teacher")]
+  assert students and all(np.isfinite(r["median"]) and not r["nan"] for r in rows)
+  for r in students:  # every student NFE has the teacher's DDIM beside it
+    assert any(t["method"] == "teacher ddim" and t["nfe"] == r["nfe"] for t in rows)
+    f = np.load(tmp_path / "samples" / f"{r['method']}_nfe{r['nfe']}.npz")
+    assert f["x_start"].shape == f["samples"].shape == (config.eval.num_samples, 2)
+    assert int(f["nfe"]) == r["nfe"]
+    assert {"alpha_start", "sigma_start", "alpha_end", "sigma_end"} <= set(f.files)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["variant"] == variant and len(saved["rows"]) == len(rows)
+  assert (tmp_path / "distill.png").stat().st_size > 10_000
+  if variant == "reflow_ring2d":
+    assert 0 < out["notes"]["straightness_1rf"]
+
+
+def test_new_teacher_and_new_round_compile_nothing():
+  # PD's step is traced once for all rounds: the teacher and N are frozen inputs.
+  schedule = schedules.VPLinear()
+  student = lambda p, x, t: p["c"] * x  # noqa: E731
+  loss = chex.assert_max_traces(progressive.pd_loss(student, student, schedule=schedule), n=1)
+  method = Method(name="pd", updates=(Update(player="student", loss_fn=loss, inputs={
+      "teacher_params": "frozen/teacher", "num_steps": "frozen/num_steps"}),))
+  mesh = step_lib.make_mesh()
+  step = step_lib.make_step(method, mesh=mesh)
+  batch = step_lib.global_batch({"x": np.asarray(analytic.sample(
+      analytic.ring2d(), jax.random.key(0), 16))}, mesh=mesh)
+  tx = optax.sgd(1e-3)  # one optimizer object: it is part of the state's (static) structure
+  for n, c in ((8, 1.0), (4, 0.9), (2, 0.8), (1, 0.7)):
+    player = state_lib.Player.create(params={"c": jnp.float32(c)}, tx=tx)
+    state = state_lib.TrainState.create(players={"student": player}, rng=jax.random.key(0))
+    state, _ = step(state, batch, {"teacher": {"c": jnp.float32(c)}, "num_steps": jnp.int32(n)})
+
+
+def _command(workdir, extra=()):
+  return [sys.executable, "-m", "experiments.distill.main",
+          "--config=experiments/distill/config.py:pd_ring2d,tiny", f"--workdir={workdir}",
+          "--config.pd.steps_per_round=300", "--config.log_every=1", *extra]
+
+
+def _losses(workdir):
+  out = {}
+  for stage in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, stage, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[stage] = [(r["step"], r["loss"]) for r in map(json.loads, f)]
+  return out
+
+
+@pytest.mark.slow  # three tiny runs in subprocesses: ~1 min on an idle 2-core machine
+def test_sigkill_mid_round_resumes_to_the_same_losses(tmp_path):
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  subprocess.run(_command(ref), cwd=ROOT, env=env(), check=True, capture_output=True)
+  proc = subprocess.Popen(_command(killed), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "round_1", "checkpoints", "40")):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  at_kill = _losses(killed)
+  assert 40 <= at_kill["round_1"][-1][0] < 300  # killed mid-round, after a checkpoint
+  subprocess.run(_command(killed), cwd=ROOT, env=env(), check=True, capture_output=True)
+  want, got = _losses(ref), _losses(killed)
+  assert set(want) == {"copy", "round_2", "round_1"}
+  assert got == want  # bit for bit, every stage
