@@ -59,3 +59,101 @@ def test_sample_on_times_equals_sample_and_has_finite_time_gradients(x64):
     grad = jax.grad(lambda tt: jnp.sum(traceable.sample_on_times(
         denoise, x_T, tt, schedule=sch, solver=solver, ends=(False, False)) ** 2))(jnp.asarray(t))
     assert np.all(np.isfinite(grad)) and np.all(np.abs(grad[1:-1]) > 0), (solver, grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# learn_grid, learned coefficients, saved files
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from diffdistill.solvers import learn  # noqa: E402
+
+
+def _ring_setup(m, seed=0):
+  sch = schedules.VPLinear()
+  denoise = functools.partial(analytic.denoiser(sch), analytic.ring2d())
+  x_T = jax.random.normal(jax.random.PRNGKey(seed), (m, 2)) * sch.sigma(jnp.float32(sch.t_max))
+  return sch, denoise, x_T
+
+
+@pytest.mark.slow  # ~45 s on 2 loaded cores: one compile per example
+@settings(max_examples=5, deadline=None)
+@given(solver=st.sampled_from(sorted(traceable.TRACEABLE)), extra=st.integers(0, 4),
+       log_lr=st.floats(-2.0, 1.5), garbage_target=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_learn_grid_always_returns_a_grid_sample_accepts(solver, extra, log_lr, garbage_target,
+                                                         seed):
+  """Whatever the solver, NFE, step size (up to 30: wild logits) and target (random numbers
+  instead of the teacher's solution), the result is strictly decreasing, keeps both ends, and
+  sample(..., spacing=grid) runs it to a finite result."""
+  sch, denoise, x_T = _ring_setup(16, seed)
+  nfe = solvers.SOLVERS[solver].min_steps + extra
+  target = 10.0 * jax.random.normal(jax.random.PRNGKey(seed + 1), x_T.shape) if garbage_target else None
+  grid = solvers.learn_grid(denoise, x_T, schedule=sch, solver=solver, nfe=nfe, iterations=3,
+                            learning_rate=10.0 ** log_lr, target=target, reference_tol=1e-4)
+  assert grid.shape == (nfe + 1,) and grid.dtype == np.float64
+  assert np.all(np.diff(grid) < 0) and grid[0] == sch.t_max and grid[-1] == sch.t_min
+  x = solvers.sample(denoise, x_T, schedule=sch, solver=solver, nfe=nfe, spacing=grid)
+  assert np.all(np.isfinite(np.asarray(x)))
+
+
+@pytest.mark.slow  # ~20 s
+def test_learned_grid_beats_the_standard_grids_on_held_out_noise():
+  """Fitted on 128 draws of ring2d at NFE 5, the grid halves the held-out error of dpm_solver_pp_2m
+  on the logSNR grid (its init) and beats Karras and time-quadratic (measured: ~4-5x better);
+  its calibration and held-out errors agree (no overfitting)."""
+  sch, denoise, x_cal = _ring_setup(128, 0)
+  _, _, x_test = _ring_setup(512, 1)
+  kw = dict(schedule=sch, solver="dpm_solver_pp_2m", nfe=5)
+  fit = learn.fit(denoise, x_cal, iterations=60, learning_rate=0.1, **kw)
+  ref = learn.reference_solution(denoise, x_test, schedule=sch)
+  err = {sp if isinstance(sp, str) else "learned": float(jnp.mean(learn.per_sample_distance(
+      solvers.sample(denoise, x_test, spacing=sp, **kw), ref)))
+         for sp in ("logsnr", "karras", "time_quadratic", fit.t)}
+  assert err["learned"] < 0.5 * err["logsnr"], err
+  assert err["learned"] < min(err["karras"], err["time_quadratic"]), err
+  assert fit.best_loss < 0.5 * fit.init_loss
+  assert abs(err["learned"] - fit.best_loss) < 0.5 * fit.best_loss, (err, fit.best_loss)
+
+
+def test_saved_grid_and_coefficients_round_trip_and_refuse_other_configurations(tmp_path):
+  """Saved files keep teacher/solver/nfe/schedule; loading for another solver, NFE or schedule is a
+  ValueError; solver="learned:<path>" runs the host plan plus the saved corrections, which equals
+  the traced path the fit used, and with zero corrections it is the base solver."""
+  sch, denoise, x_T = _ring_setup(32)
+  t = grids.time_grid(sch, 6, spacing="karras")
+  path = str(tmp_path / "grid.json")
+  learn.save(path, learn.Learned(teacher="ring2d", solver="unipc_2", nfe=6, schedule=repr(sch), t=t))
+  np.testing.assert_array_equal(solvers.load_grid(path, solver="unipc_2", nfe=6, schedule=sch), t)
+  for bad in (dict(solver="ddim", nfe=6, schedule=sch), dict(solver="unipc_2", nfe=7, schedule=sch),
+              dict(solver="unipc_2", nfe=6, schedule=schedules.VPLinear(beta_max=19.0))):
+    with pytest.raises(ValueError, match="fitted for"):
+      solvers.load_grid(path, **bad)
+  with pytest.raises(ValueError, match="learned grid only"):
+    solvers.sample(denoise, x_T, schedule=sch, **learn.sample_kwargs(path))
+
+  base = traceable.TRACEABLE["unipc_2"].host(grids.host_grid(sch, t))
+  mask = learn.coefficient_mask(base)
+  assert mask.sum() > 0
+  for scale in (0.0, 0.3):
+    delta = scale * np.asarray(jax.random.normal(jax.random.PRNGKey(3), mask.shape))
+    cpath = str(tmp_path / f"coef{scale}.json")
+    learn.save(cpath, learn.Learned(teacher="ring2d", solver="unipc_2", nfe=6, schedule=repr(sch),
+                                    t=t, delta=delta))
+    got = solvers.sample(denoise, x_T, schedule=sch, **learn.sample_kwargs(cpath))
+    g = traceable.trace_grid(sch, jnp.asarray(t), ends=(False, False))
+    plan = learn.apply_delta(traceable.traced_plan("unipc_2", g), jnp.asarray(delta), mask, jnp)
+    want = multistep_run(denoise, x_T, plan)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+    plain = solvers.sample(denoise, x_T, schedule=sch, solver="unipc_2", nfe=6, spacing=t)
+    assert (np.max(np.abs(np.asarray(got) - np.asarray(plain))) < 1e-6) == (scale == 0.0)
+  with pytest.raises(ValueError, match="fitted for nfe=6"):
+    solvers.sample(denoise, x_T, schedule=sch, solver="learned:" + cpath, nfe=7)
+  with pytest.raises(ValueError, match="fitted for schedule"):
+    solvers.sample(denoise, x_T, schedule=schedules.VPLinear(beta_max=19.0), solver="learned:" + cpath,
+                   nfe=6)
+
+
+def multistep_run(denoise, x_T, plan):
+  from diffdistill.solvers import multistep
+  return multistep.run(denoise, x_T, plan, in_dtype=x_T.dtype)
