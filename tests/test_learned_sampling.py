@@ -157,3 +157,56 @@ def test_saved_grid_and_coefficients_round_trip_and_refuse_other_configurations(
 def multistep_run(denoise, x_T, plan):
   from diffdistill.solvers import multistep
   return multistep.run(denoise, x_T, plan, in_dtype=x_T.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic-DPM
+# ---------------------------------------------------------------------------------------------
+
+from diffdistill.solvers import analytic_dpm  # noqa: E402
+
+
+def test_analytic_dpm_variance_equals_the_closed_form_optimum_on_gaussian_data(x64):
+  """Single Gaussian N(mu, diag(s)): Cov[x0 | x_s] = diag(s sigma^2 / (alpha^2 s + sigma^2)) for
+  every x_s, so Gamma_s = 1 - mean(alpha^2 s / (alpha^2 s + sigma^2)) and v* are closed forms. The
+  Monte-Carlo estimate from the teacher matches them, and v* is the mean squared residual of
+  x_t ~ q(x_t | x_s, x0) about the sampler's mean, i.e. the moment-matched (KL-optimal) variance;
+  the fixed choices (posterior, forward) are off by far more than the tolerance."""
+  sch = schedules.VPLinear()
+  d, m = 16, 16384
+  s = np.geomspace(0.01, 1.0, d)
+  mix = analytic.GaussianMixture(np.ones(1), np.linspace(-1, 1, d)[None], s[None])
+  denoise = functools.partial(analytic.denoiser(sch), mix)
+  x0 = analytic.sample(mix, jax.random.PRNGKey(0), m, dtype=jnp.float64)
+  grid = grids.host_grid(sch, grids.time_grid(sch, 8, spacing="logsnr"))
+  gamma, prior_var = analytic_dpm.estimate_gamma(denoise, x0, grid.t[:-1], schedule=sch,
+                                                 rng=jax.random.PRNGKey(1))
+  a, sg = grid.alpha[:-1, None], grid.sigma[:-1, None]
+  gamma_exact = 1.0 - np.mean(a ** 2 * s / (a ** 2 * s + sg ** 2), axis=1)
+  np.testing.assert_allclose(gamma, gamma_exact, rtol=0.01)
+  np.testing.assert_allclose(prior_var, np.mean(s), rtol=0.05)
+  for eta in (1.0, 0.3):
+    v = analytic_dpm.reverse_variances(grid, kind="analytic", eta=eta, gamma=gamma)
+    v_exact = analytic_dpm.reverse_variances(grid, kind="analytic", eta=eta, gamma=gamma_exact)
+    # Where Gamma ~ 1 (high noise) v* - c^2 is a small difference of noisy terms: the tolerance is
+    # 5 standard errors of the estimate, se(Gamma) = sqrt(2 / (M d)) for eps_hat ~ N(0, I).
+    se = analytic_dpm.ancestral_plan(grid, v_exact, eta=eta).b[:, 0] ** 2 * (
+        grid.sigma[:-1] / grid.alpha[:-1]) ** 2 * np.sqrt(2.0 / (m * d))
+    assert np.all(np.abs(v - v_exact) <= 5 * se), (v, v_exact, se)
+    # v_exact against the residual of exact posterior draws about the sampler's mean.
+    base = analytic_dpm.ancestral_plan(grid, v_exact, eta=eta)
+    c = np.sqrt(analytic_dpm.reverse_variances(grid, kind="posterior", eta=eta))
+    keys = jax.random.split(jax.random.PRNGKey(2), 2 * grid.num_steps)
+    for i in range(grid.num_steps):
+      x_s = grid.alpha[i] * x0 + grid.sigma[i] * jax.random.normal(keys[2 * i], x0.shape)
+      eps = (x_s - grid.alpha[i] * x0) / grid.sigma[i]
+      k = base.a[i]
+      x_t = grid.alpha[i + 1] * x0 + k * grid.sigma[i] * eps + c[i] * jax.random.normal(
+          keys[2 * i + 1], x0.shape)
+      mean = k * x_s + base.b[i, 0] * denoise(x_s, jnp.full((m,), grid.t[i]))
+      resid = float(jnp.mean((x_t - mean) ** 2))
+      np.testing.assert_allclose(resid, v_exact[i], rtol=0.03, err_msg=f"step {i}, eta {eta}")
+  fixed = [analytic_dpm.reverse_variances(grid, kind=k, eta=1.0) for k in ("posterior", "forward")]
+  v1 = analytic_dpm.reverse_variances(grid, kind="analytic", eta=1.0, gamma=gamma_exact)
+  for f in fixed:
+    assert np.max(np.abs(f / v1 - 1.0)) > 0.2
