@@ -31,6 +31,10 @@ class Plan:
 
   form: "data" (history holds D) or "noise" (history holds eps).
   a: [N]; b: [N, K]; g, noise: [N] or None; corrector: (p [N], q [N], r [N, K']) or None.
+
+  The rows may also be jax arrays computed inside a trace from a traced grid
+  (`traceable.TracedGrid`, for samplers differentiated with respect to their times); their
+  finiteness cannot be checked then, only their shapes.
   """
 
   grid: grids.HostGrid
@@ -49,7 +53,7 @@ class Plan:
     if self.corrector is not None:
       arrays += list(self.corrector)
     for v in arrays:
-      if v.shape[0] != n or not np.all(np.isfinite(v)):
+      if v.shape[0] != n or (isinstance(v, np.ndarray) and not np.all(np.isfinite(v))):
         raise ValueError(f"Plan coefficients must have N={n} finite rows; got {v.shape}, {v}.")
 
 
@@ -67,6 +71,9 @@ def call(denoise, x, t, out_dtype, in_dtype):
 def _to_slots(coef: np.ndarray, k: int) -> np.ndarray:
   """Rows of weights on F_{i-j} (j = 0..K'-1) -> weights on ring slots: F_{i-j} sits in slot (i - j) mod k."""
   n, kk = coef.shape
+  if not isinstance(coef, np.ndarray):  # traced rows: the same sums as a 0/1 contraction
+    onehot = (np.arange(k)[None, None, :] == ((np.arange(n)[:, None] - np.arange(kk)) % k)[..., None])
+    return jnp.einsum("nj,njk->nk", coef, jnp.asarray(onehot, coef.dtype))
   out = np.zeros((n, k))
   for j in range(kk):
     np.add.at(out, (np.arange(n), (np.arange(n) - j) % k), coef[:, j])

@@ -27,6 +27,7 @@ from diffdistill.solvers import dpm_solver
 from diffdistill.solvers import dpm_solver_pp
 from diffdistill.solvers import grids
 from diffdistill.solvers import heun
+from diffdistill.solvers import learn
 from diffdistill.solvers import multistep
 from diffdistill.solvers import pndm
 from diffdistill.solvers import unipc
@@ -61,6 +62,7 @@ class SolverInfo:
   min_steps: int = 1
   grid_steps: Callable[[int], int] | None = dataclasses.field(default=None, repr=False,
                                                              compare=False)
+  grid: Any = dataclasses.field(default=None, repr=False, compare=False)  # a learned solver's own
 
 
 _one = lambda n, o: n
@@ -153,7 +155,23 @@ SOLVERS: dict[str, SolverInfo] = {s.name: s for s in [
 ]}
 
 
+LEARNED_PREFIX = "learned:"
+
+
+def _learned_info(solver: str) -> SolverInfo:
+  """solver = "learned:<path>": a multistep solver with fitted coefficients and its own grid
+  (learn.py), run from the saved file; not in SOLVERS, which lists the training-free solvers."""
+  learned = learn.load(solver[len(LEARNED_PREFIX):]).check(kind="coefficients")
+  return SolverInfo(solver, SOLVERS[learned.solver].order, 1, False, True,
+                    f"nfe = {learned.nfe}, the file's", "Frankel et al. 2025 (S4S); Shaul et al. "
+                    f"2024 (BNS): fitted corrections of {learned.solver}",
+                    run=functools.partial(learn.run_learned, coefficients=learned),
+                    nfe_of_steps=_one, min_steps=learned.t.size - 1, grid=learned.t)
+
+
 def _check_solver(solver: str) -> SolverInfo:
+  if isinstance(solver, str) and solver.startswith(LEARNED_PREFIX):
+    return _learned_info(solver)
   if not isinstance(solver, str) or solver not in SOLVERS:
     raise ValueError(f"Unknown solver {solver!r}; expected one of {list(SOLVERS)}.")
   return SOLVERS[solver]
@@ -223,6 +241,8 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   Returns:
     [B, ...] in x_T's dtype; for solver="adaptive" with return_nfe=True, (x, nfe).
 
+  solver="learned:<path>" runs learned coefficients saved by `learn.save` on their own grid
+  (spacing does not apply; see docs/learned_sampling.md).
   The adaptive solver takes nfe=None and the options rtol, atol, method ("tsit5"/"dopri5"),
   max_steps and return_nfe (see adaptive.adaptive_sample); spacing does not apply to it.
   """
@@ -252,7 +272,12 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   if info.grid_steps is not None:  # DPM-Solver-fast: `steps` is the call budget.
     opts["budget"] = steps
     steps = info.grid_steps(steps)
-  if isinstance(spacing, str):
+  if info.grid is not None:  # a learned solver runs on the grid it was fitted on
+    if steps != info.grid.size - 1:
+      raise ValueError(f"{solver!r} was fitted for nfe={info.grid.size - 1} (its own grid); got "
+                       f"nfe={nfe}. Fit one for that nfe.")
+    t = grids.check_user_grid(schedule, info.grid, t_start=t_start, t_end=t_end)
+  elif isinstance(spacing, str):
     t = grids.time_grid(schedule, steps, spacing=spacing, t_start=t_start, t_end=t_end, rho=rho)
   else:
     t = grids.check_user_grid(schedule, spacing, num_steps=steps, t_start=t_start, t_end=t_end)
@@ -279,4 +304,4 @@ def make_sampler(apply: Callable, *, schedule: schedules_lib.Schedule, solver: s
   return run
 
 
-__all__ = ["SolverInfo", "SOLVERS", "sample", "make_sampler", "steps_for_nfe"]
+__all__ = ["SolverInfo", "SOLVERS", "LEARNED_PREFIX", "sample", "make_sampler", "steps_for_nfe"]

@@ -31,40 +31,43 @@ from diffdistill.solvers import multistep
 VARIANTS = ("bh1", "bh2")
 
 
-def step_weights(lam_nodes, lam_t, alpha_t, p, variant):
+def step_weights(lam_nodes, lam_t, alpha_t, p, variant, *, xp=np, finite_h=None):
   """(predictor weights over D_s, D_{s-1}, .., D_{s-p+1}; corrector weights over D_t, D_s, ..,
-  D_{s-p+1}) for one step of order p, with lam_nodes = (lambda_s, lambda_{s-1}, ...)."""
+  D_{s-p+1}) for one step of order p, with lam_nodes = (lambda_s, lambda_{s-1}, ...).
+
+  `xp` is numpy (host plans) or jax.numpy (traced grids, `traceable.py`); there `finite_h`
+  says statically whether h is finite (False only for a step from alpha = 0)."""
   h = lam_t - lam_nodes[0]
+  finite = bool(np.isfinite(h)) if finite_h is None else finite_h
   hh = -h
-  h_phi_1 = np.expm1(hh)
-  b_h = hh if (variant == "bh1" and np.isfinite(h)) else h_phi_1
+  h_phi_1 = xp.expm1(hh)
+  b_h = hh if (variant == "bh1" and finite) else h_phi_1
   rks = [(lam_nodes[m] - lam_nodes[0]) / h for m in range(1, p)] + [1.0]
   rows, g = [], []
-  h_phi_k = h_phi_1 / hh - 1.0 if np.isfinite(h) else -1.0
+  h_phi_k = h_phi_1 / hh - 1.0 if finite else -1.0
   for k in range(1, p + 1):
     rows.append([r ** (k - 1) for r in rks])
     g.append(h_phi_k * math.factorial(k) / b_h)
     h_phi_k = h_phi_k / hh - 1.0 / math.factorial(k + 1)
-  rmat, g = np.array(rows), np.array(g)
-  pred = np.zeros(p)
-  pred[0] = -alpha_t * h_phi_1
+  rmat, g = xp.array(rows), xp.array(g)
+  pred = [-alpha_t * h_phi_1] + [0.0] * (p - 1)
   if p >= 2:
-    rhos_p = np.array([0.5]) if p == 2 else np.linalg.solve(rmat[:-1, :-1], g[:-1])
+    rhos_p = [0.5] if p == 2 else xp.linalg.solve(rmat[:-1, :-1], g[:-1])
     for m in range(1, p):
       k = -alpha_t * b_h * rhos_p[m - 1] / rks[m - 1]
-      pred[m] += k
-      pred[0] -= k
-  rhos_c = np.array([0.5]) if p == 1 else np.linalg.solve(rmat, g)
-  corr = np.zeros(p + 1)
-  corr[1] = -alpha_t * h_phi_1
+      pred[m] = pred[m] + k
+      pred[0] = pred[0] - k
+  rhos_c = [0.5] if p == 1 else xp.linalg.solve(rmat, g)
+  corr = [0.0, -alpha_t * h_phi_1] + [0.0] * (p - 1)
   for m in range(1, p):
     k = -alpha_t * b_h * rhos_c[m - 1] / rks[m - 1]
-    corr[1 + m] += k
-    corr[1] -= k
+    corr[1 + m] = corr[1 + m] + k
+    corr[1] = corr[1] - k
   k = -alpha_t * b_h * rhos_c[-1]
-  corr[0] += k
-  corr[1] -= k
-  return pred, corr
+  corr[0] = corr[0] + k
+  corr[1] = corr[1] - k
+  stack = lambda v: xp.stack([xp.asarray(c) for c in v])
+  return stack(pred), stack(corr)
 
 
 def plan(grid: grids.HostGrid, order: int, *, variant: str = "bh2",
