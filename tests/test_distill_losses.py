@@ -40,7 +40,8 @@ def newton(loss_fn, params, *args, **kwargs):
   @jax.jit
   def solve(flat, args, kwargs):
     f = lambda p: loss_fn(unravel(p), *args, **kwargs)[0]  # noqa: E731
-    return flat - jnp.linalg.solve(jax.hessian(f)(flat), jax.grad(f)(flat))
+    # pinv: parameters a loss never touches (a grid time it never draws) keep their value
+    return flat - jnp.linalg.pinv(jax.hessian(f)(flat), hermitian=True) @ jax.grad(f)(flat)
 
   return unravel(solve(flat, args, kwargs))
 
@@ -198,3 +199,67 @@ def test_distances():
                              [np.sqrt(25 + c * c) - c], rtol=1e-6)
   with pytest.raises(ValueError, match="Unknown distance 'l3'"):
     distances.get("l3")
+
+
+def per_time_affine(schedule, n):
+  """D(x, t) = c_k * x + e_k with k the index of t on the host n-step grid (a student that can
+  hold a different affine map at every grid time)."""
+  host = np.asarray(grids.time_grid(schedule, n))
+
+  def apply(params, x, t, **cond):
+    del cond
+    k = jnp.argmin(jnp.abs(jnp.asarray(host, x.dtype)[None] - t[:, None]), axis=1)
+    return params["c"][k] * x + params["e"][k]
+
+  return apply, {"c": jnp.zeros((n + 1, 3)), "e": jnp.zeros((n + 1, 3))}
+
+
+def test_tract_fixed_point_is_the_teachers_ddim_within_a_segment(x64):
+  # One segment over a 4-step teacher grid: from t_0 the student's single DDIM step to t_4 must
+  # equal 4 teacher DDIM steps (the transitive closure through the self-teacher).
+  from diffdistill.losses import tract  # noqa: PLC0415
+  mix, schedule = gaussian(), schedules.VPLinear()
+  teacher = analytic.denoiser(schedule)
+  student, params = per_time_affine(schedule, 4)
+  loss_fn = tract.tract_loss(student, teacher, schedule=schedule)
+  batch = {"x": analytic.sample(mix, jax.random.key(1), 1024, dtype=jnp.float64)}
+  for _ in range(5):  # the self-teacher (stop-gradient student) moves to the fixed point
+    params = newton(loss_fn, params, batch, jax.random.key(2), teacher_params=mix,
+                    self_teacher_params=params, teacher_steps=jnp.int32(4),
+                    num_segments=jnp.int32(1))
+  x_T = jax.random.normal(jax.random.key(3), (256, 3), jnp.float64)
+  one = solvers.sample(lambda x, t: student(params, x, t), x_T, schedule=schedule, solver="ddim",
+                       nfe=1)
+  four = solvers.sample(lambda x, t: teacher(mix, x, t), x_T, schedule=schedule, solver="ddim",
+                        nfe=4)
+  np.testing.assert_allclose(one, four, rtol=1e-7, atol=1e-8)
+
+
+def test_boot_fixed_point_is_the_closed_form_flow_map(x64):
+  # With an exact teacher step, the bootstrapped student's one-step output at every grid time is
+  # the exact flow map from x_T (closed form for Gaussian data).
+  from diffdistill.losses import boot  # noqa: PLC0415
+  mix, schedule, n = gaussian(), schedules.VPLinear(), 4
+
+  def exact_step(denoise, x, t_s, t_t, *, schedule):
+    del denoise
+    a0, s0 = schedule.alpha(t_s)[:, None], schedule.sigma(t_s)[:, None]
+    a1, s1 = schedule.alpha(t_t)[:, None], schedule.sigma(t_t)[:, None]
+    return a1 * M + jnp.sqrt((a1 ** 2 * V + s1 ** 2) / (a0 ** 2 * V + s0 ** 2)) * (x - a0 * M)
+
+  student, params = per_time_affine(schedule, n)
+  loss_fn = boot.boot_loss(student, analytic.denoiser(schedule), schedule=schedule,
+                           step=exact_step)
+  x_T = float(schedule.sigma(schedule.t_max)) * jax.random.normal(jax.random.key(0), (1024, 3),
+                                                                  jnp.float64)
+  for _ in range(n + 1):  # each sweep fixes one more grid time
+    params = newton(loss_fn, params, {"x_T": x_T}, jax.random.key(1), teacher_params=mix,
+                    num_steps=jnp.int32(n))
+  held_out = jax.random.normal(jax.random.key(5), (256, 3), jnp.float64)
+  for k in (1, n):
+    t = float(grids.time_grid(schedule, n)[k])
+    got = boot.boot_state(student, params, held_out, t, schedule=schedule,
+                          t_start=schedule.t_max)
+    want = analytic.gaussian_flow_map(mix, held_out, schedule=schedule, t_start=schedule.t_max,
+                                      t_end=t)
+    assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-3

@@ -13,8 +13,12 @@ from experiments.quickstart import main as quickstart
 def test_quickstart_tiny(tmp_path):
   config = quickstart_config.get_config("tiny")
   rows = quickstart.run(config, str(tmp_path), progress=False)
-  assert {(r["name"], r["nfe_asked"]) for r in rows} == {
+  solver_rows = [r for r in rows if r["family"] == "solver"]
+  assert {(r["name"], r["nfe_asked"]) for r in solver_rows} == {
       (s, n) for s in config.solvers for n in config.nfe}
+  # the distilled students join the table at their own NFE
+  assert {(r["name"], r["nfe"]) for r in rows if r["family"] == "distilled"} == {
+      ("pd student", 2), ("pd student", 1)}
   err = {(r["name"], r["nfe"]): r["median"] for r in rows}
   for r in rows:
     assert not r["nan"] and np.isfinite(r["rms"]) and r["ms"] > 0

@@ -12,7 +12,8 @@ Testbeds:
           runs/teacher_digits, `--config.teacher.path=...`), its U-Net as the student.
 reflow variants use the exact teacher under rectified flow (the 1-rectified flow).
 Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the measured times).
-`tiny` shrinks any variant to a smoke test: `config.py:pd_ring2d,tiny`.
+`tiny` shrinks any variant to a smoke test (`config.py:pd_ring2d,tiny`), `quick` to the
+quickstart's budget (`config.py:pd_ring2d,quick`).
 """
 
 import ml_collections
@@ -130,6 +131,18 @@ def _tiny(c):
   c.optim.warmup_steps = 0
 
 
+def _quick(c):
+  """The quickstart's budget (about 2 minutes on 2 CPU cores for pd_ring2d)."""
+  c.batch_size = 256
+  c.progress = False
+  c.copy.num_steps = 1500
+  c.pd.teacher_steps = 32
+  c.pd.steps_per_round = 600
+  c.pd.eval_steps = (4, 2, 1)
+  c.kd.num_steps = 1000
+  c.eval.num_samples = 1024
+
+
 def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
   variant, _, option = arg.partition(",")
   method, _, testbed = variant.rpartition("_")
@@ -141,6 +154,8 @@ def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
   _method(c, method)
   if option == "tiny":
     _tiny(c)
+  elif option == "quick":
+    _quick(c)
   elif option:
-    raise ValueError(f"Unknown config option {option!r}; the only option is 'tiny'.")
+    raise ValueError(f"Unknown config option {option!r}; expected 'tiny' or 'quick'.")
   return c

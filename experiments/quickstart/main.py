@@ -1,4 +1,4 @@
-"""Quickstart: every deterministic solver, a few NFE, error against the exact flow map, wall time.
+"""Quickstart: distil the exact teacher into a few-step student, next to every training-free solver.
 
 COMMAND:
   python -m experiments.quickstart.main [--workdir=runs/quickstart] [--config=...config.py:mixture64]
@@ -11,20 +11,27 @@ probability-flow ODE (`analytic.flow_map`) with `metrics.per_sample_error` (medi
 samples of the per-coordinate RMS error). Wall time is the median of jitted calls after a warm-up.
 
 A method is anything that maps (params, x_T) to samples with a known number of network calls
-(`Method`): the training-free solvers today. A new family (e.g. a distilled generator) is a
-function `build(config, setup) -> list[Method]` appended to `METHOD_BUILDERS`.
+(`Method`). Three families fill the table:
+  * solver:    every deterministic training-free solver of `solvers.SOLVERS`;
+  * learned:   a solver on a time grid fitted to the teacher (`solvers.learn.learn_grid`, on
+               calibration noise disjoint from x_T);
+  * distilled: the students of an `experiments/distill` recipe (progressive distillation of the
+               exact teacher by default: a network copy, then rounds 16 -> 8 -> 4 -> 2 -> 1), trained
+               here in `workdir/distill` and sampled with their own NFE.
+A new family is a function `build(config, setup) -> list[Method]` appended to `METHOD_BUILDERS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
 import time
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -57,7 +64,7 @@ class Method:
   """
 
   name: str  # e.g. "dpm_solver_pp_2m"
-  family: str  # "solver" (training-free); distilled generators will bring their own
+  family: str  # "solver" (training-free), "learned" (fitted grid) or "distilled"
   nfe: int  # network evaluations per sample
   nfe_asked: int  # the budget of the config; nfe is the nearest one the method meets exactly
   order: int | None  # theoretical order, where it has one
@@ -96,7 +103,48 @@ def solver_methods(config, setup: Setup) -> list[Method]:
   return out
 
 
-METHOD_BUILDERS = (solver_methods,)
+def learned_methods(config, setup: Setup) -> list[Method]:
+  """Each of config.learned's solvers on a grid fitted to the teacher at each NFE it can meet."""
+  from experiments.learned_sampling import main as learned_lib  # noqa: PLC0415
+  out = []
+  for name in config.learned:
+    for asked in config.nfe:
+      if asked < solvers.SOLVERS[name].min_steps:
+        continue
+      run, _ = learned_lib.learned_grid_sampler(setup.apply, setup.params, schedule=setup.schedule,
+                                                solver=name, nfe=asked)
+      out.append(Method(name=f"{name} + learned grid", family="learned", nfe=asked,
+                        nfe_asked=asked, order=solvers.SOLVERS[name].order, run=run))
+  return out
+
+
+def distilled_methods(config, setup: Setup) -> list[Method]:
+  """Trains the students of experiments/distill's `config.distill` variant on this teacher."""
+  if not config.distill:
+    return []
+  from experiments.distill import common as distill_common  # noqa: PLC0415
+  from experiments.distill import config as distill_config  # noqa: PLC0415
+  from experiments.distill import main as distill_main  # noqa: PLC0415
+  dconfig = distill_config.get_config(config.distill)
+  dconfig.progress = False
+  if dconfig.teacher.name != config.teacher or dconfig.teacher.schedule != config.schedule:
+    raise ValueError(f"config.distill={config.distill!r} distils {dconfig.teacher.name} under "
+                     f"{dconfig.teacher.schedule}, but the quickstart's teacher is "
+                     f"{config.teacher} under {config.schedule}.")
+  dsetup = distill_common.make_setup(dconfig)
+  plan = distill_main.build_plan(dconfig, dsetup)
+  results, _ = distill_common.run_stages(plan, dsetup, os.path.join(config.workdir, "distill"),
+                                         progress=False)
+  out = []
+  for student in plan.students:
+    run = functools.partial(jax.jit(student.run), student.params(results))
+    out.append(Method(name=f"{dconfig.method} student", family="distilled", nfe=student.nfe,
+                      nfe_asked=student.nfe, order=None,
+                      run=lambda teacher_params, x, run=run: run(x)))
+  return out
+
+
+METHOD_BUILDERS = (solver_methods, learned_methods, distilled_methods)
 
 
 def make_setup(config) -> Setup:
@@ -140,7 +188,14 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   """Builds every method, evaluates it, writes results.{json,md} and quickstart.png to workdir."""
   os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config)
-  methods = [m for build in METHOD_BUILDERS for m in build(config, setup)]
+  with config.unlocked():
+    config.workdir = workdir
+  methods = []
+  for build in METHOD_BUILDERS:
+    t0 = time.perf_counter()
+    methods += build(config, setup)
+    if progress:
+      print(f"{build.__name__}: {time.perf_counter() - t0:.0f} s", flush=True)
   rows = []
   for method in tqdm.tqdm(methods, desc="methods x NFE", disable=not progress):
     rows.append(evaluate(method, setup, repeats=config.repeats))
@@ -228,6 +283,7 @@ def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint of the distilled student
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   start = time.perf_counter()
   rows = run(config, workdir)
