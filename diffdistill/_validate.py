@@ -50,8 +50,8 @@ def check_key(name: str, rng: Any) -> jax.Array:
       and rng.shape in ((2,), (4,))):
     return rng
   if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
-    raise ValueError(f"{name} must be a PRNG key, not the integer {rng!r}: pass "
-                     f"jax.random.key({rng}).")
+    raise ValueError(f"{name} must be a PRNG key, not the integer {int(rng)}: pass "
+                     f"jax.random.key({int(rng)}).")
   what = (f"an array of shape {tuple(rng.shape)} and dtype {rng.dtype}" if hasattr(rng, "dtype")
           else repr(rng))
   raise ValueError(f"{name} must be a PRNG key, jax.random.key(seed) (or a raw uint32[2] "
@@ -68,17 +68,17 @@ def check_floating(name: str, x: Any) -> jax.Array:
   return x
 
 
-def _slack(bound: float, dtype) -> float:
-  # A bound written as a Python float may round past itself in the array's dtype (float32(pi/2)
-  # > pi/2; bfloat16(0.9946) = 0.9961), also when such a value comes back as a Python float:
-  # allow a few units of rounding of that dtype, and at least of float32.
-  eps = max(float(jnp.finfo(dtype).eps), float(np.finfo(np.float32).eps))
-  return 4.0 * eps * abs(bound)
+def _slack(t_min: float, t_max: float, dtype) -> float:
+  # Times computed in float32 (a bound rounded to the dtype, float32(pi/2) > pi/2, or a
+  # t_from_logsnr round trip) land a little outside the range; bfloat16(0.9946) = 0.9961. Allow
+  # that much, on the scale of the range; misuse (t = -1, or t = 0 for EDM) is far larger.
+  eps = max(4.0 * float(jnp.finfo(dtype).eps), 1e-5)
+  return eps * max(1.0, abs(t_min), abs(t_max))
 
 
 def check_time(name: str, t: Any, *, t_min: float, t_max: float, what: str = "the schedule") -> None:
-  """Raises unless every value of a concrete t lies in [t_min, t_max] (up to rounding in t's
-  dtype). A traced t is not checked."""
+  """Raises unless every value of a concrete t lies in [t_min, t_max], up to a slack of
+  max(4 eps(dtype), 1e-5) max(1, |t_min|, |t_max|) for rounding. A traced t is not checked."""
   if not is_concrete(t):
     return
   arr = np.asarray(t)
@@ -89,8 +89,9 @@ def check_time(name: str, t: Any, *, t_min: float, t_max: float, what: str = "th
   if np.all(np.isnan(arr)):
     return  # NaN propagates; it is not a time outside the range.
   lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-  if lo < t_min - _slack(t_min, dtype) or hi > t_max + _slack(t_max, dtype):
-    bad = lo if lo < t_min - _slack(t_min, dtype) else hi
+  slack = _slack(t_min, t_max, dtype)
+  if lo < t_min - slack or hi > t_max + slack:
+    bad = lo if lo < t_min - slack else hi
     raise ValueError(f"{name} must lie in [t_min, t_max] = [{t_min}, {t_max}] ({what}'s range); "
                      f"got {bad}.")
 
