@@ -92,6 +92,6 @@ def test_check_time_slack_and_tracers():
   check(jnp.asarray(1.0, jnp.bfloat16))
   check(jnp.array([0.5, jnp.nan]))  # NaN is not a time out of range
   jax.jit(lambda t: check(t) or t)(5.0)  # traced: unchecked
-  for bad in (1.001, -0.0, jnp.array([0.5, 2.0])):
+  for bad in (1.001, -0.0, jnp.array([0.5, 2.0]), jnp.array([jnp.nan, 2.0])):
     with pytest.raises(ValueError, match=r"t must lie in \[t_min, t_max\] = \[0.001, 1.0\]"):
       check(bad)
