@@ -7,6 +7,7 @@ Checks that need values (not only shapes and dtypes) run only where the value is
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -96,19 +97,33 @@ def check_time(name: str, t: Any, *, t_min: float, t_max: float, what: str = "th
                      f"got {bad}.")
 
 
-def check_output(name: str, fn: Callable, args: tuple, *, shape: tuple, what: str) -> None:
-  """Traces fn(*args) abstractly (`jax.eval_shape`: no FLOPs, no compilation) and raises unless it
-  returns one floating array of `shape`. Shapes that broadcast ([B, 1] for [B, d]) are caught
-  here, where they would otherwise give silently wrong numbers."""
-  out = jax.eval_shape(fn, *args)
+def check_output(name: str, out: Any, *, shape: tuple, what: str) -> None:
+  """Raises unless `out` (an array or tracer: only its shape and dtype are read) is one floating
+  array of `shape`."""
   if not (hasattr(out, "shape") and hasattr(out, "dtype")):
-    raise ValueError(f"{name} must return one array {what}; it returned {type(out).__name__} "
-                     f"{out!r}.")
+    raise ValueError(f"{name} must return one array {what}; it returned {type(out).__name__}.")
   if tuple(out.shape) != tuple(shape):
     raise ValueError(f"{name} must return {what} {tuple(shape)}; it returned shape "
                      f"{tuple(out.shape)}.")
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise ValueError(f"{name} must return a floating-point array; it returned dtype {out.dtype}.")
+
+
+def checked_denoiser(denoise: Callable) -> Callable:
+  """`denoise(x, t)` whose every output is checked to be one floating array of x's shape.
+
+  The check runs where the sampler calls it, at trace time (shapes are static): no extra trace
+  and no FLOPs. Outputs that broadcast ([B, 1] for [B, d]) are caught here, where they would
+  otherwise give silently wrong numbers.
+  """
+
+  @functools.wraps(denoise)
+  def checked(x, t, *args, **kwargs):
+    out = denoise(x, t, *args, **kwargs)
+    check_output("denoise(x, t)", out, shape=x.shape, what="x0_hat of x's shape")
+    return out
+
+  return checked
 
 
 def check_writable_dir(name: str, path: str) -> None:
@@ -129,4 +144,4 @@ def check_writable_dir(name: str, path: str) -> None:
 
 
 __all__ = ["is_concrete", "check_int", "check_key", "check_floating", "check_time",
-           "check_output", "check_writable_dir"]
+           "check_output", "checked_denoiser", "check_writable_dir"]

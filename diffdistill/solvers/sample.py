@@ -237,12 +237,9 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
     raise ValueError(f"x_T must be a floating array, got dtype {x_T.dtype}.")
   if rng is not None:
     rng = _validate.check_key("rng", rng)
-  # Once, abstractly (no FLOPs): an output of shape [B, 1] would broadcast silently in the steps.
-  _validate.check_output(
-      "denoise(x, t)", denoise,
-      (jax.ShapeDtypeStruct(x_T.shape, x_T.dtype),
-       jax.ShapeDtypeStruct(x_T.shape[:1], multistep.compute_dtype(x_T.dtype))),
-      shape=x_T.shape, what="x0_hat of x's shape")
+  # Each output checked where it is made, at trace time: one of shape [B, 1] would broadcast
+  # silently in the steps.
+  denoise = _validate.checked_denoiser(denoise)
   if solver == "adaptive":
     if nfe is not None:
       raise ValueError("solver='adaptive' chooses its own NFE: pass nfe=None (and rtol/atol); "
