@@ -276,7 +276,7 @@ def _theta(schedule, t, dtype):
                                              "return_stats"))
 def _flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
               t_end, rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 100_000,
-             return_stats: bool = False):
+              return_stats: bool = False):
   """Integrates the probability-flow ODE of denoiser `apply(params, x, t)` from t_start to t_end.
 
   Args:
