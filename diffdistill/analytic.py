@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill import _validate
 from diffdistill import schedules as schedules_lib
 
 Array = jax.Array
@@ -122,6 +123,11 @@ def _validate_and_factor(weights, means, covs):
   d = mu.shape[1]
   if not np.all(np.isfinite(w)) or np.any(w <= 0):
     raise ValueError("GaussianMixture: weights must be finite and > 0.")
+  if not np.all(np.isfinite(mu)):
+    raise ValueError(f"GaussianMixture: means must be finite; component "
+                     f"{int(np.argmin(np.all(np.isfinite(mu), axis=1)))} has {mu[~np.isfinite(mu)][0]}.")
+  if not np.all(np.isfinite(c)):
+    raise ValueError(f"GaussianMixture: covs must be finite, got {c[~np.isfinite(c)][0]}.")
   w = w / w.sum()
   if c.shape == (k,):
     c = np.repeat(c[:, None], d, axis=1)
@@ -146,6 +152,8 @@ def _validate_and_factor(weights, means, covs):
 def _check_x(mix: GaussianMixture, x: Array) -> None:
   if x.ndim != 2 or x.shape[-1] != mix.dim:
     raise ValueError(f"x must have shape [B, d] with d = {mix.dim}, got {x.shape}.")
+  # alpha, sigma and the result take x's dtype: integers would truncate them.
+  _validate.check_floating("x", x)
 
 
 def _component_terms(mix: GaussianMixture, x: Array, alpha: Array, sigma: Array):
@@ -172,7 +180,8 @@ def _alpha_sigma(schedule, x, t):
 
 
 def denoise(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
-  """E[x0 | x_t = x], [B, d], exactly."""
+  """E[x0 | x_t = x], [B, d], exactly; x floating, t (scalar or [B]) in [t_min, t_max]."""
+  schedule = schedules_lib.resolve(schedule)
   _check_x(mix, x)
   alpha, sigma = _alpha_sigma(schedule, x, t)
   log_n, m = _component_terms(mix, x, alpha, sigma)
@@ -182,6 +191,7 @@ def denoise(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib
 
 def log_prob(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
   """log p_t(x), [B], of the noised marginal."""
+  schedule = schedules_lib.resolve(schedule)
   _check_x(mix, x)
   alpha, sigma = _alpha_sigma(schedule, x, t)
   log_n, _ = _component_terms(mix, x, alpha, sigma)
@@ -190,6 +200,8 @@ def log_prob(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_li
 
 def score(mix: GaussianMixture, x: Array, t: Array, *, schedule: schedules_lib.Schedule) -> Array:
   """grad_x log p_t(x) = (alpha E[x0 | x] - x) / sigma^2 (Tweedie), [B, d]."""
+  schedule = schedules_lib.resolve(schedule)
+  _check_x(mix, x)
   alpha, sigma = _alpha_sigma(schedule, x, t)
   return (alpha * denoise(mix, x, t, schedule=schedule) - x) / (sigma * sigma)
 
@@ -209,8 +221,12 @@ def responsibilities(mix: GaussianMixture, x: Array) -> Array:
 
 
 def sample(mix: GaussianMixture, rng: Array, n: int, dtype=None) -> Array:
-  """n exact samples of p0, [n, d]."""
+  """n exact samples of p0, [n, d]; rng a PRNG key, n >= 0 an integer, dtype floating."""
+  rng = _validate.check_key("rng", rng)
+  n = _validate.check_int("n", n, min=0)
   dtype = dtype or mix.means.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}.")
   k_rng, e_rng = jax.random.split(rng)
   k = jax.random.categorical(k_rng, mix.log_weights, shape=(n,))
   z = jax.random.normal(e_rng, (n, mix.dim), dtype) * jnp.sqrt(mix.eigvals[k]).astype(dtype)
@@ -237,6 +253,7 @@ def gaussian_flow_map(mix: GaussianMixture, x: Array, *, schedule: schedules_lib
   """
   if mix.num_components != 1:
     raise ValueError(f"gaussian_flow_map needs K = 1 components, got K = {mix.num_components}.")
+  schedule = schedules_lib.resolve(schedule)
   _check_x(mix, x)
   a0, s0 = schedule.alpha(jnp.asarray(t_start, x.dtype)), schedule.sigma(jnp.asarray(t_start, x.dtype))
   a1, s1 = schedule.alpha(jnp.asarray(t_end, x.dtype)), schedule.sigma(jnp.asarray(t_end, x.dtype))
@@ -257,9 +274,9 @@ def _theta(schedule, t, dtype):
 
 @functools.partial(jax.jit, static_argnames=("apply", "schedule", "rtol", "atol", "max_steps",
                                              "return_stats"))
-def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
-             t_end, rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 100_000,
-             return_stats: bool = False):
+def _flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
+              t_end, rtol: float = 1e-6, atol: float = 1e-6, max_steps: int = 100_000,
+              return_stats: bool = False):
   """Integrates the probability-flow ODE of denoiser `apply(params, x, t)` from t_start to t_end.
 
   Args:
@@ -311,6 +328,19 @@ def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sched
   return x_end
 
 
+@functools.wraps(_flow_map)
+def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
+             t_end, **options):
+  # The checks run before the jitted solve: inside it t_start and t_end are traced, and a time
+  # out of range ends, after seconds, in diffrax's "maximum number of solver steps".
+  schedule = schedules_lib.resolve(schedule)
+  for name, t in (("t_start", t_start), ("t_end", t_end)):
+    _validate.check_time(name, t, t_min=schedule.t_min, t_max=schedule.t_max,
+                         what=type(schedule).__name__)
+  _validate.check_floating("x", x)
+  return _flow_map(apply, params, x, schedule=schedule, t_start=t_start, t_end=t_end, **options)
+
+
 def _scale(schedule, t, dtype):
   """sqrt(alpha^2 + sigma^2) at t."""
   t = jnp.asarray(t, dtype)
@@ -325,6 +355,7 @@ def _scale(schedule, t, dtype):
 
 def ring2d(num_modes: int = 8, radius: float = 1.0, std: float = 0.1) -> GaussianMixture:
   """`num_modes` isotropic Gaussians evenly spaced on a circle, equal weights."""
+  num_modes = _validate.check_int("num_modes", num_modes, min=1)
   ang = 2 * np.pi * np.arange(num_modes) / num_modes
   means = radius * np.stack([np.cos(ang), np.sin(ang)], axis=1)
   return GaussianMixture(np.ones(num_modes), means, np.full(num_modes, std ** 2))
@@ -332,6 +363,7 @@ def ring2d(num_modes: int = 8, radius: float = 1.0, std: float = 0.1) -> Gaussia
 
 def grid2d(size: int = 4, extent: float = 1.5, std: float = 0.15) -> GaussianMixture:
   """A checkerboard: Gaussians at the centres of the dark cells of a size x size board on [-extent, extent]^2."""
+  size = _validate.check_int("size", size, min=1)
   centres = np.linspace(-extent, extent, 2 * size + 1)[1::2]
   means = np.array([(centres[i], centres[j]) for i in range(size) for j in range(size) if (i + j) % 2 == 0])
   return GaussianMixture(np.ones(len(means)), means, np.full(len(means), std ** 2))
@@ -343,7 +375,9 @@ def mixture64(dim: int = 64, num_components: int = 16, seed: int = 0) -> Gaussia
   Means ~ N(0, 0.25 I); each component's standard deviations are log-uniform in [0.05, 0.5]
   along the axes of a random rotation (QR of a Gaussian matrix); weights ~ Dirichlet(4).
   """
-  rng = np.random.default_rng(seed)
+  dim = _validate.check_int("dim", dim, min=1)
+  num_components = _validate.check_int("num_components", num_components, min=1)
+  rng = np.random.default_rng(_validate.check_int("seed", seed, min=0))
   means = 0.5 * rng.standard_normal((num_components, dim))
   stds = np.exp(rng.uniform(np.log(0.05), np.log(0.5), (num_components, dim)))
   q, r = np.linalg.qr(rng.standard_normal((num_components, dim, dim)))

@@ -18,25 +18,44 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from diffdistill import _validate
 from diffdistill import analytic
 
 Array = jax.Array
 
 
-def _check_pair(x: Array, y: Array) -> None:
-  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-    raise ValueError(f"x and y must be [N, d] and [M, d] with the same d; got {x.shape} and {y.shape}.")
-  if x.shape[0] < 2 or y.shape[0] < 2:
-    raise ValueError(f"x and y need at least 2 samples each; got {x.shape[0]} and {y.shape[0]}.")
+def _samples(name: str, x, *, min_samples: int) -> Array:
+  """x [N, ...] as a floating [N, D] array (integers and bools promoted to float32: pixel values
+  and counts are fine inputs); at least `min_samples` rows."""
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"{name} must have shape [N, ...] (one row per sample), got a scalar.")
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    x = x.astype(jnp.float32)
+  elif not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a real array, got dtype {x.dtype}.")
+  if x.shape[0] < min_samples:
+    raise ValueError(f"{name} needs at least {min_samples} sample{'s' * (min_samples > 1)} "
+                     f"(rows), got shape {x.shape}.")
+  # An explicit row length: reshape(N, -1) cannot infer it when N = 0.
+  return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-def _flat(x: Array) -> Array:
-  return x.reshape(x.shape[0], -1)
+def _check_pair(x, y) -> tuple[Array, Array]:
+  """x [N, ...] and y [M, ...] flattened to [N, D] and [M, D], checked: same D, N, M >= 2."""
+  x, y = _samples("x", x, min_samples=2), _samples("y", y, min_samples=2)
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"x and y must be [N, d] and [M, d] (after flattening) with the same d; "
+                     f"got {x.shape} and {y.shape}.")
+  dtype = jnp.result_type(x.dtype, y.dtype)
+  return x.astype(dtype), y.astype(dtype)
 
 
 def _block_sum(x: Array, y: Array, fn: Callable[[Array], Array], block: int) -> Array:
@@ -61,13 +80,14 @@ def _block_sum(x: Array, y: Array, fn: Callable[[Array], Array], block: int) -> 
 
 @functools.partial(jax.jit, static_argnames=("num_projections", "seed"))
 def sliced_wasserstein(x: Array, y: Array, *, num_projections: int = 256, seed: int = 0) -> Array:
-  """Sliced Wasserstein-2 distance over `num_projections` fixed (seeded) random unit directions.
+  """Sliced Wasserstein-2 distance over `num_projections` (>= 1) fixed (seeded) random unit directions.
 
   Unequal sample counts are compared through their quantile functions at the midpoints
   of the larger sample's ranks.
   """
-  x, y = _flat(x), _flat(y)
-  _check_pair(x, y)
+  _validate.check_int("num_projections", num_projections, min=1)
+  _validate.check_int("seed", seed, min=0)
+  x, y = _check_pair(x, y)
   theta = jax.random.normal(jax.random.PRNGKey(seed), (x.shape[1], num_projections), x.dtype)
   theta = theta / jnp.linalg.norm(theta, axis=0, keepdims=True)
   px = jnp.sort(x @ theta, axis=0)  # [N, P]
@@ -86,25 +106,37 @@ def default_bandwidths(x: Array, y: Array, factors: Sequence[float] = (0.25, 1.0
 
   E|X - X'|^2 = 2 tr(Cov) is computed from moments, without pairwise distances.
   """
-  z = jnp.concatenate([_flat(x), _flat(y)])
+  x, y = _check_pair(x, y)
+  z = jnp.concatenate([x, y])
   scale = 2.0 * jnp.sum(jnp.var(z, axis=0))
   return scale * jnp.asarray(factors, z.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
 def mmd2(x: Array, y: Array, *, bandwidths: Array | None = None, block: int = 512) -> Array:
   """Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / h) (h: squared bandwidths).
 
   Args:
     x: [N, d]; y: [M, d].
-    bandwidths: squared scales h, [H]; default `default_bandwidths(x, y)`.
-    block: rows per chunk of the pairwise kernel sums.
+    bandwidths: squared scales h > 0, [H]; default `default_bandwidths(x, y)`. Checked where
+      concrete; a traced h <= 0 gives a meaningless number.
+    block: rows per chunk of the pairwise kernel sums (>= 1).
   Returns:
     The U-statistic estimate (can be slightly negative when the distributions agree).
   """
-  x, y = _flat(x), _flat(y)
-  _check_pair(x, y)
+  if bandwidths is not None and _validate.is_concrete(bandwidths):
+    h = np.asarray(bandwidths, np.float64)
+    if h.ndim > 1 or h.size == 0 or not np.all(np.isfinite(h) & (h > 0)):
+      raise ValueError(f"bandwidths must be a non-empty [H] array of finite squared scales > 0, "
+                       f"got {bandwidths!r}.")
+  return _mmd2(x, y, bandwidths=bandwidths, block=block)
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _mmd2(x, y, *, bandwidths, block):
+  _validate.check_int("block", block, min=1)
+  x, y = _check_pair(x, y)
   h = default_bandwidths(x, y) if bandwidths is None else jnp.asarray(bandwidths, x.dtype)
+  h = jnp.atleast_1d(h)
   kern = lambda d2: jnp.sum(jnp.exp(-d2[..., None] / h), axis=-1)
   n, m = x.shape[0], y.shape[0]
   nh = h.shape[0]  # k(a, a) = number of kernels, removed from the within-set sums.
@@ -116,9 +148,12 @@ def mmd2(x: Array, y: Array, *, bandwidths: Array | None = None, block: int = 51
 
 @functools.partial(jax.jit, static_argnames=("block",))
 def energy_distance(x: Array, y: Array, *, block: int = 512) -> Array:
-  """2 E|X - Y| - E|X - X'| - E|Y - Y'|, with unbiased within-set means; >= 0, = 0 iff equal laws."""
-  x, y = _flat(x), _flat(y)
-  _check_pair(x, y)
+  """2 E|X - Y| - E|X - X'| - E|Y - Y'|, with unbiased within-set means; >= 0, = 0 iff equal laws.
+
+  block: rows per chunk of the pairwise sums (>= 1).
+  """
+  _validate.check_int("block", block, min=1)
+  x, y = _check_pair(x, y)
   dist = lambda d2: jnp.sqrt(d2 + 1e-30) - jnp.sqrt(jnp.asarray(1e-30, d2.dtype))
   n, m = x.shape[0], y.shape[0]
   exy = _block_sum(x, y, dist, block) / (n * m)
@@ -132,13 +167,42 @@ def _sqrtm_psd(c: Array) -> Array:
   return (u * jnp.sqrt(jnp.maximum(s, 0.0))) @ u.T
 
 
-@jax.jit
+def _check_moments(mu_x, cov_x, mu_y, cov_y) -> None:
+  mu_x, cov_x, mu_y, cov_y = (jnp.asarray(a) for a in (mu_x, cov_x, mu_y, cov_y))
+  d = mu_x.shape[-1] if mu_x.ndim == 1 else None
+  if d is None or mu_y.shape != (d,) or cov_x.shape != (d, d) or cov_y.shape != (d, d):
+    raise ValueError(f"Need mu_x, mu_y of shape [d] and cov_x, cov_y of shape [d, d]; got "
+                     f"{mu_x.shape}, {cov_x.shape}, {mu_y.shape}, {cov_y.shape}.")
+  for name, c in (("cov_x", cov_x), ("cov_y", cov_y)):
+    if not _validate.is_concrete(c):
+      continue
+    c = np.asarray(c, np.float64)
+    scale = max(float(np.max(np.abs(c))), 1e-30) if c.size else 1.0
+    if not np.all(np.isfinite(c)):
+      raise ValueError(f"{name} must be finite.")
+    if not np.allclose(c, c.T, rtol=0.0, atol=1e-4 * scale):
+      raise ValueError(f"{name} must be a symmetric covariance matrix; it is not symmetric.")
+    # Sample covariances in float32 have eigenvalues a little below 0 where they are singular.
+    smallest = float(np.linalg.eigvalsh(0.5 * (c + c.T)).min()) if c.size else 0.0
+    if smallest < -1e-4 * scale:
+      raise ValueError(f"{name} must be positive semi-definite (a covariance); its smallest "
+                       f"eigenvalue is {smallest:.3g}.")
+
+
 def frechet_distance_from_moments(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: Array) -> Array:
   """Frechet distance between N(mu_x, cov_x) and N(mu_y, cov_y).
 
   tr((S_x S_y)^1/2) is computed as sum sqrt(eig(S_x^1/2 S_y S_x^1/2)): symmetric PSD
   eigenproblems only, so no complex parts or scipy round-trips (FID's usual failure modes).
+  cov_x and cov_y must be symmetric positive semi-definite: checked where concrete (a traced
+  indefinite matrix gives a meaningless number).
   """
+  _check_moments(mu_x, cov_x, mu_y, cov_y)
+  return _frechet_from_moments(mu_x, cov_x, mu_y, cov_y)
+
+
+@jax.jit
+def _frechet_from_moments(mu_x, cov_x, mu_y, cov_y):
   root = _sqrtm_psd(cov_x)
   m = root @ cov_y @ root
   tr_sqrt = jnp.sum(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (m + m.T)), 0.0)))
@@ -147,8 +211,8 @@ def frechet_distance_from_moments(mu_x: Array, cov_x: Array, mu_y: Array, cov_y:
 
 
 def gaussian_moments(x: Array) -> tuple[Array, Array]:
-  """Mean [d] and unbiased covariance [d, d] of samples x [N, d]."""
-  x = _flat(x)
+  """Mean [d] and unbiased covariance [d, d] of samples x [N, d] (N >= 2)."""
+  x = _samples("x", x, min_samples=2)
   mu = jnp.mean(x, axis=0)
   xc = x - mu
   return mu, xc.T @ xc / (x.shape[0] - 1)
@@ -157,9 +221,8 @@ def gaussian_moments(x: Array) -> tuple[Array, Array]:
 @jax.jit
 def frechet_distance(x: Array, y: Array) -> Array:
   """The Frechet (FID-formula) distance between Gaussian fits of two sample sets."""
-  x, y = _flat(x), _flat(y)
-  _check_pair(x, y)
-  return frechet_distance_from_moments(*gaussian_moments(x), *gaussian_moments(y))
+  x, y = _check_pair(x, y)
+  return _frechet_from_moments(*gaussian_moments(x), *gaussian_moments(y))
 
 
 @jax.jit
@@ -171,20 +234,34 @@ def per_sample_error(x: Array, ref: Array) -> dict[str, Array]:
   """
   if x.shape != ref.shape:
     raise ValueError(f"x and ref must have the same shape, got {x.shape} and {ref.shape}.")
-  x, ref = _flat(x), _flat(ref)
+  x, ref = _samples("x", x, min_samples=1), _samples("ref", ref, min_samples=1)
   e = jnp.sqrt(jnp.mean((x - ref) ** 2, axis=1))
   return {"median": jnp.median(e), "rms": jnp.sqrt(jnp.mean(e * e)), "max": jnp.max(e)}
 
 
 @jax.jit
 def mixture_log_likelihood(mix: analytic.GaussianMixture, x: Array) -> Array:
-  """Mean exact log p0(x_i) under the mixture (the data distribution)."""
+  """Mean exact log p0(x_i) under the mixture (the data distribution); x [N, d], N >= 1."""
+  x = _mixture_samples(mix, x)
   return jnp.mean(analytic.data_log_prob(mix, x))
+
+
+def _mixture_samples(mix: analytic.GaussianMixture, x) -> Array:
+  """x [N, d] with the mixture's d and N >= 1, as a floating array."""
+  x = jnp.asarray(x)
+  if x.ndim != 2 or x.shape[1] != mix.dim:
+    raise ValueError(f"x must have shape [N, d] with the mixture's d = {mix.dim}, got {x.shape}.")
+  return _samples("x", x, min_samples=1)
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
 def mode_counts(mix: analytic.GaussianMixture, x: Array, *, block: int = 4096) -> Array:
-  """How many samples fall to each component (hard assignment by responsibility), [K]."""
+  """How many samples fall to each component (hard assignment by responsibility), [K].
+
+  x: [N, d], N >= 1; block: rows per chunk (>= 1).
+  """
+  _validate.check_int("block", block, min=1)
+  x = _mixture_samples(mix, x)
   n = x.shape[0]
   nb = -(-n // block)
   xp = jnp.concatenate([x, jnp.broadcast_to(mix.means[0], (nb * block - n, x.shape[1])).astype(x.dtype)])
@@ -203,8 +280,12 @@ def mode_stats(mix: analytic.GaussianMixture, x: Array, *, min_fraction: float =
 
   A component is covered when it receives at least `min_fraction` of its expected count
   weights_k * N. The weight error is the total variation 0.5 sum_k |f_k - weights_k| between the
-  empirical assignment frequencies f and the true weights.
+  empirical assignment frequencies f and the true weights. x: [N, d], N >= 1;
+  min_fraction in [0, 1].
   """
+  x = _mixture_samples(mix, x)
+  if not 0.0 <= min_fraction <= 1.0:
+    raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction}.")
   counts = mode_counts(mix, x)
   n = x.shape[0]
   freq = counts / n

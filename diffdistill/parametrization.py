@@ -49,6 +49,7 @@ def check_kind(kind: str) -> str:
 
 def resolve_sigma_data(schedule: schedules_lib.Schedule, sigma_data: float | None) -> float:
   """sigma_data as given, else the schedule's own (EDM, TrigFlow), else EDM's default 0.5."""
+  schedule = schedules_lib.resolve(schedule)
   if sigma_data is None:
     sigma_data = getattr(schedule, "sigma_data", DEFAULT_SIGMA_DATA)
   if sigma_data <= 0:
@@ -81,12 +82,13 @@ def to_x0(out: Array, x: Array, t: Array, *, kind: str, schedule: schedules_lib.
     x: the noisy state x_t, [B, ...].
     t: times, [B] or scalar.
     kind: one of KINDS.
-    schedule: the forward process.
+    schedule: the forward process (or its registry name).
     sigma_data: EDM's data scale, used by kind 'edm' only (default: resolve_sigma_data).
   Returns:
     x0_hat, [B, ...], the dtype of x.
   """
   check_kind(kind)
+  schedule = schedules_lib.resolve(schedule)
   alpha, sigma, tb = _coeffs(x, t, schedule)
   if kind == "x0":
     x0 = out
@@ -113,6 +115,7 @@ def from_x0(x0: Array, x: Array, t: Array, *, kind: str, schedule: schedules_lib
   eps is recovered as (x - alpha x0) / sigma.
   """
   check_kind(kind)
+  schedule = schedules_lib.resolve(schedule)
   alpha, sigma, tb = _coeffs(x, t, schedule)
   if kind == "x0":
     return x0
@@ -137,6 +140,7 @@ def net_inputs(x: Array, t: Array, *, kind: str, schedule: schedules_lib.Schedul
   check_kind(kind)
   if kind != "edm":
     return x, t
+  schedule = schedules_lib.resolve(schedule)
   alpha, sigma, _ = _coeffs(x, t, schedule)
   sigma_hat = sigma / alpha
   _, _, c_in, _ = edm_coefficients(sigma_hat, resolve_sigma_data(schedule, sigma_data))
@@ -156,6 +160,7 @@ def as_denoiser(apply: Apply, *, kind: str, schedule: schedules_lib.Schedule,
   Options are resolved here, before any tracing.
   """
   check_kind(kind)
+  schedule = schedules_lib.resolve(schedule)
   sd = resolve_sigma_data(schedule, sigma_data) if kind == "edm" else None
 
   def denoise(params, x, t, **cond):

@@ -8,6 +8,11 @@ follows from `alpha`, `sigma` and the half-log-SNR pair `logsnr` / `t_from_logsn
 
 Time derivatives (`d_alpha`, `d_sigma`, `d_logsnr`) come from `jax.jvp` of the closed forms.
 
+Valid times. Every method of t is defined on [t_min, t_max] only. A concrete t outside it (up to
+rounding in t's dtype) is a ValueError; a traced t cannot be checked, and outside the range gives
+numbers without meaning (e.g. VPLinear.sigma(-0.5) = 0.955): keep traced times in range.
+Functions that take a schedule also take its registry name (`resolve`).
+
 Numerics near the ends. Variance-preserving families are written through
 m(t) = -2 log alpha(t) (the integrated beta for VP-linear), so that
 sigma^2 = -expm1(-m) and lambda = -m - log(expm1(m)) keep full relative precision both
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -36,7 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
+from diffdistill import _validate
+
 Array = jax.Array
+
+# The methods of t whose concrete arguments are checked against [t_min, t_max].
+_METHODS_OF_T = ("alpha", "sigma", "logsnr", "d_alpha", "d_sigma", "d_logsnr")
 
 
 def _check_range(name: str, t_min: float, t_max: float, lo: float = 0.0, hi: float = math.inf) -> None:
@@ -59,11 +70,35 @@ def _vp_logsnr_from_m(m: Array) -> Array:
   return jnp.where(big, -m_big - jnp.log1p(-jnp.exp(-m_big)), -jnp.log(jnp.expm1(m_small)))
 
 
+def _checks_t(method):
+  """Wraps a method of t with the range check of concrete t (tracers pass through unchecked)."""
+
+  @functools.wraps(method)
+  def checked(self, t):
+    _validate.check_time("t", t, t_min=self.t_min, t_max=self.t_max, what=type(self).__name__)
+    return method(self, t)
+
+  checked.checks_t = True
+  return checked
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule(abc.ABC):
-  """A forward process x_t = alpha(t) x0 + sigma(t) eps on t in [t_min, t_max]."""
+  """A forward process x_t = alpha(t) x0 + sigma(t) eps on t in [t_min, t_max].
+
+  alpha, sigma, logsnr and their derivatives take t in [t_min, t_max]: a concrete t outside it is
+  a ValueError, a traced one is not checked (see the module docstring).
+  """
 
   name: ClassVar[str] = "schedule"
+
+  def __init_subclass__(cls, **kwargs):
+    # Every family, also one added later, gets the range check on its own methods of t.
+    super().__init_subclass__(**kwargs)
+    for name in _METHODS_OF_T:
+      fn = cls.__dict__.get(name)
+      if fn is not None and not getattr(fn, "checks_t", False):
+        setattr(cls, name, _checks_t(fn))
 
   # Subclasses provide `t_min` and `t_max` (dataclass fields or properties). They are not
   # declared here: a declaration in the base would fix their position among the subclass fields.
@@ -76,6 +111,7 @@ class Schedule(abc.ABC):
   def sigma(self, t: Array) -> Array:
     """Noise scale sigma(t)."""
 
+  @_checks_t
   def logsnr(self, t: Array) -> Array:
     """lambda(t) = 2 log(alpha(t) / sigma(t))."""
     t = jnp.asarray(t)
@@ -91,16 +127,19 @@ class Schedule(abc.ABC):
     return False
 
   # Derivatives come from autodiff of the closed forms (DESIGN.md: no hand-written twins).
+  @_checks_t
   def d_alpha(self, t: Array) -> Array:
     """d alpha / dt."""
     t = jnp.asarray(t)
     return jax.jvp(self.alpha, (t,), (jnp.ones_like(t),))[1]
 
+  @_checks_t
   def d_sigma(self, t: Array) -> Array:
     """d sigma / dt."""
     t = jnp.asarray(t)
     return jax.jvp(self.sigma, (t,), (jnp.ones_like(t),))[1]
 
+  @_checks_t
   def d_logsnr(self, t: Array) -> Array:
     """d lambda / dt (negative: the SNR falls with t)."""
     t = jnp.asarray(t)
@@ -431,7 +470,7 @@ def get(name: str, **kwargs) -> Schedule:
 
   `get("vp_discrete", beta_schedule="linear", num_steps=1000)` builds from a named beta list.
   """
-  if name not in SCHEDULES:
+  if not isinstance(name, str) or name not in SCHEDULES:
     raise ValueError(f"Unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}.")
   cls = SCHEDULES[name]
   if cls is VPDiscrete and "betas" not in kwargs:
@@ -445,6 +484,16 @@ def get(name: str, **kwargs) -> Schedule:
   except TypeError as e:
     fields = [f.name for f in dataclasses.fields(cls)]
     raise ValueError(f"Bad arguments for schedule {name!r}: {e}. Accepted: {fields}.") from None
+
+
+def resolve(schedule: "Schedule | str", *, argname: str = "schedule") -> Schedule:
+  """A Schedule as given, or the one `get(name)` builds (with its defaults) from a registry name."""
+  if isinstance(schedule, Schedule):
+    return schedule
+  if isinstance(schedule, str):
+    return get(schedule)
+  raise ValueError(f"{argname} must be a schedules.Schedule or one of the names "
+                   f"{sorted(SCHEDULES)}, got {schedule!r}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,6 +659,6 @@ def broadcast_to(t: Array, x: Array) -> Array:
 
 __all__ = [
     "Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow", "TrigFlow",
-    "SCHEDULES", "get", "TimeSampler", "UniformTime", "LogNormalSigma", "LogitNormalTime",
+    "SCHEDULES", "get", "resolve", "TimeSampler", "UniformTime", "LogNormalSigma", "LogitNormalTime",
     "UniformLogSNR", "TIME_SAMPLERS", "get_time_sampler", "importance_weight", "broadcast_to",
 ]

@@ -171,3 +171,73 @@ def test_flow_map_float32_from_pure_noise(sched):
   ref = A.gaussian_flow_map(g, x_T, schedule=sched, t_start=sched.t_max, t_end=sched.t_min)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+# ---- Bad inputs (issue 7): each a clear error or a correct answer. ----
+
+
+def test_denoise_rejects_integer_x_and_times_outside_the_schedule():
+  mix, s = A.ring2d(), schedules.VPLinear()
+  with pytest.raises(ValueError, match="x must be a floating-point array"):
+    A.denoise(mix, jnp.ones((4, 2), jnp.int32), 0.5, schedule=s)
+  with pytest.raises(ValueError, match=r"t must lie in \[t_min, t_max\] = \[0.001, 1.0\]"):
+    A.denoise(mix, jnp.ones((4, 2)), -1.0, schedule=s)
+  with pytest.raises(ValueError, match="t must lie in"):
+    A.score(mix, jnp.ones((4, 2)), jnp.array([0.5, 0.5, 0.5, 1.5]), schedule=s)
+
+
+def test_schedule_by_name_is_the_schedule():
+  mix, x = A.ring2d(), jax.random.normal(jax.random.PRNGKey(0), (8, 2))
+  np.testing.assert_array_equal(A.denoise(mix, x, 0.3, schedule="vp_linear"),
+                                A.denoise(mix, x, 0.3, schedule=schedules.VPLinear()))
+  with pytest.raises(ValueError, match="schedule must be a schedules.Schedule or one of"):
+    A.denoise(mix, x, 0.3, schedule=None)
+
+
+@pytest.mark.parametrize("means, covs", [
+    ([[0.0, np.nan], [1.0, 1.0]], [1.0, 1.0]),
+    ([[0.0, np.inf], [1.0, 1.0]], [1.0, 1.0]),
+    ([[0.0, 0.0], [1.0, 1.0]], [1.0, np.inf]),
+    ([[0.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [np.inf, 1.0]]),
+    ([[0.0, 0.0], [1.0, 1.0]], [[[1.0, 0.0], [0.0, 1.0]], [[np.inf, 0.0], [0.0, 1.0]]]),
+], ids=["nan_mean", "inf_mean", "inf_iso_var", "inf_diag_var", "inf_full_cov"])
+def test_mixture_rejects_non_finite_means_and_covariances(means, covs):
+  with pytest.raises(ValueError, match="must be finite"):
+    A.GaussianMixture(np.ones(2), np.asarray(means), np.asarray(covs))
+
+
+def test_sample_checks_n_and_rng_and_accepts_both_key_kinds():
+  mix = A.ring2d()
+  for n, message in ((-1, "n must be an integer >= 0"), (2.5, "n must be an integer"),
+                     (True, "n must be an integer")):
+    with pytest.raises(ValueError, match=message):
+      A.sample(mix, jax.random.key(0), n)
+  with pytest.raises(ValueError, match=r"pass jax.random.key\(0\)"):
+    A.sample(mix, 0, 4)
+  with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+    A.sample(mix, jax.random.key(0), 4, dtype=jnp.int32)
+  typed = A.sample(mix, jax.random.key(3), np.int64(5))
+  raw = A.sample(mix, jax.random.PRNGKey(3), 5)
+  assert typed.shape == (5, 2)
+  np.testing.assert_array_equal(typed, raw)  # the same threefry bits either way
+
+
+def test_ready_made_mixture_sizes_are_checked():
+  for kwargs, name in (({"num_modes": 0}, "num_modes"), ({"num_modes": 2.5}, "num_modes")):
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+      A.ring2d(**kwargs)
+  with pytest.raises(ValueError, match="size must be an integer >= 1"):
+    A.grid2d(size=0)
+  with pytest.raises(ValueError, match="num_components must be an integer >= 1"):
+    A.mixture64(num_components=0)
+  assert A.ring2d(num_modes=np.int64(5)).num_components == 5
+
+
+@pytest.mark.parametrize("times", [dict(t_start=5.0, t_end=1e-3), dict(t_start=1.0, t_end=-1.0)],
+                         ids=["t_start_5", "t_end_-1"])
+def test_flow_map_checks_its_times_before_solving(times):
+  s = schedules.VPLinear()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 2))
+  # A ValueError naming the time, not diffrax's "maximum number of solver steps" seconds later.
+  with pytest.raises(ValueError, match=f"{'t_start' if times['t_start'] == 5.0 else 't_end'} must lie in"):
+    A.flow_map(A.denoiser(s), A.ring2d(), x, schedule=s, **times)

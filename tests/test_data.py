@@ -297,3 +297,33 @@ def test_data_dir_from_the_environment(tmp_path, monkeypatch):
   monkeypatch.setenv("DIFFDISTILL_DATA_DIR", str(tmp_path))
   data.get_dataset("toy2d/grid", split="test", batch_size=4, seed=0, num_examples=40)
   assert (tmp_path / "toy2d" / "grid-n40-4" / "1.0.0" / "dataset_info.json").exists()
+
+
+# ---- Bad inputs (issue 7). ----
+
+
+def test_tfds_slices_are_splits(data_dir):
+  ds = data.get_dataset("toy2d/ring", split="train[:100]", batch_size=10, seed=0, data_dir=data_dir,
+                        num_examples=N_RING, prefetch=0)
+  full = sources.load("toy2d/ring", split="train", data_dir=data_dir, num_examples=N_RING)
+  assert ds.num_examples == 100
+  idx = np.concatenate([next(ds)["index"] for _ in range(10)])  # one epoch
+  assert sorted(idx.tolist()) == list(range(100))
+  batch = ds.batch(0)
+  np.testing.assert_array_equal(batch["x"], full.read(batch["index"])["x"])
+  ds.close()
+
+
+@pytest.mark.parametrize("split, message", [
+    ("trian", r"'toy2d/ring' has splits \['test', 'train'\], or TFDS slices"),
+    ("train[5:3]", "selects no examples"),
+])
+def test_bad_splits_name_the_accepted_ones(data_dir, split, message):
+  with pytest.raises(ValueError, match=message):
+    sources.load("toy2d/ring", split=split, data_dir=data_dir, num_examples=N_RING)
+
+
+def test_pipeline_sizes_take_numpy_ints_and_reject_bools(ring):
+  assert _pipe(ring, batch_size=np.int64(8), seed=np.int32(1)).batch(0)["x"].shape == (8, 2)
+  with pytest.raises(ValueError, match="batch_size must be an integer, got True"):
+    _pipe(ring, batch_size=True)

@@ -297,3 +297,41 @@ def test_mlp_trained_with_dsm_approaches_the_analytic_floor():
   floor, _ = jax.jit(teacher)((mix, jnp.zeros(2)), batch, rng)
   trained, _ = jax.jit(loss_fn)(params, batch, rng)
   assert floor * 0.99 < trained < floor * 1.15, (float(trained), float(floor))
+
+
+# ---- Bad inputs (issue 7). ----
+
+
+def _x0_loss():
+  return dsm.dsm_loss(lambda p, x, t: p * x, schedule=schedules.VPLinear(), kind="x0",
+                      weighting="uniform")
+
+
+def test_a_nonfinite_example_is_left_out_of_the_bins():
+  loss_fn = _x0_loss()
+  x = jax.random.normal(jax.random.PRNGKey(1), (256, 2))
+  rng = jax.random.PRNGKey(2)
+  _, clean = loss_fn(0.5, {"x": x}, rng)
+  _, dirty = loss_fn(0.5, {"x": x.at[3].set(jnp.nan)}, rng)
+  assert int(dirty["nonfinite"]) == 1
+  assert np.all(np.isfinite(dirty["bin_loss"])) and np.all(np.isfinite(dirty["bin_x0_mse"]))
+  # The same times and noise for every other example: only example 3's bin loses one count,
+  # every other bin keeps its value exactly.
+  lost = np.asarray(clean["bin_count"]) - np.asarray(dirty["bin_count"])
+  assert lost.sum() == 1 and lost.min() == 0
+  others = lost == 0
+  np.testing.assert_allclose(np.asarray(dirty["bin_loss"])[others],
+                             np.asarray(clean["bin_loss"])[others], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(dirty["bin_x0_mse"])[others],
+                             np.asarray(clean["bin_x0_mse"])[others], rtol=1e-6)
+
+
+def test_rng_of_either_key_kind_and_schedule_by_name():
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
+  raw = _x0_loss()(0.5, {"x": x}, jax.random.PRNGKey(2))[0]
+  typed = _x0_loss()(0.5, {"x": x}, jax.random.key(2))[0]
+  by_name = dsm.dsm_loss(lambda p, x, t: p * x, schedule="vp_linear", kind="x0",
+                         weighting="uniform")(0.5, {"x": x}, jax.random.PRNGKey(2))[0]
+  assert float(raw) == float(typed) == float(by_name)
+  with pytest.raises(ValueError, match=r"rng must be a PRNG key, not the integer 2: pass jax.random.key\(2\)"):
+    _x0_loss()(0.5, {"x": x}, 2)

@@ -124,3 +124,53 @@ def test_bad_input():
     M.mmd2(jnp.ones((5, 2)), jnp.ones((5, 3)))
   with pytest.raises(ValueError, match="at least 2 samples"):
     M.sliced_wasserstein(jnp.ones((1, 2)), jnp.ones((5, 2)))
+
+
+# ---- Bad inputs (issue 7): each a clear error or a correct answer. ----
+
+
+def test_bad_parameters_are_errors_not_numbers():
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 2))
+  with pytest.raises(ValueError, match="bandwidths must be .* > 0"):
+    M.mmd2(x, x + 1.0, bandwidths=jnp.array([-1.0]))
+  with pytest.raises(ValueError, match="cov_x must be positive semi-definite"):
+    M.frechet_distance_from_moments(jnp.zeros(2), -jnp.eye(2), jnp.zeros(2), -jnp.eye(2))
+  with pytest.raises(ValueError, match="cov_y must be a symmetric"):
+    M.frechet_distance_from_moments(jnp.zeros(2), jnp.eye(2), jnp.zeros(2), jnp.array([[1.0, 0.5],
+                                                                                      [0.0, 1.0]]))
+  with pytest.raises(ValueError, match="num_projections must be an integer >= 1"):
+    M.sliced_wasserstein(x, x + 1.0, num_projections=0)
+  for fn in (M.mmd2, M.energy_distance):
+    with pytest.raises(ValueError, match="block must be an integer >= 1"):
+      fn(x, x, block=0)
+  with pytest.raises(ValueError, match="block must be an integer >= 1"):
+    M.mode_counts(A.ring2d(), x, block=0)
+  with pytest.raises(ValueError, match="min_fraction must lie in"):
+    M.mode_stats(A.ring2d(), x, min_fraction=2.0)
+
+
+@pytest.mark.parametrize("fn", [M.sliced_wasserstein, M.mmd2, M.energy_distance, M.frechet_distance,
+                                M.per_sample_error,
+                                lambda x, y: M.mode_stats(A.ring2d(), x),
+                                lambda x, y: M.mixture_log_likelihood(A.ring2d(), x)],
+                         ids=["sliced_wasserstein", "mmd2", "energy_distance", "frechet_distance",
+                              "per_sample_error", "mode_stats", "mixture_log_likelihood"])
+def test_empty_sample_sets_are_a_clear_error(fn):
+  with pytest.raises(ValueError, match=r"x needs at least \d sample"):
+    fn(jnp.zeros((0, 2)), jnp.zeros((0, 2)))
+
+
+def test_integer_samples_give_the_float_answer():
+  x = jnp.arange(16).reshape(8, 2) % 5
+  y = (jnp.arange(16).reshape(8, 2) * 3) % 7
+  xf, yf = x.astype(jnp.float32), y.astype(jnp.float32)
+  for fn in (M.sliced_wasserstein, M.mmd2, M.energy_distance, M.frechet_distance):
+    got, want = fn(x, y), fn(xf, yf)
+    assert np.isfinite(want) and abs(want) > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_mixture_metrics_name_a_dimension_mismatch():
+  for fn in (M.mode_stats, M.mode_counts, M.mixture_log_likelihood):
+    with pytest.raises(ValueError, match="x must have shape \\[N, d\\] with the mixture's d = 2"):
+      fn(A.ring2d(), jnp.zeros((8, 3)))

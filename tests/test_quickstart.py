@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from diffdistill import solvers
 from experiments.quickstart import config as quickstart_config
@@ -52,3 +53,57 @@ def test_deterministic_solvers_are_the_registry_minus_stochastic_and_adaptive():
   names = quickstart.deterministic_solvers()
   assert "ddim" in names and "adaptive" not in names
   assert not any(solvers.SOLVERS[n].stochastic for n in names)
+
+
+# ---- Bad inputs (issue 7): the command line and the workdir, checked before any work. ----
+
+
+def parse_config(*overrides, variant="tiny"):
+  """The config as `python -m experiments.quickstart.main --config=...:variant OVERRIDES` sees it."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main", f"--config=experiments/quickstart/config.py:{variant}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_solvers_comma_list_from_the_command_line():
+  config = parse_config("--config.solvers=ddim,dpm_solver_pp_2m", variant="ring2d")
+  assert quickstart.solver_names(config) == ["ddim", "dpm_solver_pp_2m"]
+  assert quickstart.solver_names(parse_config()) == ["ddim", "dpm_solver_pp_2m"]
+  assert quickstart.solver_names(parse_config(variant="ring2d")) == quickstart.deterministic_solvers()
+  for value, bad in (("ddim,foo", r"\['foo'\]"), ("ddpm", r"\['ddpm'\] not usable here \(\['ddpm'\] take random draws")):
+    with pytest.raises(ValueError, match=f"config.solvers: {bad}"):
+      quickstart.validate(parse_config(f"--config.solvers={value}"))
+
+
+@pytest.fixture
+def no_reference(monkeypatch):
+  """Fails the test if the run gets as far as computing the teacher and the reference."""
+  def fail(config):
+    raise AssertionError("make_setup ran before the config and workdir were checked")
+  monkeypatch.setattr(quickstart, "make_setup", fail)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.spacing=karrass", "config.spacing must be one of"),
+    ("--config.nfe=0", "config.nfe must be an integer >= 1"),
+    ("--config.teacher=ring", "config.teacher must be one of"),
+    ("--config.solvers=ddim,foo", "config.solvers"),
+])
+def test_bad_config_fails_before_the_reference_and_leaves_no_workdir(tmp_path, no_reference,
+                                                                     override, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    quickstart.run(parse_config(override), str(workdir), progress=False)
+  assert not workdir.exists()
+
+
+def test_unusable_workdir_fails_before_the_reference(tmp_path, no_reference):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(ValueError, match="workdir=.* is a file"):
+    quickstart.run(parse_config(), str(blocker / "run"), progress=False)

@@ -197,3 +197,40 @@ def test_broadcast_to():
   assert schedules.broadcast_to(jnp.ones(4), x).shape == (4, 1, 1)
   with pytest.raises(ValueError, match=r"t must be a scalar or have shape \[B\]"):
     schedules.broadcast_to(jnp.ones(3), x)
+
+
+# ---- Bad inputs (issue 7): times outside the range, schedules by name. ----
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_concrete_times_outside_the_range_are_an_error(name):
+  s = schedules.get(name)
+  below = s.t_min - 0.1 * max(1.0, s.t_max)
+  above = s.t_max + 0.1 * max(1.0, s.t_max)
+  for method in ("alpha", "sigma", "logsnr", "d_alpha", "d_sigma", "d_logsnr"):
+    for bad in (below, above, jnp.array([s.t_min, above])):
+      with pytest.raises(ValueError, match=r"t must lie in \[t_min, t_max\]"):
+        getattr(s, method)(bad)
+  # The ends themselves, also rounded to float32 or bfloat16, are fine (jnp.interp, which
+  # VPDiscrete uses, does not take bfloat16).
+  for dtype in (jnp.float32,) + ((jnp.bfloat16,) if name != "vp_discrete" else ()):
+    ends = jnp.array([s.t_min, s.t_max], dtype)
+    assert s.sigma(ends).shape == (2,)
+
+
+def test_traced_times_are_not_checked_but_concrete_ones_are():
+  s = schedules.VPLinear()
+  with pytest.raises(ValueError, match="VPLinear's range"):
+    s.sigma(-0.5)
+  # Under jit t is a tracer: no check is possible (the docstring says to keep t in range).
+  assert np.isfinite(jax.jit(s.sigma)(-0.5))
+
+
+def test_schedules_resolve_names():
+  assert schedules.resolve("vp_linear") == schedules.VPLinear()
+  s = schedules.EDM(sigma_max=10.0)
+  assert schedules.resolve(s) is s
+  with pytest.raises(ValueError, match="schedule must be a schedules.Schedule or one of the names"):
+    schedules.resolve(3)
+  with pytest.raises(ValueError, match="Unknown schedule 'vp'"):
+    schedules.resolve("vp")

@@ -116,3 +116,49 @@ def test_end_of_run_samples_figure_and_metrics_against_the_exact_ring(tmp_path, 
   assert record["step"] == 4
   # 4 steps of training are far from the ring: the distance must sit well above its floor
   assert record["eval/sliced_w2"] > 2 * record["eval/sliced_w2_floor_mean"] > 0
+
+
+# ---- Bad inputs (issue 7): command-line overrides and the workdir. ----
+
+
+def parse_config(*overrides, variant="toy2d_cpu"):
+  """The config as `python -m experiments.train_teacher.main --config=...:variant OVERRIDES` sees it."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main", f"--config=experiments/train_teacher/config.py:{variant}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_schedule_keywords_can_be_set_from_the_command_line():
+  from diffdistill import schedules
+  from experiments.train_teacher import teacher
+  config = parse_config("--config.schedule.kwargs.t_max=0.9")
+  assert teacher.schedule_from_config(config.schedule) == schedules.VPCosine(t_max=0.9)
+  config = parse_config("--config.schedule.kwargs.sigma_max=40", variant="digits_cpu")
+  assert teacher.schedule_from_config(config.schedule) == schedules.EDM(sigma_max=40.0)
+  assert teacher.schedule_from_config(parse_config().schedule) == schedules.VPCosine()
+  config = parse_config("--config.schedule.kwargs.sigma_max=40")
+  with pytest.raises(ValueError, match="Bad arguments for schedule 'vp_cosine'"):
+    teacher.schedule_from_config(config.schedule)
+
+
+def test_every_schedule_keyword_is_declared_in_the_config():
+  import dataclasses
+  from diffdistill import schedules
+  from experiments.train_teacher import config as config_lib
+  fields = {f.name for cls in schedules.SCHEDULES.values() for f in dataclasses.fields(cls)}
+  fields |= {"beta_schedule", "num_steps"}  # schedules.get's named beta lists
+  assert fields - {"betas"} == set(config_lib.SCHEDULE_KWARGS)
+
+
+def test_unusable_workdir_is_an_error_before_compiling(tmp_path, data_dir, caplog):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    with pytest.raises(ValueError, match="workdir=.* is a file"):
+      main_lib.train(as_config(tiny(data_dir)), str(blocker / "run"))
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from diffdistill import _validate
 from diffdistill.data import sources as sources_lib
 
 
@@ -44,21 +45,16 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
                process_count: int = 1, prefetch: int | None = None):
     if len(source) < 1:
       raise ValueError(f"The {source.name!r} split {source.split!r} is empty.")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
-    if not isinstance(process_count, (int, np.integer)) or process_count < 1:
-      raise ValueError(f"process_count must be a positive int, got {process_count!r}.")
-    if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
-      raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}.")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    seed = _validate.check_int("seed", seed, min=0)
+    process_count = _validate.check_int("process_count", process_count, min=1)
+    process_index = _validate.check_int("process_index", process_index, min=0, max=process_count - 1)
+    batch_size = _validate.check_int("batch_size", batch_size, min=1)
     if batch_size % process_count:
       raise ValueError(f"batch_size (the global batch) = {batch_size} is not divisible by "
                        f"process_count = {process_count}.")
     if prefetch is None:
       prefetch = 0 if source.arrays is not None else 2
-    if not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
-      raise ValueError(f"prefetch must be a non-negative int, got {prefetch!r}.")
+    prefetch = _validate.check_int("prefetch", prefetch, min=0)
     self.source = source
     self.batch_size = int(batch_size)
     self.seed = int(seed)

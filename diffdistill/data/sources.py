@@ -205,8 +205,17 @@ def source_from_builder(name: str, builder: tfds.core.DatasetBuilder, split: str
 
 
 def _source_from_builder(name: str, builder: tfds.core.DatasetBuilder, split: str) -> Source:
-  if split not in builder.info.splits:
-    raise ValueError(f"split: {name!r} has splits {sorted(builder.info.splits)}, got {split!r}.")
+  # TFDS parses split names and slices ('train[:10]', 'train[10%:20%]', 'test+train[:5]').
+  accepted = (f"{name!r} has splits {sorted(builder.info.splits)}, or TFDS slices of them such "
+              "as 'train[:1000]' or 'train[:10%]'")
+  if not isinstance(split, str):
+    raise ValueError(f"split must be a string: {accepted}; got {split!r}.")
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"split: {accepted}; got {split!r} ({e}).") from None
+  if num_examples <= 0:
+    raise ValueError(f"split: {split!r} of {name!r} selects no examples.")
   features = builder.info.features
   x_key = "x" if "x" in features else "image"
   if x_key not in features:

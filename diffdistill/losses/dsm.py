@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill import _validate
 from diffdistill import parametrization
 from diffdistill import schedules as schedules_lib
 
@@ -129,11 +130,15 @@ def _resolve_sampler(sampler, argname):
                    f"{sorted(schedules_lib.TIME_SAMPLERS)}, got {sampler!r}.")
 
 
-def _binned_mean(values: Array, lam: Array, edges: Array) -> tuple[Array, Array]:
-  """Per-bin mean of values [B] over logSNR bins (0 where empty) and the bin counts, each [K]."""
+def _binned_mean(values: Array, lam: Array, edges: Array, valid: Array) -> tuple[Array, Array]:
+  """Per-bin mean of values [B] over logSNR bins (0 where empty) and the bin counts, each [K],
+  over the examples where `valid` [B] holds."""
   onehot = jax.nn.one_hot(jnp.searchsorted(edges, lam), edges.shape[0] + 1, dtype=values.dtype)  # [B, K]
+  onehot = onehot * valid[:, None]
   counts = onehot.sum(axis=0)
-  sums = onehot.T @ values
+  # Zeroed, not only zero-weighted: 0 * NaN is NaN, and the matmul mixes every example into
+  # every bin, so one non-finite example would turn every occupied bin into NaN.
+  sums = onehot.T @ jnp.where(valid, values, 0.0)
   return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), counts
 
 
@@ -171,12 +176,15 @@ def dsm_loss(apply: Callable[..., Array], *, schedule: schedules_lib.Schedule, k
       x0_mse       mean_D (D - x0)^2 averaged over the batch (unweighted),
       out_mse      mean_D (F - target)^2 averaged over the batch (unweighted),
       weight_mean  mean of q w c^2, the effective weight on the output error,
-      nonfinite    number of examples whose term is not finite,
+      nonfinite    number of examples whose term is not finite (left out of the bins; the loss
+                   itself is then not finite, so the step is skipped or the run stops),
       cond_drop_frac (when labels are given) the fraction of null labels fed to the network,
     and per logSNR bin ([K] arrays) `bin_loss` (mean term, 0 where empty), `bin_x0_mse` and
-    `bin_count`; the mean over several steps is sum(bin_loss * bin_count) / sum(bin_count).
+    `bin_count`, over the finite examples only; the mean over several steps is
+    sum(bin_loss * bin_count) / sum(bin_count).
   """
   parametrization.check_kind(kind)
+  schedule = schedules_lib.resolve(schedule)
   sd = parametrization.resolve_sigma_data(schedule, sigma_data)
   weight_fn = x0_weighting(weighting, gamma=min_snr_gamma, sigma_data=sd)
   sampler = _resolve_sampler(time_sampler, "time_sampler")
@@ -194,6 +202,7 @@ def dsm_loss(apply: Callable[..., Array], *, schedule: schedules_lib.Schedule, k
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array) -> tuple[Array, dict]:
     if "x" not in batch:
       raise ValueError(f"batch must hold 'x' (and optionally 'label'); got keys {sorted(batch)}.")
+    rng = _validate.check_key("rng", rng)
     x0 = jnp.asarray(batch["x"])  # [B, ...]
     if x0.ndim < 2:
       raise ValueError(f"batch['x'] must have shape [B, ...], got {x0.shape}.")
@@ -241,8 +250,9 @@ def dsm_loss(apply: Callable[..., Array], *, schedule: schedules_lib.Schedule, k
     loss = jnp.mean(terms)
 
     edges = jnp.asarray(edges_np, lam.dtype)
-    aux["bin_loss"], aux["bin_count"] = _binned_mean(terms, lam, edges)
-    aux["bin_x0_mse"], _ = _binned_mean(x0_err, lam, edges)
+    finite = jnp.isfinite(terms) & jnp.isfinite(x0_err)  # [B]; the rest is counted in nonfinite
+    aux["bin_loss"], aux["bin_count"] = _binned_mean(terms, lam, edges, finite)
+    aux["bin_x0_mse"], _ = _binned_mean(x0_err, lam, edges, finite)
     aux["x0_mse"] = jnp.mean(x0_err)
     aux["out_mse"] = jnp.mean(out_err)
     aux["weight_mean"] = jnp.mean(weight)

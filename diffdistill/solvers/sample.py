@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffdistill import _validate
 from diffdistill import schedules as schedules_lib
 from diffdistill.solvers import adaptive
 from diffdistill.solvers import ddim
@@ -192,8 +193,7 @@ def steps_for_nfe(solver: str, nfe: int, *, final_denoise: bool = False,
   allow_nearest_nfe."""
   info = _check_solver(solver)
   opts = _resolve_options(info, options)
-  if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-    raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}.")
+  nfe = _validate.check_int("nfe", nfe, min=1)
   budget = nfe - int(final_denoise)
   feasible = []
   n = info.min_steps
@@ -228,12 +228,13 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   Args:
     denoise: `denoise(x, t) -> x0_hat` with x: [B, ...], t: [B] (params bound).
     x_T: [B, ...], the state at t_start (default schedule.t_max).
-    schedule: the forward process the denoiser belongs to (static).
+    schedule: the forward process the denoiser belongs to (static), or its registry name.
     solver: a name in SOLVERS (static).
     nfe: the exact number of denoiser calls (static), final_denoise included.
     spacing: "logsnr", "karras", "time_uniform", "time_quadratic" or an array of times.
     t_start, t_end: concrete scalars, t_min <= t_end < t_start <= t_max.
-    rng: a PRNG key, required by stochastic solvers.
+    rng: a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), required by stochastic
+      solvers.
     final_denoise: return D(x_{t_end}, t_end) instead of x_{t_end} (one call, counted in nfe).
     allow_nearest_nfe: use the nearest feasible budget instead of raising.
     rho: the Karras exponent (spacing="karras").
@@ -248,11 +249,17 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   """
   info = _check_solver(solver)
   opts = _resolve_options(info, options)
+  schedule = schedules_lib.resolve(schedule)
   x_T = jnp.asarray(x_T)
   if x_T.ndim < 1:
     raise ValueError(f"x_T must have a batch axis, [B, ...]; got shape {x_T.shape}.")
   if not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise ValueError(f"x_T must be a floating array, got dtype {x_T.dtype}.")
+  if rng is not None:
+    rng = _validate.check_key("rng", rng)
+  # Each output checked where it is made, at trace time: one of shape [B, 1] would broadcast
+  # silently in the steps.
+  denoise = _validate.checked_denoiser(denoise)
   if solver == "adaptive":
     if nfe is not None:
       raise ValueError("solver='adaptive' chooses its own NFE: pass nfe=None (and rtol/atol); "

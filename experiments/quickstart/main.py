@@ -43,7 +43,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
-from diffdistill import analytic, metrics, schedules, solvers  # noqa: E402
+from diffdistill import _validate, analytic, metrics, schedules, solvers  # noqa: E402
 
 
 def _define_flags():
@@ -88,11 +88,50 @@ def deterministic_solvers() -> list[str]:
           if not info.stochastic and name != "adaptive"]
 
 
+def solver_names(config) -> list[str]:
+  """config.solvers as registry names; empty: every deterministic solver.
+
+  Names may come as a tuple or as comma lists inside it: `--config.solvers=ddim,heun` gives
+  ('ddim,heun',), which is the same request as ('ddim', 'heun').
+  """
+  names = [n.strip() for entry in config.solvers for n in str(entry).split(",") if n.strip()]
+  accepted = deterministic_solvers()
+  unknown = [n for n in names if n not in accepted]
+  if unknown:
+    stochastic = [n for n in unknown if n in solvers.SOLVERS]
+    why = f" ({stochastic} take random draws or choose their own NFE)" if stochastic else ""
+    raise ValueError(f"config.solvers: {unknown} not usable here{why}; expected a comma list of "
+                     f"{accepted}, or empty for all of them.")
+  return list(dict.fromkeys(names)) or accepted
+
+
+def validate(config) -> None:
+  """Raises ValueError for any config value the run would reject, before anything is computed."""
+  if config.teacher not in analytic.MIXTURES:
+    raise ValueError(f"config.teacher must be one of {sorted(analytic.MIXTURES)}, got "
+                     f"{config.teacher!r}.")
+  schedule = schedules.get(config.schedule)
+  if not isinstance(config.spacing, str) or config.spacing not in solvers.grids.SPACINGS:
+    raise ValueError(f"config.spacing must be one of {list(solvers.grids.SPACINGS)}, got "
+                     f"{config.spacing!r}.")
+  solvers.grids.time_grid(schedule, 2, spacing=config.spacing)
+  nfes = [_validate.check_int("config.nfe", n, min=1) for n in config.nfe]
+  if not nfes:
+    raise ValueError("config.nfe must hold at least one budget, e.g. (5, 10, 20).")
+  for name in solver_names(config):
+    for n in nfes:
+      solvers.steps_for_nfe(name, n, allow_nearest_nfe=True)
+  _validate.check_int("config.batch", config.batch, min=1)
+  _validate.check_int("config.repeats", config.repeats, min=1)
+  _validate.check_int("config.seed", config.seed, min=0)
+  if not config.ref_tol > 0:
+    raise ValueError(f"config.ref_tol must be > 0, got {config.ref_tol}.")
+
+
 def solver_methods(config, setup: Setup) -> list[Method]:
   """The training-free solvers at each NFE of the config (the nearest feasible NFE if needed)."""
-  names = list(config.solvers) or deterministic_solvers()
   out = []
-  for name in names:
+  for name in solver_names(config):
     info = solvers.SOLVERS[name]
     for asked in config.nfe:
       _, nfe = solvers.steps_for_nfe(name, asked, allow_nearest_nfe=True)
@@ -185,8 +224,13 @@ def evaluate(method: Method, setup: Setup, *, repeats: int) -> dict:
 
 
 def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
-  """Builds every method, evaluates it, writes results.{json,md} and quickstart.png to workdir."""
-  os.makedirs(workdir, exist_ok=True)
+  """Builds every method, evaluates it, writes results.{json,md} and quickstart.png to workdir.
+
+  A bad config or workdir fails before anything is computed, and the workdir is created only
+  when the results are written, so a failed run leaves no empty folder behind.
+  """
+  validate(config)
+  _validate.check_writable_dir("workdir", workdir)
   setup = make_setup(config)
   with config.unlocked():
     config.workdir = workdir
@@ -199,6 +243,7 @@ def run(config, workdir: str, *, progress: bool = True) -> list[dict]:
   rows = []
   for method in tqdm.tqdm(methods, desc="methods x NFE", disable=not progress):
     rows.append(evaluate(method, setup, repeats=config.repeats))
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table(rows, config))
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -29,12 +29,37 @@ Variants (`--config=experiments/train_teacher/config.py:VARIANT`):
       python -m experiments.train_teacher.main \
         --config=experiments/train_teacher/config.py:cifar10_edm --workdir=runs/teacher_cifar10
 
-Overrides: `--config.num_steps=80 --config.log_every=1 --config.checkpoint_every=20`.
+Overrides: `--config.num_steps=80 --config.log_every=1 --config.checkpoint_every=20`;
+schedule keywords by name, e.g. `--config.schedule.kwargs.t_max=0.9` (every keyword of every
+schedule is declared, None meaning that schedule's default).
 Multi-host: add `--distributed` (and `--coordinator_address/--num_processes/--process_id`
 where the cluster does not provide them).
 """
 
 import ml_collections
+
+# Every keyword that schedules.get accepts, declared so that each can be set from the command
+# line (a ConfigDict field must exist to be overridden); None = the schedule's own default, and
+# teacher.py passes only the keywords that are set. tests/test_train_teacher.py checks this
+# list against the schedules' fields.
+SCHEDULE_KWARGS = {
+    "t_min": float, "t_max": float,                 # every family but EDM
+    "beta_min": float, "beta_max": float,           # vp_linear
+    "s": float,                                     # vp_cosine
+    "beta_schedule": str, "num_steps": int,         # vp_discrete (a named beta list)
+    "sigma_min": float, "sigma_max": float,         # ve, edm
+    "sigma_data": float,                            # edm, trigflow
+}
+
+
+def _schedule(name: str, **kwargs) -> ml_collections.ConfigDict:
+  """config.schedule: the registry name and every schedule keyword (unset ones None)."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.kwargs = ml_collections.ConfigDict(
+      {k: ml_collections.config_dict.placeholder(kind) for k, kind in SCHEDULE_KWARGS.items()})
+  c.kwargs.update(kwargs)
+  return c
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -65,9 +90,7 @@ def _base() -> ml_collections.ConfigDict:
   c.network.name = "mlp"
   c.network.kwargs = ml_collections.ConfigDict(dict(features=256, num_blocks=4, emb_dim=128))
 
-  c.schedule = ml_collections.ConfigDict()
-  c.schedule.name = "vp_cosine"
-  c.schedule.kwargs = ml_collections.ConfigDict()
+  c.schedule = _schedule("vp_cosine")
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = "v"                  # eps-prediction blows up at the low-SNR end of sampling
@@ -94,8 +117,7 @@ def _base() -> ml_collections.ConfigDict:
 def _use_edm(c: ml_collections.ConfigDict) -> None:
   """EDM's setting (Karras et al. 2022): sigma in [0.002, 80], sigma_data 0.5, preconditioned output,
   lambda(sigma) weighting and log-normal noise levels."""
-  c.schedule.name = "edm"
-  c.schedule.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5))
+  c.schedule = _schedule("edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
   c.loss.kind = "edm"
   c.loss.weighting = "edm"
   c.loss.time_sampler = "lognormal"

@@ -5,8 +5,9 @@
 
 Start-up order, so that a bad config or workdir fails before any compilation and before
 anything is written to the workdir:
-  1. validate the config's names and sizes (optimizer, network, dataset, parametrization,
-     schedule, time sampler, batch size vs devices x accumulation and processes);
+  1. check that the workdir is, or can be created as, a writable folder, and validate the
+     config's names and sizes (optimizer, network, dataset, parametrization, schedule, time
+     sampler, batch size vs devices x accumulation and processes);
   2. build the dataset, network, loss and optimizer (pure Python);
   3. the abstract state (`jax.eval_shape`, no compilation) is checked against the newest
      checkpoint in the workdir (another model's checkpoint is an error) and restored from it,
@@ -26,6 +27,7 @@ import jax
 from ml_collections import config_flags
 import ml_collections
 
+from diffdistill import _validate
 from diffdistill.train import checkpoint as ckpt_lib
 from diffdistill.train import distributed, loop, state as state_lib, step as step_lib
 from experiments.train_teacher import sampling
@@ -61,6 +63,7 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+  _validate.check_writable_dir("workdir", workdir)
   setup = build(config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)

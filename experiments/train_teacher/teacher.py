@@ -65,10 +65,16 @@ def validate(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
 
 
+def schedule_from_config(config: ml_collections.ConfigDict) -> schedules_lib.Schedule:
+  """schedules.get(config.name, **the keywords of config.kwargs that are set (not None))."""
+  kwargs = {k: v for k, v in config.kwargs.items() if v is not None}
+  return schedules_lib.get(config.name, **kwargs)
+
+
 def build(config: ml_collections.ConfigDict) -> Setup:
   mesh = step_lib.make_mesh()
   validate(config, mesh)
-  schedule = schedules_lib.get(config.schedule.name, **config.schedule.kwargs)
+  schedule = schedule_from_config(config.schedule)
   module = nets.get_network(config.network.name, **config.network.kwargs)
   apply = nets.make_apply(module)
   conditional = bool(getattr(module, "num_classes", 0))
