@@ -3,7 +3,8 @@
 COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
-Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow).
+Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow),
+tract (transitive-closure time distillation), boot (data-free bootstrapping).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -18,7 +19,7 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 
 import ml_collections
 
-METHODS = ("pd", "kd", "reflow")
+METHODS = ("pd", "kd", "reflow", "tract", "boot")
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -60,6 +61,11 @@ def _base() -> ml_collections.ConfigDict:
   c.reflow = ml_collections.ConfigDict(dict(num_steps=3000, nfes=(1, 2, 4), s_min=1e-5,
                                             pair_steps=64, kd_steps=2000, distance="l2",
                                             straightness_steps=128))
+  c.tract = ml_collections.ConfigDict(dict(teacher_steps=64, segments=(8, 1), steps_per_phase=3000,
+                                           spacing="logsnr", weighting="truncated_snr",
+                                           self_teacher_decay=0.99))
+  c.boot = ml_collections.ConfigDict(dict(num_steps=6000, grid_steps=32, spacing="logsnr",
+                                          step="heun", weighting="uniform"))
   c.pairs = ml_collections.ConfigDict(dict(num_pairs=32768, chunk_size=4096, solver="adaptive",
                                            nfe=0, tol=1e-5))
 
@@ -120,6 +126,11 @@ def _tiny(c):
   c.reflow.nfes = (1,)
   c.reflow.pair_steps = 4
   c.reflow.straightness_steps = 8
+  c.tract.teacher_steps = 4
+  c.tract.segments = (2, 1)
+  c.tract.steps_per_phase = 20
+  c.boot.num_steps = 20
+  c.boot.grid_steps = 4
   c.pairs.num_pairs = 128
   c.pairs.chunk_size = 64
   c.pairs.solver = "dpm_solver_pp_2m"

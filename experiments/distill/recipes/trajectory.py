@@ -17,7 +17,7 @@ import numpy as np
 from diffdistill import nets, solvers
 from diffdistill import schedules as schedules_lib
 from diffdistill.data import pairs as pairs_lib, pipeline
-from diffdistill.losses import kd, progressive, rectified_flow
+from diffdistill.losses import boot, kd, progressive, rectified_flow, tract
 from experiments.distill import common
 
 
@@ -197,6 +197,90 @@ def build_reflow(config, setup) -> common.Plan:
   return common.Plan(stages=stages, students=students, notes={"extra": straightness})
 
 
-RECIPES = {"pd": build_pd, "kd": build_kd, "reflow": build_reflow}
+def build_tract(config, setup) -> common.Plan:
+  """Phases of TRACT: segments tract.segments (e.g. 8 then 1) over a teacher_steps-step teacher;
+  phase p's student is phase p+1's teacher, and its segment count is the next T."""
+  c = config.tract
+  net = student_net(config, setup)
+  stages: list[common.Stage] = []
+  init = initial_params(setup, stages, net)
+  method = tract.tract(net.denoise, net.denoise, schedule=net.schedule, spacing=c.spacing,
+                       weighting=c.weighting, t_start=setup.t_start, t_end=setup.t_end,
+                       self_teacher_decay=c.self_teacher_decay)
+  students, previous, teacher_steps = [], None, c.teacher_steps
+  for phase, segments in enumerate(c.segments):
+    if teacher_steps % segments:
+      raise ValueError(f"tract.segments {tuple(c.segments)} must each divide the previous "
+                       f"phase's steps (first: tract.teacher_steps={c.teacher_steps}).")
+    name = f"phase_{segments}"
+    source = init if previous is None else (lambda r, p=previous: r[p]["student"])
+    stages.append(common.Stage(
+        name=name, method=method, num_steps=c.steps_per_phase,
+        players=lambda r, source=source: {"student": common.make_player(
+            config.optim, source(r), num_steps=c.steps_per_phase,
+            ema={"eval": config.eval_ema, "self_teacher": c.self_teacher_decay})},
+        frozen=lambda r, source=source, t=teacher_steps, s=segments: {
+            "teacher": source(r), "teacher_steps": jnp.int32(t), "num_segments": jnp.int32(s)},
+        data=lambda r, d, k=phase: setup.data(config.seed + 20 + k)))
+    students.append(common.Student(
+        name="tract", nfe=segments, params=lambda r, name=name: r[name]["student"],
+        run=ddim_student(net, nfe=segments, spacing=c.spacing, t_start=setup.t_start,
+                         t_end=setup.t_end)))
+    previous, teacher_steps = name, segments
+  return common.Plan(stages=stages, students=students)
 
-__all__ = ["RECIPES", "build_pd", "build_kd", "build_reflow", "copy_stage", "ddim_student"]
+
+class PriorNoise:
+  """Batches {"x_T": sigma(t_start) z}, z ~ N(0, I) from PCG64([seed, step]): BOOT's data-free input."""
+
+  def __init__(self, scale: float, shape, batch_size: int, seed: int):
+    self.scale, self.shape, self.batch_size, self.seed, self.step = scale, shape, batch_size, seed, 0
+
+  def __next__(self):
+    z = np.random.default_rng([self.seed, self.step]).standard_normal((self.batch_size, *self.shape))
+    self.step += 1
+    return {"x_T": (self.scale * z).astype(np.float32)}
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, state):
+    self.step = int(state["step"])
+
+  def close(self):
+    pass
+
+
+def build_boot(config, setup) -> common.Plan:
+  """BOOT from the teacher copy: the student g(x_T, t) bootstraps along the teacher's steps."""
+  c = config.boot
+  net = student_net(config, setup)
+  stages: list[common.Stage] = []
+  init = initial_params(setup, stages, net)
+  # g predicts the signal like a data prediction, so the student network is used raw ('x0')
+  g_net = common.Net(module=net.module, kind="x0", schedule=net.schedule,
+                     example_shape=net.example_shape)
+  method = boot.boot(g_net.denoise, setup.teacher.apply, schedule=net.schedule, spacing=c.spacing,
+                     step=c.step, weighting=c.weighting, t_start=setup.t_start, t_end=setup.t_end)
+  scale = float(net.schedule.sigma(jnp.float32(setup.t_start)))
+  stages.append(common.Stage(
+      name="boot", method=method, num_steps=c.num_steps,
+      players=lambda r: {"student": common.make_player(
+          config.optim, init(r), num_steps=c.num_steps, ema={"eval": config.eval_ema})},
+      frozen=lambda r: {"teacher": setup.teacher.params, "num_steps": jnp.int32(c.grid_steps)},
+      data=lambda r, d: PriorNoise(scale, setup.teacher.example_shape, config.batch_size,
+                                   config.seed + 30)))
+
+  def run(params, x):
+    return boot.boot_state(g_net.denoise, params, x, setup.t_end, schedule=net.schedule,
+                           t_start=setup.t_start)
+
+  students = [common.Student(name="boot", nfe=1, params=lambda r: r["boot"]["student"], run=run)]
+  return common.Plan(stages=stages, students=students)
+
+
+RECIPES = {"pd": build_pd, "kd": build_kd, "reflow": build_reflow, "tract": build_tract,
+           "boot": build_boot}
+
+__all__ = ["RECIPES", "build_pd", "build_kd", "build_reflow", "build_tract", "build_boot",
+           "copy_stage", "ddim_student", "PriorNoise"]
