@@ -263,3 +263,32 @@ def test_boot_fixed_point_is_the_closed_form_flow_map(x64):
     want = analytic.gaussian_flow_map(mix, held_out, schedule=schedule, t_start=schedule.t_max,
                                       t_end=t)
     assert float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))) < 1e-3
+
+
+def test_guided_stage1_minimiser_is_the_guided_teacher(x64):
+  # Two classes, each one component of a 2-component mixture (the null class is the mixture).
+  # A student that scales the exact guided denoiser D_null + w (D_c - D_null) by `a` must have
+  # its minimiser at a = 1: the target uses each example's own label and w, null label = 2.
+  schedule = schedules.VPLinear()
+  means, var = np.array([[1.0, 0.0], [-1.0, 0.5]]), np.full((2, 2), 0.1)
+  classes = [analytic.GaussianMixture(np.ones(1), means[k:k + 1], var[k:k + 1]) for k in (0, 1)]
+  null = analytic.GaussianMixture(np.ones(2), means, var)
+
+  def teacher(params, x, t, *, label):
+    d = [analytic.denoise(m, x, t, schedule=schedule) for m in (*classes, null)]
+    lab = label[:, None]
+    return jnp.where(lab == 0, d[0], jnp.where(lab == 1, d[1], d[2]))
+
+  def student(params, x, t, *, label, w):
+    d_c = teacher(None, x, t, label=label)
+    d_n = teacher(None, x, t, label=jnp.full_like(label, 2))
+    return params["a"] * (d_n + w[:, None] * (d_c - d_n))
+
+  loss_fn = progressive.guided_copy_loss(student, teacher, schedule=schedule, null_label=2,
+                                         guidance=(1.0, 4.0))
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 2, 512)
+  batch = {"x": jnp.asarray(means[label] + 0.3 * rng.standard_normal((512, 2))),
+           "label": jnp.asarray(label)}
+  params = newton(loss_fn, {"a": jnp.zeros(())}, batch, jax.random.key(1), teacher_params=None)
+  np.testing.assert_allclose(float(params["a"]), 1.0, rtol=1e-10)
