@@ -161,6 +161,7 @@ class Stage:
   data: Callable[[Results, str], Any]
   frozen: Callable[[Results], Any] = lambda results: None
   eval_ema: str | None = "eval"  # the EMA copy reported as the stage's result (None: params)
+  directory: str | None = None  # where it runs (default WORKDIR/<name>); shared copies set it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +278,7 @@ def run_stages(plan: Plan, setup: Setup, workdir: str, *, progress: bool = True)
   stats = {}
   steps = {}  # one jitted step per method: the rounds of a method share its compilation
   for index, stage in enumerate(plan.stages):
-    stage_dir = os.path.join(workdir, stage.name)
+    stage_dir = stage.directory or os.path.join(workdir, stage.name)
     players = stage.players(results)
     frozen = stage.frozen(results)
     state = state_lib.TrainState.create(players=players,

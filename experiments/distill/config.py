@@ -52,8 +52,11 @@ def _base() -> ml_collections.ConfigDict:
       name="adam", learning_rate=5e-4, warmup_steps=100, schedule="cosine", end_factor=0.1,
       grad_clip=1.0))
 
+  # the network copy of an analytic teacher; `dir` shares one copy between variants of the same
+  # teacher and student network (e.g. --config.copy.dir=runs/copy_gmm64): a copy made with other
+  # settings is refused when its checkpoint is read
   c.copy = ml_collections.ConfigDict(dict(num_steps=3000, weighting="truncated_snr",
-                                          time_sampler="logsnr_uniform"))
+                                          time_sampler="logsnr_uniform", dir=""))
   c.pd = ml_collections.ConfigDict(dict(teacher_steps=64, steps_per_round=1500, spacing="logsnr",
                                         weighting="truncated_snr", eval_steps=(8, 4, 2, 1)))
   c.kd = ml_collections.ConfigDict(dict(nfes=(1, 2, 4), num_steps=2000, spacing="logsnr",

@@ -41,7 +41,8 @@ def copy_stage(config, setup, net: common.Net, *, name: str = "copy") -> common.
           config.optim, net.init(jax.random.key(config.seed)), num_steps=c.num_steps,
           ema={"eval": config.eval_ema})},
       frozen=lambda r: {"teacher": teacher.params},
-      data=lambda r, d: setup.data(config.seed + 1))
+      data=lambda r, d: setup.data(config.seed + 1),
+      directory=c.dir or None)
 
 
 def initial_params(setup, plan_stages, net):
