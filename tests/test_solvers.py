@@ -1,5 +1,6 @@
-"""Solvers: API, exact NFE, every schedule, exactness on point-mass and Gaussian data, traces,
-bad input, low precision, thresholding, adaptive. Orders are in test_solvers_orders.py."""
+"""Solvers: API, every schedule, traces, bad input, thresholding, adaptive. Orders are in
+test_solvers_orders.py, exact NFE in test_solvers_nfe.py, the public single steps against the
+engine in test_solvers_steps.py, the shared PF-ODE in test_solvers_pf_ode.py."""
 
 import functools
 
@@ -40,27 +41,6 @@ def test_every_schedule_converges_on_gaussian_data(sch, x64):
             for n in (20, 40)]
     # Second order: doubling the NFE divides the error by ~4.
     assert errs[1] < errs[0] / 3 and errs[1] < tol, (name, errs)
-
-
-def test_multistep_engine_matches_public_steps(x64):
-  sch = schedules.VPCosine()
-  mix = mixture()
-  d = functools.partial(analytic.denoiser(sch), mix)
-  x = noise(sch, 6, 8, jnp.float64)
-  n = 16  # >= 15: no lower-order final steps
-  t = solvers.time_grid(sch, n, spacing="logsnr")
-  # 3M from the coefficient engine vs the public steps: ddim, 2m, then 3m steps.
-  for taylor in (False, True):
-    got = solvers.sample(d, x, schedule=sch, solver="dpm_solver_pp_3m", nfe=n, taylor_d2=taylor)
-    d0 = d(x, jnp.full((6,), t[0]))
-    y = solvers.ddim_step(d, x, t[0], t[1], schedule=sch)
-    y, d1 = solvers.dpm_solver_pp_2m_step(d, y, t[1], t[2], schedule=sch, d_prev=d0, t_prev=t[0])
-    hist = (d1, d0)
-    for i in range(2, n):
-      y, dn = solvers.dpm_solver_pp_3m_step(d, y, t[i], t[i + 1], schedule=sch, d_prev=hist,
-                                            t_prev=(t[i - 1], t[i - 2]), taylor_d2=taylor)
-      hist = (dn, hist[0])
-    np.testing.assert_allclose(got, y, rtol=1e-9, atol=1e-9)
 
 
 def test_singlestep_scan_matches_public_steps(x64):
