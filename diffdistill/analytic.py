@@ -18,7 +18,8 @@ the angle theta = arctan(sigma / alpha) on the rescaled state y = x / sqrt(alpha
 
 which is finite at both ends (also where alpha = 0, e.g. rectified flow at t = 1) and is the
 same ODE for every schedule, since the probability-flow ODE depends on the schedule only through
-the log-SNR.
+the log-SNR. The ODE and its two delicate ends (alpha = 0, sigma = 0) are written once, in
+diffdistill/_pf_ode.py, shared with solvers.adaptive_sample.
 
 References:
   Song et al., Score SDE, ICLR 2021 (probability-flow ODE); Karras et al., EDM, 2022 (App. B);
@@ -27,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill import _pf_ode
 from diffdistill import _validate
 from diffdistill import schedules as schedules_lib
 
@@ -235,13 +238,27 @@ def sample(mix: GaussianMixture, rng: Array, n: int, dtype=None) -> Array:
   return mix.means[k].astype(dtype) + z
 
 
-def denoiser(schedule: schedules_lib.Schedule) -> Callable[[GaussianMixture, Array, Array], Array]:
-  """The exact denoiser as `apply(mix, x, t) -> x0_hat` for `schedule`."""
-  return functools.partial(_denoiser_apply, schedule=schedule)
+@dataclasses.dataclass(frozen=True)
+class ExactDenoiser:
+  """The exact teacher of `schedule` as `apply(mix, x, t) -> E[x0 | x_t = x]` (`denoise`).
+
+  A value, not a closure: hashable and equal for equal schedules, so functions that take the
+  denoiser as a static argument (`flow_map`, `solvers.make_sampler` under jit) compile once for
+  every `denoiser(schedule)` built from an equal schedule. It has the signature of every
+  denoiser, `apply(params, x, t, **cond)`, and takes no conditioning.
+  """
+
+  schedule: schedules_lib.Schedule
+
+  def __call__(self, mix: GaussianMixture, x: Array, t: Array, **cond) -> Array:
+    if cond:
+      raise ValueError(f"The analytic denoiser takes no conditioning inputs; got {sorted(cond)}.")
+    return denoise(mix, x, t, schedule=self.schedule)
 
 
-def _denoiser_apply(mix, x, t, *, schedule):
-  return denoise(mix, x, t, schedule=schedule)
+def denoiser(schedule: schedules_lib.Schedule) -> ExactDenoiser:
+  """The exact denoiser as `apply(mix, x, t) -> x0_hat` for `schedule` (a hashable value)."""
+  return ExactDenoiser(schedule)
 
 
 def gaussian_flow_map(mix: GaussianMixture, x: Array, *, schedule: schedules_lib.Schedule,
@@ -267,11 +284,6 @@ def gaussian_flow_map(mix: GaussianMixture, x: Array, *, schedule: schedules_lib
   return a1 * mu + ((y @ u) * scale) @ u.T
 
 
-def _theta(schedule, t, dtype):
-  t = jnp.asarray(t, dtype)
-  return jnp.arctan2(schedule.sigma(t), schedule.alpha(t))
-
-
 @functools.partial(jax.jit, static_argnames=("apply", "schedule", "rtol", "atol", "max_steps",
                                              "return_stats"))
 def _flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Schedule, t_start,
@@ -279,9 +291,14 @@ def _flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sche
               return_stats: bool = False):
   """Integrates the probability-flow ODE of denoiser `apply(params, x, t)` from t_start to t_end.
 
+  The ODE is integrated in theta = arctan(sigma / alpha) by diffrax's Dopri8 (diffdistill/_pf_ode.py,
+  shared with solvers.adaptive_sample); an end at sigma = 0 is reached by one exact-limit DDIM
+  step from theta = sqrt(machine epsilon).
+
   Args:
-    apply: a denoiser `apply(params, x, t) -> x0_hat` (hashable: a module-level function or
-      `analytic.denoiser(schedule)`; a fresh lambda per call recompiles).
+    apply: a denoiser `apply(params, x, t) -> x0_hat`, static: it must be hashable and compare
+      equal across calls to reuse the compilation (a module-level function, or
+      `analytic.denoiser(schedule)`, which is a value; a fresh lambda per call recompiles).
     params: its parameters (for the analytic teacher: the GaussianMixture).
     x: the state at t_start, [B, ...].
     schedule: the forward process the denoiser was built for.
@@ -292,40 +309,10 @@ def _flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sche
   Returns:
     The state at t_end, [B, ...], and optionally the stats.
   """
-  dtype = x.dtype
-  b = x.shape[0]
-  th0, th1 = _theta(schedule, t_start, dtype), _theta(schedule, t_end, dtype)
-
-  # float32(pi/2) rounds above pi/2, where cos is slightly negative: clamp at 0 (alpha = 0,
-  # lambda = -inf, which t_from_logsnr maps to the pure-noise end).
-  cos = lambda theta: jnp.maximum(jnp.cos(theta), 0.0)
-
-  def scale_and_time(theta):
-    lam = 2.0 * (jnp.log(cos(theta)) - jnp.log(jnp.sin(theta)))
-    t = schedule.t_from_logsnr(lam)
-    a, s = schedule.alpha(t), schedule.sigma(t)
-    return jnp.sqrt(a * a + s * s), t
-
-  def vector_field(theta, y, args):
-    r, t = scale_and_time(theta)
-    x0 = apply(args, y * r, jnp.full((b,), t, dtype)).astype(dtype)
-    c, s = cos(theta), jnp.sin(theta)
-    eps = (y - c * x0) / s
-    return c * eps - s * x0
-
-  r0 = _scale(schedule, t_start, dtype)
-  solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), diffrax.Dopri8(), t0=th0, t1=th1, dt0=None, y0=x / r0,
-      args=params, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-  x_end = solution.ys[-1] * _scale(schedule, t_end, dtype)
-  if return_stats:
-    steps = solution.stats["num_steps"]
-    # Dopri8: 14 stages, first-same-as-last, so 13 new evaluations per attempted step plus the
-    # first one; rejected steps cost as much as accepted ones.
-    nfe = 1 + 13 * (solution.stats["num_accepted_steps"] + solution.stats["num_rejected_steps"])
-    return x_end, {"nfe": nfe, "num_steps": steps}
-  return x_end
+  x_end, stats = _pf_ode.solve(apply, params, x, schedule=schedule, t_start=t_start,
+                               t_end=t_end, solver=diffrax.Dopri8(), rtol=rtol, atol=atol,
+                               max_steps=max_steps)
+  return (x_end, stats) if return_stats else x_end
 
 
 @functools.wraps(_flow_map)
@@ -339,13 +326,6 @@ def flow_map(apply: Callable, params, x: Array, *, schedule: schedules_lib.Sched
                          what=type(schedule).__name__)
   _validate.check_floating("x", x)
   return _flow_map(apply, params, x, schedule=schedule, t_start=t_start, t_end=t_end, **options)
-
-
-def _scale(schedule, t, dtype):
-  """sqrt(alpha^2 + sigma^2) at t."""
-  t = jnp.asarray(t, dtype)
-  a, s = schedule.alpha(t), schedule.sigma(t)
-  return jnp.sqrt(a * a + s * s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,5 +378,5 @@ def get_mixture(name: str, **kwargs) -> GaussianMixture:
 
 
 __all__ = ["GaussianMixture", "denoise", "log_prob", "score", "data_log_prob", "responsibilities",
-           "sample", "denoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
+           "sample", "denoiser", "ExactDenoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
            "MIXTURES", "get_mixture"]

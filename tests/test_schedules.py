@@ -234,3 +234,15 @@ def test_schedules_resolve_names():
     schedules.resolve(3)
   with pytest.raises(ValueError, match="Unknown schedule 'vp'"):
     schedules.resolve("vp")
+
+
+def test_vp_cosine_float32_keeps_relative_accuracy_near_t_1():
+  # cos(f(t)) for f(t) near pi/2 cancels in float32 (relative error 2e-3 at t = 0.99999); the
+  # complementary form sin((1 - t) / (1 + s) pi/2) keeps it to a few ulp.
+  s = schedules.VPCosine(t_max=0.99999)
+  t32 = jnp.float32(0.99999)
+  got = np.array([s.alpha(t32), s.logsnr(t32)], np.float64)
+  with jax.enable_x64(True):
+    t64 = jnp.float64(float(t32))  # the same time, evaluated in float64
+    ref = np.array([s.alpha(t64), s.logsnr(t64)], np.float64)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)

@@ -1,5 +1,6 @@
-"""Solvers: API, exact NFE, every schedule, exactness on point-mass and Gaussian data, traces,
-bad input, low precision, thresholding, adaptive. Orders are in test_solvers_orders.py."""
+"""Solvers: API, every schedule, traces, bad input, thresholding, adaptive. Orders are in
+test_solvers_orders.py, exact NFE in test_solvers_nfe.py, the public single steps against the
+engine in test_solvers_steps.py, the shared PF-ODE in test_solvers_pf_ode.py."""
 
 import functools
 
@@ -40,27 +41,6 @@ def test_every_schedule_converges_on_gaussian_data(sch, x64):
             for n in (20, 40)]
     # Second order: doubling the NFE divides the error by ~4.
     assert errs[1] < errs[0] / 3 and errs[1] < tol, (name, errs)
-
-
-def test_multistep_engine_matches_public_steps(x64):
-  sch = schedules.VPCosine()
-  mix = mixture()
-  d = functools.partial(analytic.denoiser(sch), mix)
-  x = noise(sch, 6, 8, jnp.float64)
-  n = 16  # >= 15: no lower-order final steps
-  t = solvers.time_grid(sch, n, spacing="logsnr")
-  # 3M from the coefficient engine vs the public steps: ddim, 2m, then 3m steps.
-  for taylor in (False, True):
-    got = solvers.sample(d, x, schedule=sch, solver="dpm_solver_pp_3m", nfe=n, taylor_d2=taylor)
-    d0 = d(x, jnp.full((6,), t[0]))
-    y = solvers.ddim_step(d, x, t[0], t[1], schedule=sch)
-    y, d1 = solvers.dpm_solver_pp_2m_step(d, y, t[1], t[2], schedule=sch, d_prev=d0, t_prev=t[0])
-    hist = (d1, d0)
-    for i in range(2, n):
-      y, dn = solvers.dpm_solver_pp_3m_step(d, y, t[i], t[i + 1], schedule=sch, d_prev=hist,
-                                            t_prev=(t[i - 1], t[i - 2]), taylor_d2=taylor)
-      hist = (dn, hist[0])
-    np.testing.assert_allclose(got, y, rtol=1e-9, atol=1e-9)
 
 
 def test_singlestep_scan_matches_public_steps(x64):
@@ -167,7 +147,7 @@ def test_time_grids():
   assert t[0] == 1.0 and np.all(np.diff(t) < 0)
 
 
-def test_dynamic_thresholding():
+def test_dynamic_thresholding():  # data_max != 1: test_solvers_steps.py
   x0 = jnp.array([[0.5, -3.0, 2.0, 0.1], [0.2, 0.3, -0.4, 0.5]])
   out = solvers.dynamic_thresholding(lambda x, t: x, percentile=1.0)(x0, None)
   np.testing.assert_allclose(out[0], x0[0] / 3.0, rtol=1e-6)  # s = max|x0| = 3
@@ -208,15 +188,23 @@ def test_adaptive_reports_nfe_and_matches_reference(x64):
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
-def test_final_step_to_sigma_zero_is_first_order_and_finite():
+# One solver per code path of a last step into sigma = 0 by default: the data-form step orders
+# (dpm_solver_pp_3m), the corrector (unipc_3), the singlestep tail (heun), the noise-form plan
+# (deis_3; lms shares it) and PNDM's fixed coefficients; dpm_solver_3 takes heun's path.
+SIGMA_ZERO_SOLVERS = ["dpm_solver_pp_3m", "unipc_3", "heun", "deis_3", "pndm",
+                      pytest.param("dpm_solver_3", marks=pytest.mark.slow),
+                      pytest.param("lms", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", SIGMA_ZERO_SOLVERS)
+def test_final_step_to_sigma_zero_is_first_order_and_finite(name):
   # t_end = 0 on VP-linear: sigma = 0 and lambda = +inf at the last grid point. No solver may
   # evaluate a higher-order formula there; the result is the data prediction x0.
   sch = schedules.VPLinear(t_min=0.0)
   d = functools.partial(analytic.denoiser(sch), mixture())
   x = noise(sch, 8, 8)
-  for name in ("dpm_solver_pp_3m", "unipc_3", "heun", "dpm_solver_3", "deis_3", "lms", "pndm"):
-    nfe = feasible_nfe(name, 15)
-    out = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=0.0)
-    near = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=1e-4)
-    assert bool(jnp.all(jnp.isfinite(out))), name
-    assert float(jnp.max(jnp.abs(out - near))) < 0.25, name  # different grids, same limit
+  nfe = feasible_nfe(name, 15)
+  out = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=0.0)
+  near = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=1e-4)
+  assert bool(jnp.all(jnp.isfinite(out))), name
+  assert float(jnp.max(jnp.abs(out - near))) < 0.25, name  # different grids, same limit

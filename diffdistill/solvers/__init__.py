@@ -1,5 +1,18 @@
 """Training-free samplers: one file per family; `sample`, `SOLVERS`, `time_grid`.
 
+Every public single step (`ddim_step`, `ddim_eta_step`, `euler_maruyama_step`, `euler_step`,
+`heun_step`, `edm_stochastic_step`, `dpm_solver_{1,2,3}_step`, `dpm_solver_pp_{2s,2m,3m}_step`,
+`pndm_prk_step`) has one signature,
+
+    x_t = step(denoise, x_s, t_s, t_t, *, schedule, rng=None, **options)
+
+with denoise(x, t) -> x0_hat, x: [B, ...], t_s, t_t scalars or [B] (traced is fine). It returns
+only the new state. Stochastic steps need rng (ValueError without it); deterministic ones accept
+rng=None and ignore it. Multistep steps take their history as options (d_prev, t_prev) and
+accept d_s = D(x_s, t_s) when the caller already has it (the next step's d_prev), so a chain of
+them costs one call per step. Each step equals its solver's engine in `sample` on the same grid
+(tests/test_solvers_steps.py).
+
 See docs/solvers.md for each family's update equation, its paper and what the tests verify.
 """
 

@@ -5,9 +5,12 @@ The ODE is integrated in the angle theta = arctan(sigma / alpha) on y = x / sqrt
     y = cos(theta) x0 + sin(theta) eps,   dy/dtheta = cos(theta) eps_hat - sin(theta) D,
 
 finite at both ends (also where alpha = 0) and the same ODE for every schedule (it depends on
-the schedule only through the log-SNR). Tsit5 (5th order, FSAL: 6 new calls per attempted step
-plus 1 at the start) with a PID step-size controller on rtol / atol; the initial step is
-(theta_end - theta_start) / 16, so no extra calls go to step-size selection.
+the schedule only through the log-SNR). The vector field and its ends are those of
+`analytic.flow_map` (one copy, diffdistill/_pf_ode.py): a float32 start at theta = pi/2 is
+clamped, and an end at sigma = 0 is reached by one exact-limit DDIM step (one more call,
+counted). Tsit5 (5th order, FSAL: 6 new calls per attempted step plus 1 at the start) with a PID
+step-size controller on rtol / atol; the initial step is (theta_end - theta_start) / 16, so no
+extra calls go to step-size selection.
 
 References:
   Tsitouras, Runge-Kutta pairs of order 5(4) satisfying only the first column simplifying
@@ -19,16 +22,13 @@ from __future__ import annotations
 
 import diffrax
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from diffdistill import _pf_ode
 from diffdistill import schedules as schedules_lib
 from diffdistill.solvers import grids
-from diffdistill.solvers import multistep
 
 Array = jax.Array
 METHODS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
-_CALLS_PER_STEP = 6  # both 7-stage FSAL pairs
 
 
 def adaptive_sample(denoise, x_T: Array, *, schedule: schedules_lib.Schedule, t_start=None,
@@ -40,29 +40,10 @@ def adaptive_sample(denoise, x_T: Array, *, schedule: schedules_lib.Schedule, t_
   if not (rtol > 0 and atol > 0):
     raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}.")
   t_start, t_end = grids.resolve_range(schedule, t_start, t_end)
-  g = grids.host_grid(schedule, np.array([t_start, t_end]))
-  th = np.arctan2(g.sigma, g.alpha)
-  r = np.hypot(g.alpha, g.sigma)
-  in_dtype = x_T.dtype
-  cdt = multistep.compute_dtype(in_dtype)
-  b = x_T.shape[0]
-
-  def vector_field(theta, y, args):
-    del args
-    c, s = jnp.cos(theta), jnp.sin(theta)
-    t = schedule.t_from_logsnr(2.0 * (jnp.log(c) - jnp.log(s)))
-    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
-    x0 = denoise((y * jnp.sqrt(a_t * a_t + s_t * s_t)).astype(in_dtype),
-                 jnp.full((b,), t, cdt)).astype(cdt)
-    return c * (y - c * x0) / s - s * x0
-
-  sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(vector_field), METHODS[method](), t0=float(th[0]), t1=float(th[1]),
-      dt0=float(th[1] - th[0]) / 16, y0=x_T.astype(cdt) / r[0],
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-  nfe = 1 + _CALLS_PER_STEP * (sol.stats["num_accepted_steps"] + sol.stats["num_rejected_steps"])
-  return (sol.ys[-1] * r[1]).astype(in_dtype), nfe
+  x, stats = _pf_ode.solve(lambda _, x, t: denoise(x, t), None, x_T, schedule=schedule,
+                           t_start=t_start, t_end=t_end, solver=METHODS[method](), rtol=rtol,
+                           atol=atol, max_steps=max_steps, dt0_fraction=1.0 / 16)
+  return x, stats["nfe"]
 
 
 __all__ = ["adaptive_sample", "METHODS"]

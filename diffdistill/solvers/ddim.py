@@ -39,11 +39,14 @@ def _coeffs(schedule, x, t):
   return schedule.alpha(tb), schedule.sigma(tb), jnp.broadcast_to(t, (x.shape[0],))
 
 
-def ddim_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule) -> Array:
+def ddim_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+              rng=None) -> Array:
   """One DDIM step x_s -> x_t = (sigma_t/sigma_s) x_s + (alpha_t - alpha_s sigma_t/sigma_s) D(x_s, s).
 
   x: [B, ...]; t_s, t_t: scalars or [B]. Exact at alpha_s = 0. One denoiser call.
+  Deterministic: rng is accepted (the common step signature) and ignored.
   """
+  del rng
   a_s, s_s, ts = _coeffs(schedule, x, t_s)
   a_t, s_t, _ = _coeffs(schedule, x, t_t)
   d = denoise(x, ts)
@@ -51,10 +54,12 @@ def ddim_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule) 
   return (ratio * x + (a_t - a_s * ratio) * d).astype(x.dtype)
 
 
-def ddim_eta_step(denoise, x: Array, t_s, t_t, rng: Array, *, schedule: schedules_lib.Schedule,
-                  eta: float = 1.0) -> Array:
+def ddim_eta_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+                  rng: Array | None = None, eta: float = 1.0) -> Array:
   """One DDIM-eta step: x_t = alpha_t D_s + sqrt(sigma_t^2 - c^2) eps_s + c z,
-  c = eta sigma_t sqrt(1 - exp(-2h)). eta = 1 samples the DDPM posterior q(x_t | x_s, x0 = D_s)."""
+  c = eta sigma_t sqrt(1 - exp(-2h)). eta = 1 (the default) is the DDPM ancestral step: it
+  samples the posterior q(x_t | x_s, x0 = D_s). Needs rng (z ~ N(0, I))."""
+  multistep.require_rng(rng, "ddim_eta_step")
   a_s, s_s, ts = _coeffs(schedule, x, t_s)
   a_t, s_t, _ = _coeffs(schedule, x, t_t)
   lam_s, lam_t = jnp.log(a_s) - jnp.log(s_s), jnp.log(a_t) - jnp.log(s_t)
@@ -65,9 +70,11 @@ def ddim_eta_step(denoise, x: Array, t_s, t_t, rng: Array, *, schedule: schedule
   return (a_t * d + jnp.sqrt(s_t * s_t - c * c) * eps + c * z).astype(x.dtype)
 
 
-def euler_maruyama_step(denoise, x: Array, t_s, t_t, rng: Array, *,
-                        schedule: schedules_lib.Schedule) -> Array:
-  """One Euler-Maruyama step of the reverse SDE dx = [f x - g^2 score] dt + g dw (dt < 0)."""
+def euler_maruyama_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+                        rng: Array | None = None) -> Array:
+  """One Euler-Maruyama step of the reverse SDE dx = [f x - g^2 score] dt + g dw (dt < 0):
+  x_t = x_s + (f x_s - g^2 score) dt + sqrt(g^2 |dt|) z. Needs rng; needs alpha_s > 0."""
+  multistep.require_rng(rng, "euler_maruyama_step")
   a_s, s_s, ts = _coeffs(schedule, x, t_s)
   tb = schedules_lib.broadcast_to(ts, x)
   f = schedule.d_alpha(tb) / a_s

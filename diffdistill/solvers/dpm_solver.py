@@ -49,14 +49,16 @@ def _at(schedule, x, lam, ts):
   return _values(schedule, x, t)
 
 
-def dpm_solver_1_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule) -> Array:
-  """DPM-Solver-1 (the DDIM map), one call."""
-  return ddim.ddim_step(denoise, x, t_s, t_t, schedule=schedule)
+def dpm_solver_1_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+                      rng=None) -> Array:
+  """DPM-Solver-1 (the DDIM map), one call. Deterministic: rng is ignored."""
+  return ddim.ddim_step(denoise, x, t_s, t_t, schedule=schedule, rng=rng)
 
 
 def dpm_solver_2_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                      r1: float = 0.5) -> Array:
-  """One DPM-Solver-2 step (two calls; finite lambda at both ends)."""
+                      rng=None, r1: float = 0.5) -> Array:
+  """One DPM-Solver-2 step (two calls; finite lambda at both ends). rng is ignored."""
+  del rng
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
   a_t, s_t, l_t, _ = _values(schedule, x, t_t)
   h = l_t - l_s
@@ -70,8 +72,9 @@ def dpm_solver_2_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Sc
 
 
 def dpm_solver_3_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                      r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0) -> Array:
-  """One DPM-Solver-3 step (three calls; finite lambda at both ends)."""
+                      rng=None, r1: float = 1.0 / 3.0, r2: float = 2.0 / 3.0) -> Array:
+  """One DPM-Solver-3 step (three calls; finite lambda at both ends). rng is ignored."""
+  del rng
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
   a_t, s_t, l_t, _ = _values(schedule, x, t_t)
   h = l_t - l_s

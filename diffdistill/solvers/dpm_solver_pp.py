@@ -96,13 +96,13 @@ def sde_plan(grid: grids.HostGrid, *, lower_order_final: bool = True):
     h = grid.lam[i + 1] - grid.lam[i]
     e2 = 1.0 if np.isinf(h) else -np.expm1(-2.0 * h)  # 1 - e^{-2h}
     a[i] = grid.sigma[i + 1] / grid.sigma[i] * np.exp(-h)
-    c = grid.alpha[i + 1] * e2
     noise[i] = grid.sigma[i + 1] * np.sqrt(e2)
-    if orders[i] == 1:
-      b[i, 0] = c
-    else:
-      inv_r0 = h / (grid.lam[i] - grid.lam[i - 1])
-      b[i] = c * (1.0 + 0.5 * inv_r0), -0.5 * c * inv_r0
+    # alpha_t (1 - e^{-2h}) = -alpha_t expm1(-h) (1 + e^{-h}): the ODE's weights times
+    # (1 + e^{-h}), so the step-size ratio h / h_prev is written once, in multistep_weights.
+    p = int(orders[i])
+    h_prev = [grid.lam[i] - grid.lam[i - 1]] if p == 2 else []
+    b[i, :p] = (1.0 + np.exp(-h)) * np.array(multistep_weights(np, p, h, h_prev,
+                                                               grid.alpha[i + 1]))
   return multistep.Plan(grid, "data", a=a, b=b, noise=noise)
 
 
@@ -113,8 +113,11 @@ def _values(schedule, x, t):
   return schedule.alpha(tb), schedule.sigma(tb), 0.5 * schedule.logsnr(tb), t
 
 
-def dpm_solver_pp_2s_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule) -> Array:
-  """One DPM-Solver++(2S) step (r = 1/2), two denoiser calls; needs finite lambda at both ends."""
+def dpm_solver_pp_2s_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+                          rng=None) -> Array:
+  """One DPM-Solver++(2S) step (r = 1/2), two denoiser calls; needs finite lambda at both ends.
+  rng is ignored."""
+  del rng
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
   a_t, s_t, l_t, _ = _values(schedule, x, t_t)
   h = l_t - l_s
@@ -125,30 +128,33 @@ def dpm_solver_pp_2s_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_li
 
 
 def dpm_solver_pp_2m_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                          d_prev: Array, t_prev) -> tuple[Array, Array]:
+                          rng=None, d_prev: Array, t_prev, d_s: Array | None = None) -> Array:
   """One DPM-Solver++(2M) step from t_s to t_t given D_prev = D(x_prev, t_prev) of the previous
-  step. Returns (x_t, D(x_s, t_s)), the latter to pass as d_prev to the next step."""
+  step (any step sizes). d_s: D(x_s, t_s) if the caller already has it (it is the next step's
+  d_prev), then no denoiser call is made; else one call. rng is ignored."""
+  del rng
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
   a_t, s_t, l_t, _ = _values(schedule, x, t_t)
   _, _, l_p, _ = _values(schedule, x, t_prev)
-  d = denoise(x, ts)
+  d = denoise(x, ts) if d_s is None else d_s
   w = multistep_weights(jnp, 2, l_t - l_s, (l_s - l_p,), a_t)
-  return ((s_t / s_s) * x + w[0] * d + w[1] * d_prev).astype(x.dtype), d
+  return ((s_t / s_s) * x + w[0] * d + w[1] * d_prev).astype(x.dtype)
 
 
 def dpm_solver_pp_3m_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                          d_prev: tuple[Array, Array], t_prev: tuple,
-                          taylor_d2: bool = False) -> tuple[Array, Array]:
+                          rng=None, d_prev: tuple[Array, Array], t_prev: tuple,
+                          d_s: Array | None = None, taylor_d2: bool = False) -> Array:
   """One DPM-Solver++(3M) step given (D_1, D_2) at (t_prev1, t_prev2) (newest first).
-  Returns (x_t, D(x_s, t_s))."""
+  d_s: D(x_s, t_s) if already computed (then no call); rng is ignored."""
+  del rng
   a_s, s_s, l_s, ts = _values(schedule, x, t_s)
   a_t, s_t, l_t, _ = _values(schedule, x, t_t)
   l_p1 = _values(schedule, x, t_prev[0])[2]
   l_p2 = _values(schedule, x, t_prev[1])[2]
-  d = denoise(x, ts)
+  d = denoise(x, ts) if d_s is None else d_s
   w = multistep_weights(jnp, 3, l_t - l_s, (l_s - l_p1, l_p1 - l_p2), a_t, taylor_d2=taylor_d2)
   out = (s_t / s_s) * x + w[0] * d + w[1] * d_prev[0] + w[2] * d_prev[1]
-  return out.astype(x.dtype), d
+  return out.astype(x.dtype)
 
 
 def run_2m(denoise, x, grid, *, schedule, rng, in_dtype, lower_order_final=True):

@@ -41,9 +41,12 @@ def _values(schedule, x, t):
   return schedule.alpha(tb), schedule.sigma(tb), t
 
 
-def heun_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule) -> Array:
+def heun_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
+              rng=None) -> Array:
   """One Heun step from t_s to t_t (two denoiser calls; needs alpha_s > 0 and sigma_t > 0):
-  x_t = (alpha_t/alpha_s) x_s + (sigma_t - alpha_t sigma_s/alpha_s) (eps_s + eps') / 2."""
+  x_t = (alpha_t/alpha_s) x_s + (sigma_t - alpha_t sigma_s/alpha_s) (eps_s + eps') / 2.
+  Deterministic: rng is accepted and ignored."""
+  del rng
   a_s, s_s, ts = _values(schedule, x, t_s)
   a_t, s_t, tt = _values(schedule, x, t_t)
   d_s = denoise(x, ts)
@@ -70,8 +73,11 @@ def _churn(denoise, x, t_s, rng, gamma, s_noise, schedule):
 
 
 def edm_stochastic_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule,
-                        rng: Array, gamma, s_noise: float = 1.003, final: bool = False) -> Array:
-  """One step of EDM's stochastic sampler: churn by gamma, then Heun (Euler if `final`)."""
+                        rng: Array | None = None, gamma, s_noise: float = 1.003,
+                        final: bool = False) -> Array:
+  """One step of EDM's stochastic sampler: churn by gamma, then Heun (Euler if `final`).
+  Needs rng (the churn noise)."""
+  multistep.require_rng(rng, "edm_stochastic_step")
   x_hat, t_hat = _churn(denoise, x, t_s, rng, gamma, s_noise, schedule)
   step = ddim.ddim_step if final else heun_step
   return step(denoise, x_hat, t_hat, t_t, schedule=schedule)
@@ -97,8 +103,7 @@ def run_edm_stochastic(denoise, x, grid, *, schedule, rng, in_dtype, S_churn=40.
   if S_churn < 0 or S_noise < 0 or S_tmin > S_tmax:
     raise ValueError(f"edm_stochastic needs S_churn >= 0, S_noise >= 0, S_tmin <= S_tmax; got "
                      f"S_churn={S_churn}, S_noise={S_noise}, S_tmin={S_tmin}, S_tmax={S_tmax}.")
-  if rng is None:
-    raise ValueError("edm_stochastic is stochastic: pass rng=jax.random.key(...).")
+  multistep.require_rng(rng, "edm_stochastic")
   gammas = churn_gammas(grid, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax)
 
   def step(dn, x, t_s, t_t, *, schedule, rng, gamma):

@@ -62,6 +62,12 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.result_type(dtype, jnp.float32)
 
 
+def require_rng(rng, what: str) -> None:
+  """A stochastic step or sampler needs a PRNG key."""
+  if rng is None:
+    raise ValueError(f"{what} is stochastic: pass rng=jax.random.key(...).")
+
+
 def call(denoise, x, t, out_dtype, in_dtype):
   """D(x, t) with x cast to the user's dtype and t broadcast to [B]; the result in out_dtype."""
   tb = jnp.full((x.shape[0],), t, dtype=out_dtype)
@@ -115,8 +121,7 @@ def run(denoise, x, plan: Plan, *, rng=None, in_dtype=None, hist=None):
   if plan.g is not None:
     xs["g"] = c(plan.g)
   if plan.noise is not None:
-    if rng is None:
-      raise ValueError("This solver is stochastic: pass rng=jax.random.key(...).")
+    require_rng(rng, "This solver")
     xs["noise"] = c(plan.noise)
     xs["key"] = jax.random.split(rng, g.num_steps)
   if plan.corrector is not None:
@@ -167,4 +172,4 @@ def ddim_coefficients(grid: grids.HostGrid, i: int) -> tuple[float, float]:
   return a, b
 
 
-__all__ = ["Plan", "run", "step_orders", "ddim_coefficients", "compute_dtype", "call"]
+__all__ = ["Plan", "run", "step_orders", "ddim_coefficients", "compute_dtype", "call", "require_rng"]

@@ -44,8 +44,11 @@ def _values(schedule, x, t):
   return schedule.alpha(tb), schedule.sigma(tb), t
 
 
-def pndm_prk_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule):
-  """One pseudo-RK4 step (four calls). Returns (x_t, eps(x_s, t_s)) for the LMS history."""
+def pndm_prk_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedule, rng=None,
+                  d_s: Array | None = None) -> Array:
+  """One pseudo-RK4 step (four calls; three if d_s = D(x_s, t_s) is given, which the caller
+  keeps for the LMS history, eps_s = (x_s - alpha_s d_s) / sigma_s). rng is ignored."""
+  del rng
   a_s, s_s, ts = _values(schedule, x, t_s)
   a_t, s_t, tt = _values(schedule, x, t_t)
   rho_m = 0.5 * (s_s / a_s + s_t / a_t)
@@ -58,11 +61,11 @@ def pndm_prk_step(denoise, x: Array, t_s, t_t, *, schedule: schedules_lib.Schedu
   def phi(e, a, s):
     return (a / a_s) * (x - s_s * e) + s * e
 
-  e1 = eps(x, a_s, s_s, ts)
+  e1 = eps(x, a_s, s_s, ts) if d_s is None else (x - a_s * d_s) / s_s
   e2 = eps(phi(e1, a_m, s_m), a_m, s_m, tm)
   e3 = eps(phi(e2, a_m, s_m), a_m, s_m, tm)
   e4 = eps(phi(e3, a_t, s_t), a_t, s_t, tt)
-  return phi((e1 + 2.0 * e2 + 2.0 * e3 + e4) / 6.0, a_t, s_t).astype(x.dtype), e1
+  return phi((e1 + 2.0 * e2 + 2.0 * e3 + e4) / 6.0, a_t, s_t).astype(x.dtype)
 
 
 def plan(grid: grids.HostGrid, *, first_order: int = 1, order: int = 4) -> multistep.Plan:
@@ -100,8 +103,10 @@ def run_pndm(denoise, x, grid, *, schedule, rng, in_dtype):
       hist.append(x / grid.sigma[i])
       x = singlestep.degenerate_step(dn, x, t_s, t_t, 4, schedule=schedule)
     else:
-      x, e = pndm_prk_step(dn, x, jnp.asarray(t_s, cdt), jnp.asarray(t_t, cdt), schedule=schedule)
-      hist.append(e)
+      d_s = dn(x, jnp.full((x.shape[0],), t_s, cdt))
+      hist.append((x - float(grid.alpha[i]) * d_s) / float(grid.sigma[i]))
+      x = pndm_prk_step(dn, x, jnp.asarray(t_s, cdt), jnp.asarray(t_t, cdt), schedule=schedule,
+                        d_s=d_s)
   rest = grids.host_grid(schedule, grid.t[3:])
   return multistep.run(denoise, x, plan(rest, first_order=4),
                        hist=jnp.stack(hist[::-1]), in_dtype=in_dtype)
