@@ -18,6 +18,7 @@ from diffdistill import analytic, schedules
 from diffdistill.losses import progressive
 from diffdistill.train import state as state_lib, step as step_lib
 from diffdistill.train.method import Method, Update
+from experiments.distill import common
 from experiments.distill import config as config_lib
 from experiments.distill import main as main_lib
 
@@ -42,7 +43,7 @@ def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
   assert students and all(np.isfinite(r["median"]) and not r["nan"] for r in rows)
   for r in students:  # every student NFE has the teacher's DDIM beside it
     assert any(t["method"] == "teacher ddim" and t["nfe"] == r["nfe"] for t in rows)
-    f = np.load(tmp_path / "samples" / f"{r['method']}_nfe{r['nfe']}.npz")
+    f = np.load(tmp_path / "samples" / f"{common.sample_file_name(r['method'])}_nfe{r['nfe']}.npz")
     assert f["x_start"].shape == f["samples"].shape == (config.eval.num_samples, 2)
     assert int(f["nfe"]) == r["nfe"]
     assert {"alpha_start", "sigma_start", "alpha_end", "sigma_end"} <= set(f.files)

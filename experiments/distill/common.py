@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import statistics
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -390,7 +391,7 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
     out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
     rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
-    np.savez(os.path.join(workdir, "samples", f"{student.name}_nfe{student.nfe}.npz"),
+    np.savez(os.path.join(workdir, "samples", f"{sample_file_name(student.name)}_nfe{student.nfe}.npz"),
              x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
   for nfe in nfes:
     out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
@@ -400,6 +401,12 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
     if best is not None and best["method"] != "teacher ddim":
       rows.append(best)
   return rows
+
+
+def sample_file_name(name: str) -> str:
+  """A student's name as a file name: runs of other characters than letters, digits, '-' and
+  '_' become one '_' ("network copy + ipndm" -> "network_copy_ipndm")."""
+  return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
 
 
 def table(rows: list[dict]) -> str:

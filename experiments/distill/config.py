@@ -74,6 +74,7 @@ def _base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=4096, seed=1, repeats=3, ref_tol=1e-8,
+      copy_rows=True,  # also score the network copy (the students' start) at each student NFE
       # the teacher's training-free solvers tried at each student NFE (the best is reported)
       solvers=("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
                "dpm_solver_2", "heun")))
@@ -142,6 +143,7 @@ def _tiny(c):
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6
   c.eval.solvers = ("dpm_solver_pp_2m",)
+  c.eval.copy_rows = False
   c.optim.warmup_steps = 0
 
 

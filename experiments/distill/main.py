@@ -13,6 +13,7 @@ levels alpha/sigma at the start and end).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import time
 
 from absl import app, flags, logging
 
+from diffdistill import solvers
 from experiments.distill import common
 from experiments.distill.recipes import RECIPES
 
@@ -30,10 +32,39 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Run folder: stages, samples, results.")
 
 
+COPY_SOLVERS = ("ipndm", "dpm_solver_pp_2m", "ddim")  # the copy's sampler at an NFE: first feasible
+
+
 def build_plan(config, setup) -> common.Plan:
+  """The recipe's plan; when it fits a network copy of the teacher, the copy itself joins the
+  evaluation, sampled with a training-free solver at each student NFE: the floor its students
+  start from."""
   if config.method not in RECIPES:
     raise ValueError(f"config.method must be one of {sorted(RECIPES)}, got {config.method!r}.")
-  return RECIPES[config.method](config, setup)
+  plan = RECIPES[config.method](config, setup)
+  copy = next((s for s in plan.stages if s.name == "copy"), None)
+  if copy is not None and config.eval.copy_rows:
+    from experiments.distill.recipes import trajectory  # noqa: PLC0415
+    net = trajectory.student_net(config, setup)
+    for nfe in sorted({s.nfe for s in plan.students}):
+      solver = next(n for n in COPY_SOLVERS if _feasible(n, nfe))
+      run = functools.partial(_sample, net.denoise, schedule=net.schedule, solver=solver, nfe=nfe,
+                              t_start=setup.t_start, t_end=setup.t_end)
+      plan.students.append(common.Student(name=f"network copy + {solver}", nfe=nfe,
+                                          params=lambda r: r["copy"]["student"], run=run))
+  return plan
+
+
+def _feasible(solver, nfe):
+  try:
+    solvers.steps_for_nfe(solver, nfe)
+  except ValueError:
+    return False
+  return True
+
+
+def _sample(denoise, params, x, **kw):
+  return solvers.sample(functools.partial(denoise, params), x, **kw)
 
 
 def run(config, workdir: str) -> dict:

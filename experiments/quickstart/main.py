@@ -166,6 +166,7 @@ def distilled_methods(config, setup: Setup) -> list[Method]:
   from experiments.distill import main as distill_main  # noqa: PLC0415
   dconfig = distill_config.get_config(config.distill)
   dconfig.progress = False
+  dconfig.eval.copy_rows = False
   if dconfig.teacher.name != config.teacher or dconfig.teacher.schedule != config.schedule:
     raise ValueError(f"config.distill={config.distill!r} distils {dconfig.teacher.name} under "
                      f"{dconfig.teacher.schedule}, but the quickstart's teacher is "
