@@ -7,6 +7,8 @@ since each loss is quadratic in the affine student's parameters, one Newton step
 lands on the loss's minimiser: the tests compare that minimiser with the closed form.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,17 +35,23 @@ def affine(params, x, t, **cond):
   return params["c"] * x + params["e"]
 
 
-def newton(loss_fn, params, *args, **kwargs):
-  """The minimiser of a loss that is quadratic in params: one Newton step."""
-  flat, unravel = jax.flatten_util.ravel_pytree(params)
+@functools.lru_cache(maxsize=None)
+def _newton_step(loss_fn):
+  """One jitted Newton step per loss (repeated calls with new arguments compile nothing)."""
 
   @jax.jit
-  def solve(flat, args, kwargs):
+  def step(params, args, kwargs):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
     f = lambda p: loss_fn(unravel(p), *args, **kwargs)[0]  # noqa: E731
     # pinv: parameters a loss never touches (a grid time it never draws) keep their value
-    return flat - jnp.linalg.pinv(jax.hessian(f)(flat), hermitian=True) @ jax.grad(f)(flat)
+    return unravel(flat - jnp.linalg.pinv(jax.hessian(f)(flat), hermitian=True) @ jax.grad(f)(flat))
 
-  return unravel(solve(flat, args, kwargs))
+  return step
+
+
+def newton(loss_fn, params, *args, **kwargs):
+  """The minimiser of a loss that is quadratic in params: one Newton step."""
+  return _newton_step(loss_fn)(params, args, kwargs)
 
 
 def zeros():
