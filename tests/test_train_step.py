@@ -169,3 +169,15 @@ def test_step_randomness_is_fold_in_of_the_state_rng_and_step():
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(1), s), 0), 0)
     np.testing.assert_allclose(float(m["loss"]),
                                float(jnp.mean(jax.random.normal(key, (B, D)))), rtol=1e-5)
+
+
+def test_short_run_of_a_long_config_caps_the_warm_up():
+  # train_teacher's documented override (--config.num_steps=80) with the config's warm-up of 200
+  # steps and cosine decay: the warm-up is capped at a quarter of the run, not an error.
+  config = {"name": "adam", "learning_rate": 1.0, "warmup_steps": 200, "schedule": "cosine",
+            "end_factor": 0.0}
+  lr = optim.learning_rate_schedule(config, num_steps=80)
+  np.testing.assert_allclose([lr(0), lr(10), lr(20), lr(80)], [0.0, 0.5, 1.0, 0.0], atol=1e-6)
+  assert optim.warmup_steps(config, num_steps=10_000) == 200
+  with pytest.raises(ValueError, match="must exceed"):
+    optim.learning_rate_schedule({**config, "decay_steps": 10}, num_steps=80)
