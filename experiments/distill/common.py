@@ -85,32 +85,19 @@ def make_net(config, schedule, example_shape, *, extra_cond: Sequence[str] = ())
 # ----------------------------------------------------------------------------------------------
 
 
-class MixtureBatches(Iterator[dict]):
-  """Exact samples of a mixture, batch s drawn from PCG64([seed, s]): resumable in O(1).
+class SeededBatches(Iterator[dict]):
+  """Batches drawn from PCG64([seed, s]) at step s: resumable in O(1) (get_state / set_state)."""
 
-  x = mu_k + U_k (sqrt(s_k) * z), k ~ Categorical(pi): the law of `analytic.sample`, computed one
-  component at a time (a [n_k, d] x [d, d] product each) rather than gathering a d x d rotation
-  per example, which made sampling the slowest part of a 64-D training step.
-  """
-
-  def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int):
-    self._weights = np.asarray(mix.weights, np.float64)
-    self._weights = self._weights / self._weights.sum()
-    self._means = np.asarray(mix.means, np.float64)
-    self._scales = np.sqrt(np.asarray(mix.eigvals, np.float64))
-    self._rot = None if mix.eigvecs is None else np.asarray(mix.eigvecs, np.float64)
+  def __init__(self, batch_size: int, seed: int):
     self.batch_size, self.seed, self.step = batch_size, seed, 0
 
+  def draw(self, rng: np.random.Generator) -> dict:
+    raise NotImplementedError
+
   def __next__(self):
-    rng = np.random.default_rng([self.seed, self.step])
-    k = rng.choice(self._weights.size, size=self.batch_size, p=self._weights)
-    z = rng.standard_normal((self.batch_size, self._means.shape[1])) * self._scales[k]
-    if self._rot is not None:
-      for c in np.unique(k):
-        rows = k == c
-        z[rows] = z[rows] @ self._rot[c].T
+    batch = self.draw(np.random.default_rng([self.seed, self.step]))
     self.step += 1
-    return {"x": (self._means[k] + z).astype(np.float32)}
+    return batch
 
   def get_state(self):
     return {"step": self.step}
@@ -120,6 +107,32 @@ class MixtureBatches(Iterator[dict]):
 
   def close(self):
     pass
+
+
+class MixtureBatches(SeededBatches):
+  """Exact samples {"x"} of a mixture.
+
+  x = mu_k + U_k (sqrt(s_k) * z), k ~ Categorical(pi): the law of `analytic.sample`, computed one
+  component at a time (a [n_k, d] x [d, d] product each) rather than gathering a d x d rotation
+  per example, which made sampling the slowest part of a 64-D training step.
+  """
+
+  def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int):
+    super().__init__(batch_size, seed)
+    self._weights = np.asarray(mix.weights, np.float64)
+    self._weights = self._weights / self._weights.sum()
+    self._means = np.asarray(mix.means, np.float64)
+    self._scales = np.sqrt(np.asarray(mix.eigvals, np.float64))
+    self._rot = None if mix.eigvecs is None else np.asarray(mix.eigvecs, np.float64)
+
+  def draw(self, rng):
+    k = rng.choice(self._weights.size, size=self.batch_size, p=self._weights)
+    z = rng.standard_normal((self.batch_size, self._means.shape[1])) * self._scales[k]
+    if self._rot is not None:
+      for c in np.unique(k):
+        rows = k == c
+        z[rows] = z[rows] @ self._rot[c].T
+    return {"x": (self._means[k] + z).astype(np.float32)}
 
 
 class Keys(Iterator[dict]):
@@ -445,5 +458,5 @@ def figure(rows: list[dict], setup: Setup, workdir: str, title: str) -> None:
   plt.close(fig)
 
 
-__all__ = ["Net", "make_net", "MixtureBatches", "Keys", "Stage", "Student", "Plan", "Setup",
+__all__ = ["Net", "make_net", "SeededBatches", "MixtureBatches", "Keys", "Stage", "Student", "Plan", "Setup",
            "make_setup", "make_player", "run_stages", "evaluate", "table", "figure", "score"]

@@ -231,25 +231,16 @@ def build_tract(config, setup) -> common.Plan:
   return common.Plan(stages=stages, students=students)
 
 
-class PriorNoise:
-  """Batches {"x_T": sigma(t_start) z}, z ~ N(0, I) from PCG64([seed, step]): BOOT's data-free input."""
+class PriorNoise(common.SeededBatches):
+  """Batches {"x_T": sigma(t_start) z}, z ~ N(0, I): BOOT's data-free input."""
 
   def __init__(self, scale: float, shape, batch_size: int, seed: int):
-    self.scale, self.shape, self.batch_size, self.seed, self.step = scale, shape, batch_size, seed, 0
+    super().__init__(batch_size, seed)
+    self.scale, self.shape = scale, tuple(shape)
 
-  def __next__(self):
-    z = np.random.default_rng([self.seed, self.step]).standard_normal((self.batch_size, *self.shape))
-    self.step += 1
+  def draw(self, rng):
+    z = rng.standard_normal((self.batch_size, *self.shape))
     return {"x_T": (self.scale * z).astype(np.float32)}
-
-  def get_state(self):
-    return {"step": self.step}
-
-  def set_state(self, state):
-    self.step = int(state["step"])
-
-  def close(self):
-    pass
 
 
 def build_boot(config, setup) -> common.Plan:
