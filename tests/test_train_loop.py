@@ -87,3 +87,25 @@ def test_truncate_after_drops_later_and_broken_lines(tmp_path):
   w.truncate_after(3)
   assert read(tmp_path) == [{"step": s, "loss": float(s), "bins/0": 0, "bins/1": 1, "bad": "nan"}
                             for s in (1, 2, 3)]
+
+
+class Interrupting(Data):
+  """Ctrl-C (KeyboardInterrupt) while the 25th batch is read."""
+
+  def __next__(self):
+    if self.position == 24:
+      raise KeyboardInterrupt
+    return super().__next__()
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
+  from diffdistill.train import checkpoint as ckpt_lib  # noqa: PLC0415
+  mesh, state, train_step = setup()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  with pytest.raises(loop.Interrupted, match=r"Interrupted after step 24: the last checkpoint is "
+                     r"step 20 in .*checkpoints; run the same command to resume from it"):
+    loop.run(state=state, train_step=train_step, data=Interrupting(), mesh=mesh,
+             workdir=str(tmp_path), num_steps=100, checkpointer=ckpt, checkpoint_every=10,
+             progress=False)
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps()[-1] == 20
