@@ -128,8 +128,9 @@ class Checkpointer:
         metadata = manager.item_metadata(step)["state"]
         saved = _signature(metadata)
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged step)
-        logging.warning("checkpoint %s/%d: unreadable metadata (%s); skipping it.",
-                        self.directory, step, _short(e))
+        # restore_latest reports this step as damaged (one line) when it tries it
+        logging.debug("checkpoint %s/%d: unreadable metadata (%s).", self.directory, step,
+                      _short(e))
         continue
       expected = _signature(abstract_state)
       if saved != expected:
