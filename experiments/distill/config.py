@@ -3,7 +3,9 @@
 COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
-Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow).
+Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow);
+consistency models and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow
+teacher), meanflow (on a rectified-flow teacher).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -17,7 +19,7 @@ Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the 
 
 import ml_collections
 
-METHODS = ("pd", "kd", "reflow")
+METHODS = ("pd", "kd", "reflow", "cd", "ct", "ict", "ect", "scd", "meanflow")
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -59,11 +61,29 @@ def _base() -> ml_collections.ConfigDict:
   c.reflow = ml_collections.ConfigDict(dict(num_steps=3000, nfes=(1, 2, 4), s_min=1e-5,
                                             pair_steps=64, kd_steps=2000, distance="l2",
                                             straightness_steps=128))
+  _consistency_sections(c)
   c.pairs = ml_collections.ConfigDict(dict(num_pairs=32768, chunk_size=4096, solver="adaptive",
                                            nfe=0, tol=1e-5))
 
   c.eval = ml_collections.ConfigDict(dict(num_samples=4096, seed=1, repeats=3, ref_tol=1e-8))
   return c
+
+
+def _consistency_sections(c):
+  """Consistency models and flow maps (recipes/consistency.py)."""
+  c.consistency = ml_collections.ConfigDict(dict(nfes=(1, 2), spacing="karras", mid_sigma=0.8))
+  c.cd = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
+                                        distance="l2"))
+  c.ct = ml_collections.ConfigDict(dict(num_steps=6000, s0=2, s1=150, mu0=0.9, distance="l2"))
+  c.ict = ml_collections.ConfigDict(dict(num_steps=6000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0))
+  c.ect = ml_collections.ConfigDict(dict(num_steps=4000, stage_steps=1000, p_mean=-1.1,
+                                         p_std=2.0, distance="l2"))
+  c.scd = ml_collections.ConfigDict(dict(num_steps=4000, p_mean=-1.0, p_std=1.4,
+                                         tangent_normalization=0.1, warmup_steps=1000,
+                                         logvar_features=16, t_mid=1.1))
+  c.meanflow = ml_collections.ConfigDict(dict(num_steps=5000, p_mean=-0.4, p_std=1.0,
+                                              ratio_r_neq_t=0.25, adaptive_p=1.0,
+                                              teacher_velocity=True, t_mid=0.5))
 
 
 def _testbed(c, testbed):
@@ -93,6 +113,15 @@ def _method(c, method):
     c.teacher.schedule = "rectified_flow"
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
+  elif method == "scd":
+    c.teacher.schedule = "trigflow"
+    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(sigma_data=0.5))
+    c.student.kind = "flow"
+  elif method == "meanflow":
+    c.teacher.schedule = "rectified_flow"
+    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
+    c.student.kind = "flow"
+    c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
@@ -118,6 +147,11 @@ def _tiny(c):
   c.pairs.chunk_size = 64
   c.pairs.solver = "dpm_solver_pp_2m"
   c.pairs.nfe = 4
+  for name in ("cd", "ct", "ict", "ect", "scd", "meanflow"):
+    c[name].num_steps = 20
+  c.cd.num_intervals = 4
+  c.ect.stage_steps = 5
+  c.scd.warmup_steps = 5
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6
