@@ -4,7 +4,9 @@ COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
 Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow),
-tract (transitive-closure time distillation), boot (data-free bootstrapping).
+tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
+and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
+(on a rectified-flow teacher).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -19,7 +21,7 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 
 import ml_collections
 
-METHODS = ("pd", "kd", "reflow", "tract", "boot")
+METHODS = ("pd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd", "meanflow")
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -69,6 +71,7 @@ def _base() -> ml_collections.ConfigDict:
                                            self_teacher_decay=0.99))
   c.boot = ml_collections.ConfigDict(dict(num_steps=6000, grid_steps=32, spacing="logsnr",
                                           step="heun", weighting="uniform"))
+  _consistency_sections(c)
   c.pairs = ml_collections.ConfigDict(dict(num_pairs=32768, chunk_size=4096, solver="adaptive",
                                            nfe=0, tol=1e-5))
 
@@ -79,6 +82,23 @@ def _base() -> ml_collections.ConfigDict:
       solvers=("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
                "dpm_solver_2", "heun")))
   return c
+
+
+def _consistency_sections(c):
+  """Consistency models and flow maps (recipes/consistency.py)."""
+  c.consistency = ml_collections.ConfigDict(dict(nfes=(1, 2), spacing="karras", mid_sigma=0.8))
+  c.cd = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
+                                        distance="l2"))
+  c.ct = ml_collections.ConfigDict(dict(num_steps=6000, s0=2, s1=150, mu0=0.9, distance="l2"))
+  c.ict = ml_collections.ConfigDict(dict(num_steps=6000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0))
+  c.ect = ml_collections.ConfigDict(dict(num_steps=4000, stage_steps=1000, p_mean=-1.1,
+                                         p_std=2.0, distance="l2"))
+  c.scd = ml_collections.ConfigDict(dict(num_steps=4000, p_mean=-1.0, p_std=1.4,
+                                         tangent_normalization=0.1, warmup_steps=1000,
+                                         logvar_features=16, t_mid=1.1))
+  c.meanflow = ml_collections.ConfigDict(dict(num_steps=5000, p_mean=-0.4, p_std=1.0,
+                                              ratio_r_neq_t=0.25, adaptive_p=1.0,
+                                              teacher_velocity=True, t_mid=0.5))
 
 
 def _testbed(c, testbed):
@@ -109,6 +129,18 @@ def _method(c, method):
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
     c.copy.time_sampler = "uniform"  # logSNR is -inf at the pure-noise end
+  elif method == "scd":
+    c.teacher.schedule = "trigflow"
+    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(sigma_data=0.5))
+    c.student.kind = "flow"
+    # the tangent differentiates the net in t: the default positional scale 1000 makes du/dt
+    # (and ||g||) ~1e3 (Lu & Song 2025, Sec. 4.1: keep the time embedding's frequencies low)
+    c.student.kwargs.embedding_scale = 10.0
+  elif method == "meanflow":
+    c.teacher.schedule = "rectified_flow"
+    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
+    c.student.kind = "flow"
+    c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
@@ -118,7 +150,7 @@ def _tiny(c):
   c.log_every = 10
   c.checkpoint_every = 20
   c.progress = False
-  c.student.kwargs = ml_collections.ConfigDict(dict(features=32, num_blocks=1, emb_dim=32))
+  c.student.kwargs.update(dict(features=32, num_blocks=1, emb_dim=32))  # keeps a method's extras
   c.copy.num_steps = 40
   c.pd.teacher_steps = 4
   c.pd.steps_per_round = 20
@@ -139,6 +171,11 @@ def _tiny(c):
   c.pairs.chunk_size = 64
   c.pairs.solver = "dpm_solver_pp_2m"
   c.pairs.nfe = 4
+  for name in ("cd", "ct", "ict", "ect", "scd", "meanflow"):
+    c[name].num_steps = 20
+  c.cd.num_intervals = 4
+  c.ect.stage_steps = 5
+  c.scd.warmup_steps = 5
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6

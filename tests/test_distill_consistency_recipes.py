@@ -1,0 +1,42 @@
+"""The consistency recipes of experiments/distill: every variant wires, its students run with their
+NFE, and (slow) `cd_ring2d,tiny` runs end to end as its README command does."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.distill import common, config as config_lib, main
+from experiments.distill.recipes import RECIPES, consistency
+
+# ct, ict and ect share cd's wiring (one player, consistency students): slow
+METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in ("ct", "ict", "ect") else m
+           for m in consistency.RECIPES]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recipe_builds_and_students_run(method):
+  config = config_lib.get_config(f"{method}_ring2d,tiny")
+  assert config.method in config_lib.METHODS and RECIPES[method] is consistency.RECIPES[method]
+  setup = common.make_setup(config)
+  plan = main.build_plan(config, setup)
+  assert plan.stages[0].name == "copy" and plan.stages[-1].name == method
+  assert sorted(s.nfe for s in plan.students) == [1, 2]
+  copy = plan.stages[0].players({})["student"].params
+  results = {"copy": {"student": copy}}
+  players = plan.stages[-1].players(results)
+  # the method's update reads what the players and frozen inputs provide
+  plan.stages[-1].method.check(players, plan.stages[-1].frozen(results))
+  results[method] = {"student": players["student"].params}
+  x = setup.start_noise(jax.random.key(0), 16)
+  for student in plan.students:
+    out = jax.jit(student.run)(student.params(results), x)
+    assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.slow
+def test_cd_tiny_runs_end_to_end(tmp_path):
+  out = main.run(config_lib.get_config("cd_ring2d,tiny"), str(tmp_path))
+  rows = {(r["method"], r["nfe"]): r for r in out["rows"]}
+  assert ("cd", 1) in rows and ("cd", 2) in rows
+  assert np.isfinite(rows[("cd", 1)]["median"])
