@@ -17,6 +17,7 @@ import pytest
 
 from diffdistill import analytic, schedules
 from diffdistill.losses import distribution_matching as dm
+from diffdistill.losses import dmd2
 from diffdistill.train import state as state_lib
 from diffdistill.train import step as step_lib
 
@@ -141,3 +142,44 @@ def test_two_player_training_reaches_the_data_gaussian(name):
   # the fake score ends on the generator's own Gaussian
   np.testing.assert_allclose(np.exp(0.5 * players["fake_score"].params["logv"]), np.abs(p["c"]),
                              rtol=6e-2)
+
+
+def test_dmd2_ttur_and_gan_head_on_the_fake_score_features():
+  """k = 5 fake-score updates per generator update; the head reads the FAKE network's features,
+  and the generator's GAN gradient reaches G through them (not through the teacher)."""
+  features = lambda fake_params, x_t, t: gaussian_denoiser(fake_params, x_t, t)  # noqa: E731
+  method = dmd2.dmd2(GENERATOR, EXACT, gaussian_denoiser, schedule=SCHEDULE, features=features,
+                     gan_weight=0.5)
+  by_player = {u.player: u for u in method.updates}
+  assert [u.player for u in method.updates] == ["fake_score", "discriminator", "generator"]
+  assert by_player["fake_score"].repeats == 5
+  assert by_player["discriminator"].inputs["fake_params"] == "players/fake_score/params"
+  assert by_player["generator"].inputs["fake_params"] == "players/fake_score/params"
+
+  params = {"c": jnp.asarray(0.7 * S), "e": jnp.asarray(M + 0.3)}
+  fake_params = {"mu": jnp.asarray(M + 0.3), "logv": jnp.log(jnp.asarray(0.7 * S) ** 2)}
+  head = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.zeros(())}
+  gen_loss = by_player["generator"].loss_fn
+
+  @jax.jit
+  def grad(teacher, fake, head):
+    return jax.grad(lambda p: gen_loss(p, BATCH, jax.random.key(0), teacher_params=teacher,
+                                       fake_params=fake, discriminator_params=head)[0])(params)
+
+  flat = lambda g: np.concatenate([np.asarray(v) for v in jax.tree.leaves(g)])  # noqa: E731
+  plain = flat(grad(gaussian(M, S), fake_params, jax.tree.map(jnp.zeros_like, head)))
+  gan = flat(grad(gaussian(M, S), fake_params, head)) - plain
+  assert np.linalg.norm(gan) > 1e-2 * np.linalg.norm(plain)
+  # the GAN part does not change when the fake network's weights stay and the teacher moves
+  moved = flat(grad(gaussian(M + 1.0, S), fake_params, head)) - flat(
+      grad(gaussian(M + 1.0, S), fake_params, jax.tree.map(jnp.zeros_like, head)))
+  np.testing.assert_allclose(moved, gan, rtol=1e-4, atol=1e-7)
+
+  disc_loss = by_player["discriminator"].loss_fn
+  batch = {"x": np.asarray(analytic.sample(gaussian(M, S), jax.random.key(3), 512))}
+  (loss, aux), g = jax.value_and_grad(disc_loss, has_aux=True)(
+      dmd2.init_linear_head(3), batch, jax.random.key(1), generator_params=params,
+      fake_params=fake_params)
+  np.testing.assert_allclose(loss, 2 * np.log(2), rtol=1e-6)  # a zero head: both logits 0
+  assert np.isfinite(np.linalg.norm(g["w"])) and np.linalg.norm(g["w"]) > 0
+  assert set(aux) >= {"real_logit", "fake_logit", "accuracy", "nonfinite"}
