@@ -3,7 +3,8 @@
 COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
-Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow).
+Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow),
+diff_instruct, dmd, dmd2, sid (distribution matching into a one-step generator; section `dm`).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -17,7 +18,8 @@ Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the 
 
 import ml_collections
 
-METHODS = ("pd", "kd", "reflow")
+DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
+METHODS = ("pd", "kd", "reflow") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -93,8 +95,21 @@ def _method(c, method):
     c.teacher.schedule = "rectified_flow"
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
+  elif method in DM_METHODS:
+    _dm(c, method)
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+
+
+def _dm(c, method):
+  """Distribution matching: generator and fake score both start from the teacher copy."""
+  c.dm = ml_collections.ConfigDict(dict(
+      num_steps=2000, fake_repeats=5 if method == "dmd2" else 1, generator_lr=1e-4,
+      fake_lr=2e-4, weighting="uniform", fake_weighting="uniform", time_sampler="uniform",
+      regression_weight=0.25 if method == "dmd" else 0.0, sid_alpha=1.2,
+      gan_weight=0.01 if method == "dmd2" else 0.0, schedule="constant"))
+  if method == "dmd":
+    c.pairs.num_pairs = 8192
 
 
 def _tiny(c):
@@ -122,6 +137,8 @@ def _tiny(c):
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6
   c.optim.warmup_steps = 0
+  if "dm" in c:
+    c.dm.num_steps = 20
 
 
 def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:

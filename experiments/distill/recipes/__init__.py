@@ -1,7 +1,7 @@
 """Recipes: method name -> build(config, setup) -> common.Plan. One module per method family."""
 
-from experiments.distill.recipes import trajectory
+from experiments.distill.recipes import distribution, trajectory
 
-RECIPES = {**trajectory.RECIPES}
+RECIPES = {**trajectory.RECIPES, **distribution.RECIPES}
 
 __all__ = ["RECIPES"]
