@@ -275,12 +275,13 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
              schedule: schedules_lib.Schedule,
              time_sampler: schedules_lib.TimeSampler | str = "uniform",
              regression_weight: float = 0.0, distance: str = "l2", normalizer_eps: float = 1e-6,
-             **distance_options) -> Callable[..., tuple[Array, dict]]:
+             pair_noise_scale: float = 1.0, **distance_options) -> Callable[..., tuple[Array, dict]]:
   """DMD's generator loss: the normalized distribution-matching gradient + pair regression.
 
   g = (D_f(x_t) - D_d(x_t)) / mean_D |x - D_d(x_t)| (+ normalizer_eps); with regression_weight
   > 0 the batch must be teacher pairs {'x_T', 'x'} and the loss adds
-  regression_weight * mean_B dist(G(x_T), x) (`losses.distances`; DMD uses LPIPS).
+  regression_weight * mean_B dist(G(pair_noise_scale * x_T), x) (`losses.distances`; DMD uses
+  LPIPS); pair_noise_scale = sigma_init / sigma(t of x_T) puts the pairs' start at G's input scale.
 
   Returns:
     loss_fn(params, batch, rng, *, teacher_params, fake_params) -> (loss, aux). aux: dm (the
@@ -306,7 +307,7 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
         raise ValueError("dmd_loss with regression_weight > 0 needs teacher pairs, batch "
                          f"{{'x_T', 'x'}}; got {sorted(batch)}.")
       x_T = jnp.asarray(batch["x_T"])
-      out = generator.sample(params, x_T, jax.random.fold_in(rng, 7))
+      out = generator.sample(params, pair_noise_scale * x_T, jax.random.fold_in(rng, 7))
       reg = jnp.mean(dist(out, jnp.asarray(batch["x"])))
       aux["regression"] = reg
       loss = loss + regression_weight * reg

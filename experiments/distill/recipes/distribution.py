@@ -24,6 +24,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from diffdistill import metrics, parametrization
 from diffdistill.losses import distribution_matching as dm
@@ -87,8 +88,16 @@ def _build(config, setup, method_name: str) -> common.Plan:
   teacher = setup.teacher
   net = trajectory.student_net(config, setup)
   stages: list[common.Stage] = []
-  init = trajectory.initial_params(setup, stages, net)
-  generator = dm.one_step_generator(net.denoise, schedule=net.schedule, t_init=setup.t_start)
+  if c.init_from_copy:
+    init = trajectory.initial_params(setup, stages, net)
+  else:  # the ablation: both players from one random init, no copy (docs/distribution_matching.md)
+    init = lambda r: net.init(jax.random.key(config.seed + 3))  # noqa: E731
+  # t_init where sigma/alpha = dm.sigma_init (SiD's 2.5): at t_max the denoiser ignores its input
+  # (alpha(t_max) ~ 0.007 on VP-linear), so a generator started there outputs the data mean.
+  t_init = float(net.schedule.t_from_logsnr(jnp.float32(-2.0 * np.log(c.sigma_init))))
+  generator = dm.one_step_generator(net.denoise, schedule=net.schedule, t_init=t_init)
+  sigma_start = float(net.schedule.sigma(jnp.float32(setup.t_start)))
+  to_init = generator.sigma_init / sigma_start  # x_start (the teacher's marginal) -> x_init
   fake_options = dict(weighting=c.fake_weighting, time_sampler=c.time_sampler)
   common_kw = dict(schedule=net.schedule, fake_repeats=c.fake_repeats, fake_options=fake_options)
   gan = method_name == "dmd2" and c.gan_weight > 0
@@ -97,7 +106,7 @@ def _build(config, setup, method_name: str) -> common.Plan:
                               time_sampler=c.time_sampler, **common_kw)
   elif method_name == "dmd":
     method = dm.dmd(generator, teacher.apply, net.denoise, time_sampler=c.time_sampler,
-                    regression_weight=c.regression_weight, **common_kw)
+                    regression_weight=c.regression_weight, pair_noise_scale=to_init, **common_kw)
   elif method_name == "sid":
     method = dm.sid(generator, teacher.apply, net.denoise, alpha=c.sid_alpha,
                     time_sampler=c.time_sampler, **common_kw)
@@ -130,7 +139,7 @@ def _build(config, setup, method_name: str) -> common.Plan:
                              frozen=lambda r: {"teacher": teacher.params}, data=data))
   student = common.Student(name=f"{method_name} generator", nfe=1,
                            params=lambda r: r["dm"]["generator"],
-                           run=lambda params, x: generator.sample(params, x))
+                           run=lambda params, x: generator.sample(params, to_init * x))
   return common.Plan(stages=stages, students=[student])
 
 
