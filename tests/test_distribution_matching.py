@@ -183,3 +183,21 @@ def test_dmd2_ttur_and_gan_head_on_the_fake_score_features():
   np.testing.assert_allclose(loss, 2 * np.log(2), rtol=1e-6)  # a zero head: both logits 0
   assert np.isfinite(np.linalg.norm(g["w"])) and np.linalg.norm(g["w"]) > 0
   assert set(aux) >= {"real_logit", "fake_logit", "accuracy", "nonfinite"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dmd2_ring2d,tiny", "dmd_ring2d,tiny"])
+def test_recipe_smoke(tmp_path, variant):
+  """The README's commands in their tiny form: the copy stage, the game (DMD2 with its GAN head;
+  DMD with teacher pairs), evaluation; the generator's sliced W2 is logged."""
+  import json  # noqa: PLC0415
+
+  from experiments.distill import config as config_lib, main  # noqa: PLC0415
+  out = main.run(config_lib.get_config(variant), str(tmp_path))
+  row = next(r for r in out["rows"] if r["method"].endswith("generator"))
+  assert row["nfe"] == 1 and np.isfinite(row["sliced_w2"]) and not row["nan"]
+  with open(tmp_path / "dm" / "metrics.jsonl") as f:
+    last = json.loads(f.read().strip().splitlines()[-1])
+  assert last["generator/sliced_w2"] > 0 and last["num_nonfinite"] == 0
+  assert {"fake_score/loss", "generator/loss", "fake_score/grad_norm",
+          "generator/grad_norm"} <= set(last)
