@@ -6,7 +6,8 @@ COMMAND (from the repository root):
 Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow),
 tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
 and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
-(on a rectified-flow teacher).
+(on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution matching into a
+one-step generator; section `dm`).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -21,7 +22,9 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 
 import ml_collections
 
-METHODS = ("pd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd", "meanflow")
+DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
+METHODS = ("pd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
+           "meanflow") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -141,8 +144,25 @@ def _method(c, method):
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
     c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
+  elif method in DM_METHODS:
+    _dm(c, method)
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+
+
+def _dm(c, method):
+  """Distribution matching: generator and fake score both start from the teacher copy."""
+  c.dm = ml_collections.ConfigDict(dict(
+      num_steps=2000, fake_repeats=5 if method == "dmd2" else 1, generator_lr=1e-4,
+      fake_lr=2e-4, weighting="uniform", fake_weighting="uniform", time_sampler="uniform",
+      regression_weight=0.25 if method == "dmd" else 0.0, sid_alpha=1.2,
+      gan_weight=0.01 if method == "dmd2" else 0.0, schedule="constant",
+      init_from_copy=True, sigma_init=2.5))
+  if method == "dmd":  # the regression's pairs: 8192, by a 16-call DPM-Solver++(3M) (~1e-3 off)
+    c.pairs.num_pairs = 8192
+    c.pairs.solver, c.pairs.nfe = "dpm_solver_pp_3m", 16
+  if method == "dmd2":  # k = 5 fake-score updates per step: fewer steps in the same time
+    c.dm.num_steps = 1000
 
 
 def _tiny(c):
@@ -182,6 +202,8 @@ def _tiny(c):
   c.eval.solvers = ("dpm_solver_pp_2m",)
   c.eval.copy_rows = False
   c.optim.warmup_steps = 0
+  if "dm" in c:
+    c.dm.num_steps = 20
 
 
 def _quick(c):
