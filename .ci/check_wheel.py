@@ -6,8 +6,8 @@ Run it with the interpreter of a venv into which the wheel was installed, from a
 the checkout. Every `.py` file under SOURCE_ROOT/diffdistill and SOURCE_ROOT/experiments must be
 importable, and must be imported from the installed copy, not from the checkout: a package folder
 without `__init__.py` is silently dropped by `find_packages`, and this is what catches it. Modules
-that define absl flags at import (experiment entry points) clash with each other in one process,
-so each experiment package is imported in its own subprocess.
+that define absl flags at import (experiment entry points: main.py, evaluate.py) clash with each
+other in one process, so each of them gets its own subprocess, and so does each experiment package.
 """
 
 from __future__ import annotations
@@ -57,7 +57,12 @@ def main() -> int:
   groups: dict[str, list[str]] = {}
   for name in names:
     parts = name.split(".")
-    key = ".".join(parts[:2]) if parts[0] == "experiments" and len(parts) > 1 else parts[0]
+    if parts[0] != "experiments":
+      key = parts[0]
+    elif parts[-1] in ("main", "evaluate"):  # entry points: absl flags defined at import
+      key = name
+    else:
+      key = ".".join(parts[:2])
     groups.setdefault(key, []).append(name)
   failed = False
   for key, group in sorted(groups.items()):

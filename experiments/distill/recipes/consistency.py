@@ -48,8 +48,8 @@ def _cm_students(name, f, setup, stage, nfes, t_mid):
   schedule = setup.teacher.schedule
   return [common.Student(
       name=name, nfe=k, params=lambda r: r[stage]["student"],
-      run=functools.partial(_run_multistep, f, schedule=schedule, times=tuple(_times(setup, k, t_mid)),
-                            t_end=setup.t_end))
+      run=functools.partial(_run_multistep, f, schedule=schedule,
+                            times=tuple(_times(setup, k, t_mid)), t_end=setup.t_end))
           for k in nfes]
 
 
