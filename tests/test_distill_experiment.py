@@ -33,8 +33,9 @@ def env():
 
 
 @pytest.mark.parametrize("variant", [
-    "pd_ring2d", "reflow_ring2d",
-    *(pytest.param(v, marks=pytest.mark.slow) for v in ("kd_ring2d", "tract_ring2d", "boot_ring2d"))])
+    "pd_ring2d",
+    *(pytest.param(v, marks=pytest.mark.slow)
+      for v in ("reflow_ring2d", "kd_ring2d", "tract_ring2d", "boot_ring2d"))])
 def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
   config = config_lib.get_config(f"{variant},tiny")
   out = main_lib.run(config, str(tmp_path))

@@ -111,7 +111,7 @@ def test_mlp_depends_on_time_and_input():
 
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("mlp", dict(features=32, num_blocks=2, emb_dim=16, dropout=0.5), (6, 2)),
-    ("unet", dict(TINY_UNET, dropout=0.5), (2, 4, 4, 1)),
+    pytest.param("unet", dict(TINY_UNET, dropout=0.5), (2, 4, 4, 1), marks=pytest.mark.slow),
 ])
 def test_dropout_only_with_a_key(name, kwargs, shape):
   module = nets.get_network(name, **kwargs)
@@ -133,7 +133,7 @@ def test_dropout_only_with_a_key(name, kwargs, shape):
 
 @pytest.mark.parametrize("name,kwargs,shape", [
     ("mlp", dict(features=32, num_blocks=2, emb_dim=16, num_classes=3), (4, 2)),
-    ("unet", dict(TINY_UNET, num_classes=3), (2, 4, 4, 3)),
+    pytest.param("unet", dict(TINY_UNET, num_classes=3), (2, 4, 4, 3), marks=pytest.mark.slow),
 ])
 def test_class_conditioning_and_the_null_label(name, kwargs, shape):
   module = nets.get_network(name, **kwargs)

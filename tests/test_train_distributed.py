@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from experiments.train_teacher import main as main_lib
 from train_helpers import as_config, tiny
@@ -22,6 +23,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two JAX processes over gloo: ~20 s of the default suite's 6-minute budget
 def test_two_processes_match_each_other_and_one_process(tmp_path):
   values = tiny(str(tmp_path / "tfds"), num_steps=20, checkpoint_every=10)
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
