@@ -1,7 +1,7 @@
 """Quickstart: every deterministic solver on an exact teacher, scored against the exact flow map.
 
 COMMAND (from the repository root):
-  python -m experiments.quickstart.main                      # ring2d, VP-linear: ~1 min on 2 CPU cores
+  python -m experiments.quickstart.main                      # ring2d, VP-linear: ~2 min on 2 CPU cores
   python -m experiments.quickstart.main --config=experiments/quickstart/config.py:mixture64
   python -m experiments.quickstart.main --workdir=runs/quickstart --config.nfe=5,10,20,50
 
