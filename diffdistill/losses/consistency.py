@@ -61,7 +61,7 @@ from jax.scipy.special import erf
 
 from diffdistill import parametrization
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import distances
+from diffdistill.losses import _common, distances
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
 from diffdistill.train.method import Method, Update
@@ -172,18 +172,6 @@ def ect_gap(step: Array, *, stage_steps: int) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _x0(batch):
-  if "x" not in batch:
-    raise ValueError(f"batch must hold 'x' (data samples); got keys {sorted(batch)}.")
-  x0 = jnp.asarray(batch["x"])
-  return x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
-
-
-def _noised(schedule, x0, t, z):
-  tb = schedules_lib.broadcast_to(t, x0)
-  return schedule.alpha(tb) * x0 + schedule.sigma(tb) * z
-
-
 def _check_weighting(weighting):
   if weighting not in WEIGHTINGS:
     raise ValueError(f"Unknown weighting {weighting!r}; expected one of {WEIGHTINGS}.")
@@ -263,14 +251,14 @@ def cd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
               target_params: Any) -> tuple[Array, dict]:
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, z_rng, d_rng = jax.random.split(rng, 3)
     grid = _make_grid(schedule, spacing, t_start, t_end, x0.dtype)
     n = jnp.int32(num_steps)
     i = jax.random.randint(i_rng, (b,), 0, n)
     t, tp = grid(i, n), grid(i + 1, n)
-    x_t = _noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
     x_tp = jax.lax.stop_gradient(solver_step(teach, x_t, t, tp, schedule=schedule))
@@ -310,7 +298,7 @@ def ct_loss(student: Apply, *, schedule: schedules_lib.Schedule, num_steps: Call
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, target_params: Any,
               step: Array) -> tuple[Array, dict]:
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, z_rng, d_rng = jax.random.split(rng, 3)
     n = jnp.asarray(n_fn(step), jnp.int32)
@@ -320,7 +308,7 @@ def ct_loss(student: Apply, *, schedule: schedules_lib.Schedule, num_steps: Call
                           grid=sh_grid)
     t, tp = grid(i, n), grid(i + 1, n)
     z = jax.random.normal(z_rng, x0.shape, x0.dtype)
-    x_t, x_tp = _noised(schedule, x0, t, z), _noised(schedule, x0, tp, z)
+    x_t, x_tp = _common.noised(schedule, x0, t, z), _common.noised(schedule, x0, tp, z)
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     terms, online, target = pair(params, target_params, x_t, t, x_tp, tp, d_rng, cond)
     return jnp.mean(terms), _aux(terms, online, target, n)
@@ -342,7 +330,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
   sh_hi = float(_sigma_hat(schedule, jnp.asarray(schedule.t_max, jnp.float32)))
 
   def loss_fn(params, batch, rng, *, step):
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     b = x0.shape[0]
     s_rng, z_rng, d_rng = jax.random.split(rng, 3)
     # sh lognormal, kept inside the schedule's range (t(sh) through logsnr = -2 ln sh)
@@ -353,7 +341,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
     t = jnp.clip(schedule.t_from_logsnr(-2.0 * jnp.log(sh)), schedule.t_min, schedule.t_max)
     tp = jnp.clip(schedule.t_from_logsnr(-2.0 * jnp.log(shp)), schedule.t_min, schedule.t_max)
     z = jax.random.normal(z_rng, x0.shape, x0.dtype)
-    x_t, x_tp = _noised(schedule, x0, t, z), _noised(schedule, x0, tp, z)
+    x_t, x_tp = _common.noised(schedule, x0, t, z), _common.noised(schedule, x0, tp, z)
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     terms, online, target = pair(params, jax.lax.stop_gradient(params), x_t, t, x_tp, tp, d_rng,
                                  cond)

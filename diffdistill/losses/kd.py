@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
 from diffdistill import solvers
-from diffdistill.losses import distances, dsm
+from diffdistill.losses import _common, distances, dsm
 from diffdistill.train.method import Method, Update
 
 Array = jax.Array
@@ -100,16 +100,11 @@ def copy_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedul
   sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
 
   def loss_fn(params, batch, rng, *, teacher_params):
-    if "x" not in batch:
-      raise ValueError(f"copy_loss needs data samples batch['x']; got {sorted(batch)}.")
-    x0 = jnp.asarray(batch["x"])
-    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+    x0 = _common.data(batch)
     b = x0.shape[0]
     t_rng, eps_rng = jax.random.split(rng)
     t = sampler.sample(t_rng, (b,), schedule=schedule, dtype=x0.dtype)
-    tb = schedules_lib.broadcast_to(t, x0)
-    x_t = schedule.alpha(tb) * x0 + schedule.sigma(tb) * jax.random.normal(eps_rng, x0.shape,
-                                                                          x0.dtype)
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
     target = jax.lax.stop_gradient(teacher(teacher_params, x_t, t))
     err = jnp.mean(jnp.square(student(params, x_t, t) - target).reshape(b, -1), axis=1)
     terms = weight_fn(schedule.logsnr(t)) * err

@@ -36,20 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import dsm
+from diffdistill.losses import _common, dsm
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
 from diffdistill.train.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
-
-
-def _x0(batch: Mapping[str, Array]) -> Array:
-  if "x" not in batch:
-    raise ValueError(f"batch must hold 'x' (data samples); got keys {sorted(batch)}.")
-  x0 = jnp.asarray(batch["x"])
-  return x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
 
 
 def _check_guidance(guidance):
@@ -108,7 +101,7 @@ def pd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
               num_steps: Array) -> tuple[Array, dict]:
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, eps_rng, w_rng = jax.random.split(rng, 3)
     n = jnp.asarray(num_steps, jnp.int32)
@@ -116,9 +109,7 @@ def pd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     grid = lambda j, m: grid_time(schedule, j, m, spacing=spacing, t_start=t_start,  # noqa: E731
                                   t_end=t_end, dtype=x0.dtype)
     t, t_mid, t_next = grid(i, n), grid(2 * i + 1, 2 * n), grid(i + 1, n)
-    tb = schedules_lib.broadcast_to(t, x0)
-    x_t = schedule.alpha(tb) * x0 + schedule.sigma(tb) * jax.random.normal(eps_rng, x0.shape,
-                                                                          x0.dtype)
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
     cond = _cond(batch, w_rng, b, guidance, x0.dtype)
     teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
     z1 = ddim.ddim_step(teach, x_t, t, t_mid, schedule=schedule)
@@ -147,15 +138,13 @@ def guided_copy_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.
   sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
 
   def loss_fn(params, batch, rng, *, teacher_params):
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     if "label" not in batch:
       raise ValueError("guided_copy_loss needs class labels: batch['label'] [B].")
     b = x0.shape[0]
     t_rng, eps_rng, w_rng = jax.random.split(rng, 3)
     t = sampler.sample(t_rng, (b,), schedule=schedule, dtype=x0.dtype)
-    tb = schedules_lib.broadcast_to(t, x0)
-    x_t = schedule.alpha(tb) * x0 + schedule.sigma(tb) * jax.random.normal(eps_rng, x0.shape,
-                                                                          x0.dtype)
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
     cond = _cond(batch, w_rng, b, guidance, x0.dtype)
     label = cond["label"]
     d_cond = teacher(teacher_params, x_t, t, label=label)

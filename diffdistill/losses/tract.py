@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import dsm
-from diffdistill.losses.progressive import _x0, pd_target
+from diffdistill.losses import _common, dsm
+from diffdistill.losses.progressive import pd_target
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
 from diffdistill.train.method import Method, Update
@@ -59,7 +59,7 @@ def tract_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedu
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
               self_teacher_params: Any, teacher_steps: Array, num_segments: Array):
-    x0 = _x0(batch)
+    x0 = _common.data(batch)
     b = x0.shape[0]
     j_rng, eps_rng = jax.random.split(rng)
     n = jnp.asarray(teacher_steps, jnp.int32)
@@ -69,9 +69,7 @@ def tract_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedu
     grid = lambda i: grid_time(schedule, i, n, spacing=spacing, t_start=t_start,  # noqa: E731
                                t_end=t_end, dtype=x0.dtype)
     t, t_next, t_end_j = grid(j), grid(j + 1), grid(end)
-    tb = schedules_lib.broadcast_to(t, x0)
-    x_t = schedule.alpha(tb) * x0 + schedule.sigma(tb) * jax.random.normal(eps_rng, x0.shape,
-                                                                          x0.dtype)
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
     z = ddim.ddim_step(lambda x, tt: teacher(teacher_params, x, tt), x_t, t, t_next,
                        schedule=schedule)
     jumped = ddim.ddim_step(lambda x, tt: student(self_teacher_params, x, tt), z, t_next, t_end_j,
