@@ -92,7 +92,7 @@ def load(*, kind: str, name: str | None = None, path: str | None = None,
 
 
 def _load_workdir(path: str | None) -> Teacher:
-  from experiments.train_teacher import evaluate  # noqa: PLC0415 (flax only when needed)
+  from experiments.train_teacher import teacher as teacher_lib  # noqa: PLC0415 (flax when needed)
   if not path or not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(
         f"No trained teacher at {path!r} (its config.json is missing). Train one with "
@@ -100,7 +100,7 @@ def _load_workdir(path: str | None) -> Teacher:
         f"digits_cpu --workdir={path or 'runs/teacher_digits'}` (~15 min on 2 CPU cores).")
   with open(os.path.join(path, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  setup, step, params = evaluate.load_teacher(config, path)
+  setup, step, params = teacher_lib.load_teacher(config, path)
   setup.data.close()
   return Teacher(name=f"{config.dataset.name}@{step}", apply=setup.denoise, params=params,
                  schedule=setup.schedule, example_shape=setup.example_shape,

@@ -29,25 +29,22 @@ from ml_collections import config_flags
 
 from diffdistill import analytic
 from diffdistill.losses import dsm
-from diffdistill.train import checkpoint as ckpt_lib
 from experiments.train_teacher import sampling, teacher
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the teacher was trained with.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The teacher's run folder.")
-_NUM = flags.DEFINE_integer("num_samples", 5000, "Teacher and exact samples per set.")
-_PAIRS = flags.DEFINE_integer("num_floor_pairs", 5, "Exact-vs-exact pairs for the floor.")
-_PER_BIN = flags.DEFINE_integer("per_bin", 4096, "Denoiser evaluations per logSNR bin.")
+FLAGS = flags.FLAGS
 
 
-def load_teacher(config, workdir):
-  """(setup, EMA params of config.eval_ema) from the newest checkpoint in `workdir`."""
-  setup = teacher.build(config)
-  abstract = teacher.abstract_state(setup, jax.random.PRNGKey(config.seed))
-  restored = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-  state, _ = restored
-  return setup, int(state.step), jax.device_get(state.ema[config.eval_ema])
+def _define_flags():
+  """The command's flags, defined only when it runs: importing this module (the distill
+  experiment's teachers do, for `load_teacher`) must not clash with another main's flags."""
+  config_flags.DEFINE_config_file("config", None, "The config the teacher was trained with.")
+  flags.DEFINE_string("workdir", None, "The teacher's run folder.")
+  flags.DEFINE_integer("num_samples", 5000, "Teacher and exact samples per set.")
+  flags.DEFINE_integer("num_floor_pairs", 5, "Exact-vs-exact pairs for the floor.")
+  flags.DEFINE_integer("per_bin", 4096, "Denoiser evaluations per logSNR bin.")
+
+
+load_teacher = teacher.load_teacher  # where it used to live
 
 
 def denoiser_error_by_logsnr(denoise, params, mix, *, schedule, per_bin: int, seed: int = 0):
@@ -73,20 +70,20 @@ def denoiser_error_by_logsnr(denoise, params, mix, *, schedule, per_bin: int, se
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = FLAGS.config, FLAGS.workdir
   mix = sampling.exact_mixture(config.dataset.name)
   if mix is None:
     raise ValueError(f"{config.dataset.name} has no exact law; evaluate supports "
                      f"{sorted(sampling.EXACT_MIXTURES)}.")
   setup, step, params = load_teacher(config, workdir)
-  x = sampling.sample(setup.denoise, params, jax.random.PRNGKey(2024), num=_NUM.value,
+  x = sampling.sample(setup.denoise, params, jax.random.PRNGKey(2024), num=FLAGS.num_samples,
                       shape=setup.example_shape, schedule=setup.schedule, rtol=config.sampler_rtol)
   result = {"dataset": config.dataset.name, "step": step, "ema": config.eval_ema,
             "sampler": f"analytic.flow_map (Dopri8, rtol=atol={config.sampler_rtol})",
-            "quality": {"n": _NUM.value, **sampling.sample_quality(x, mix, num_pairs=_PAIRS.value)},
+            "quality": {"n": FLAGS.num_samples, **sampling.sample_quality(x, mix, num_pairs=FLAGS.num_floor_pairs)},
             "denoiser_error": denoiser_error_by_logsnr(setup.denoise, params, mix,
                                                        schedule=setup.schedule,
-                                                       per_bin=_PER_BIN.value)}
+                                                       per_bin=FLAGS.per_bin)}
   setup.data.close()
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)
@@ -101,5 +98,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

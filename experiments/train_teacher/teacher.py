@@ -7,6 +7,7 @@ before anything is compiled or written.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -115,3 +116,15 @@ def abstract_state(setup: Setup, rng: jax.Array):
   rep = step_lib.replicated(setup.mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                       jax.eval_shape(setup.init_state, rng))
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: str):
+  """(setup, step, EMA params of config.eval_ema) from the newest checkpoint in `workdir`."""
+  from diffdistill.train import checkpoint as ckpt_lib  # noqa: PLC0415 (orbax only when loading)
+  setup = build(config)
+  abstract = abstract_state(setup, jax.random.PRNGKey(config.seed))
+  restored = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+  state, _ = restored
+  return setup, int(state.step), jax.device_get(state.ema[config.eval_ema])
