@@ -107,3 +107,21 @@ def test_sigkill_mid_round_resumes_to_the_same_losses(tmp_path):
   want, got = _losses(ref), _losses(killed)
   assert set(want) == {"copy", "round_2", "round_1"}
   assert got == want  # bit for bit, every stage
+
+
+def test_a_trained_teacher_loads_inside_the_distill_command(tmp_path):
+  # The distill main defines --config; loading a train_teacher workdir must not define it again
+  # (it did, through train_teacher/evaluate.py's import-time flags: DuplicateFlagError).
+  from experiments.train_teacher import main as teacher_main  # noqa: PLC0415
+  from train_helpers import as_config, tiny  # noqa: PLC0415
+  workdir = tmp_path / "teacher"
+  teacher_main.train(as_config(tiny(str(tmp_path / "tfds"), num_steps=2, checkpoint_every=2)),
+                     str(workdir))
+  code = ("from experiments.distill import main; main._define_flags(); "
+          "from experiments import teachers; "
+          f"t = teachers.load(kind='workdir', path={str(workdir)!r}); "
+          "print('loaded', t.name, t.example_shape, t.kind)")
+  out = subprocess.run([sys.executable, "-c", code], env=env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "loaded toy2d/ring@2 (2,)" in out.stdout
