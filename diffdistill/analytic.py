@@ -261,6 +261,54 @@ def denoiser(schedule: schedules_lib.Schedule) -> ExactDenoiser:
   return ExactDenoiser(schedule)
 
 
+def class_mixtures(mix: GaussianMixture, classes) -> tuple[GaussianMixture, ...]:
+  """The class-conditional laws of a mixture whose classes are subsets of its components.
+
+  Args:
+    mix: the mixture p(x) = sum_k pi_k N(mu_k, C_k).
+    classes: [K] ints in 0..C-1, the class of each component; every class needs a component.
+  Returns:
+    (p(x | 0), ..., p(x | C-1), p(x)): each class's mixture (its components, their weights
+    renormalized) and, last, the whole mixture, the law of the null label C.
+  """
+  classes = np.asarray(classes)
+  if classes.shape != (mix.num_components,) or not np.issubdtype(classes.dtype, np.integer):
+    raise ValueError(f"classes must be [K] = [{mix.num_components}] integers (one class per "
+                     f"component), got shape {classes.shape} dtype {classes.dtype}.")
+  num = int(classes.max()) + 1
+  empty = sorted(set(range(num)) - set(classes.tolist()))
+  if classes.min() < 0 or empty:
+    raise ValueError(f"classes must cover 0..C-1 with every class non-empty; got {classes.tolist()}.")
+  weights, means, covs = (np.asarray(a, np.float64) for a in (mix.weights, mix.means, mix.covs))
+  subsets = tuple(GaussianMixture(weights[classes == c], means[classes == c], covs[classes == c])
+                  for c in range(num))
+  return (*subsets, mix)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedDenoiser:
+  """The exact class-conditional teacher with classifier-free guidance.
+
+  `apply(mixtures, x, t, *, label, w=None)` with `mixtures = class_mixtures(mix, classes)`:
+  D(x | c) = E[x0 | x_t = x, c] for each example's label c in 0..C-1, the unconditional D(x)
+  for the null label C, and with a guidance weight w [B] (or a scalar) the guided denoiser
+  D_w = D(x) + w (D(x | c) - D(x)) of Ho & Salimans (2022): w = 1 is the conditional teacher,
+  w = 0 the unconditional one. Hashable, like `ExactDenoiser`.
+  """
+
+  schedule: schedules_lib.Schedule
+
+  def __call__(self, mixtures, x: Array, t: Array, *, label: Array, w: Array | None = None) -> Array:
+    flat = x.reshape(x.shape[0], -1)
+    ds = jnp.stack([denoise(m, flat, t, schedule=self.schedule) for m in mixtures])  # [C+1, B, d]
+    label = jnp.broadcast_to(jnp.asarray(label, jnp.int32), x.shape[:1])
+    d_c = jnp.take_along_axis(ds, label[None, :, None], axis=0)[0]
+    if w is not None:
+      w = jnp.broadcast_to(jnp.asarray(w, x.dtype), x.shape[:1])[:, None]
+      d_c = ds[-1] + w * (d_c - ds[-1])
+    return d_c.reshape(x.shape)
+
+
 def gaussian_flow_map(mix: GaussianMixture, x: Array, *, schedule: schedules_lib.Schedule,
                       t_start: float, t_end: float) -> Array:
   """Closed-form probability-flow map of single-Gaussian data (K = 1) from t_start to t_end.
@@ -378,5 +426,5 @@ def get_mixture(name: str, **kwargs) -> GaussianMixture:
 
 
 __all__ = ["GaussianMixture", "denoise", "log_prob", "score", "data_log_prob", "responsibilities",
-           "sample", "denoiser", "ExactDenoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
+           "sample", "denoiser", "ExactDenoiser", "class_mixtures", "GuidedDenoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
            "MIXTURES", "get_mixture"]

@@ -241,3 +241,30 @@ def test_flow_map_checks_its_times_before_solving(times):
   # A ValueError naming the time, not diffrax's "maximum number of solver steps" seconds later.
   with pytest.raises(ValueError, match=f"{'t_start' if times['t_start'] == 5.0 else 't_end'} must lie in"):
     A.flow_map(A.denoiser(s), A.ring2d(), x, schedule=s, **times)
+
+
+def test_class_mixtures_and_the_guided_denoiser(x64):
+  # Classes are component subsets: p(x | c) is the renormalized subset; the null label is p(x).
+  # Guidance is D_null + w (D_c - D_null): w = 1 is the class's own denoiser, w = 0 the null one.
+  mix, schedule = A.ring2d(), schedules.VPLinear()
+  classes = np.arange(8) % 4
+  laws = A.class_mixtures(mix, classes)
+  assert len(laws) == 5 and laws[-1] is mix
+  np.testing.assert_allclose(laws[1].means, np.asarray(mix.means)[[1, 5]])
+  np.testing.assert_allclose(laws[1].weights, [0.5, 0.5])
+  x = jax.random.normal(jax.random.key(0), (6, 2), jnp.float64)
+  t = jnp.full((6,), 0.5)
+  label = jnp.array([0, 1, 2, 3, 4, 1])
+  guided = A.GuidedDenoiser(schedule)
+  d = [A.denoise(m, x, t, schedule=schedule) for m in laws]
+  want_c = jnp.stack([d[int(c)][i] for i, c in enumerate(label)])
+  np.testing.assert_allclose(guided(laws, x, t, label=label), want_c, rtol=1e-12)
+  np.testing.assert_allclose(guided(laws, x, t, label=label, w=1.0), want_c, rtol=1e-12)
+  np.testing.assert_allclose(guided(laws, x, t, label=label, w=0.0), d[4], rtol=1e-12)
+  w = jnp.linspace(0.0, 5.0, 6)
+  np.testing.assert_allclose(guided(laws, x, t, label=label, w=w),
+                             d[4] + w[:, None] * (want_c - d[4]), rtol=1e-12)
+  with pytest.raises(ValueError, match="classes must be"):
+    A.class_mixtures(mix, np.arange(7))
+  with pytest.raises(ValueError, match="every class non-empty"):
+    A.class_mixtures(mix, np.array([0, 0, 2, 2, 0, 0, 2, 2]))

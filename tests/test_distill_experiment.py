@@ -55,6 +55,22 @@ def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
     assert 0 < out["notes"]["straightness_1rf"]
 
 
+def test_tiny_guided_pd_scores_every_w_against_the_exact_guided_map(tmp_path):
+  config = config_lib.get_config("gpd_ring2d,tiny")
+  out = main_lib.run(config, str(tmp_path))
+  rows = {(r["method"], r["steps"]): r for r in out["rows"]}
+  for k in config.gpd.eval_steps:
+    student = rows[("guided PD (w=3)", k)]
+    teacher = rows[("guided teacher ddim (w=3)", k)]
+    assert student["nfe"] == k and teacher["nfe"] == 2 * k  # a guided teacher step is 2 calls
+    assert np.isfinite(student["median"]) and 0 <= student["class_accuracy"] <= 1
+    f = np.load(tmp_path / "samples" / f"guided_PD_w3_nfe{k}.npz")
+    assert f["samples"].shape == (config.eval.num_samples, 2) and f["label"].max() < 4
+  # the reference is the exact guided flow map: every sample lands in its label's class
+  assert rows[("exact guided flow map (w=3)", 0)]["class_accuracy"] == 1.0
+  assert "| guided PD (w=3) | 1 | 1 |" in (tmp_path / "results.md").read_text()
+
+
 def test_new_teacher_and_new_round_compile_nothing():
   # PD's step is traced once for all rounds: the teacher and N are frozen inputs.
   schedule = schedules.VPLinear()

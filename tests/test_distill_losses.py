@@ -300,3 +300,39 @@ def test_guided_stage1_minimiser_is_the_guided_teacher(x64):
            "label": jnp.asarray(label)}
   params = newton(loss_fn, {"a": jnp.zeros(())}, batch, jax.random.key(1), teacher_params=None)
   np.testing.assert_allclose(float(params["a"]), 1.0, rtol=1e-10)
+
+
+def test_guided_pd_minimiser_is_the_guided_teachers_two_step_map(x64):
+  # Guided PD stage 2 (pd_loss with guidance): labels and w reach teacher and student alike.
+  # Two classes and a null law, each one Gaussian: the guided denoiser D_0 + w (D_c - D_0) is
+  # affine in x with coefficients linear in w, so two teacher DDIM steps give a target quadratic
+  # in w, which the student sum_p w^p (c[label, p] x + e[label, p]) represents exactly. Its one
+  # DDIM step from t_max must land on the guided teacher's two steps for every (label, w).
+  schedule = schedules.VPLinear()
+  laws = (analytic.GaussianMixture(np.ones(1), M[None], V[None]),
+          analytic.GaussianMixture(np.ones(1), -M[None], V[::-1][None]),
+          analytic.GaussianMixture(np.ones(1), np.zeros((1, 3)), np.ones((1, 3))))
+  teacher = analytic.GuidedDenoiser(schedule)
+
+  def student(params, x, t, *, label, w):
+    del t
+    powers = jnp.stack([jnp.ones_like(w), w, w * w], axis=1)  # [B, 3]
+    c = jnp.einsum("bp,bpd->bd", powers, params["c"][label])
+    e = jnp.einsum("bp,bpd->bd", powers, params["e"][label])
+    return c * x + e
+
+  loss_fn = progressive.pd_loss(student, teacher, schedule=schedule, guidance=(1.0, 4.0))
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 2, 2048)
+  batch = {"x": jnp.asarray(np.where(label[:, None] == 0, M, -M) + rng.standard_normal((2048, 3))),
+           "label": jnp.asarray(label)}
+  params = newton(loss_fn, {"c": jnp.zeros((2, 3, 3)), "e": jnp.zeros((2, 3, 3))}, batch,
+                  jax.random.key(2), teacher_params=laws, num_steps=jnp.int32(1))
+  x_T = jax.random.normal(jax.random.key(3), (256, 3), jnp.float64)
+  cond = {"label": jnp.asarray(rng.integers(0, 2, 256)),
+          "w": jnp.asarray(rng.uniform(1.0, 4.0, 256))}
+  one = solvers.sample(lambda x, t: student(params, x, t, **cond), x_T, schedule=schedule,
+                       solver="ddim", nfe=1)
+  two = solvers.sample(lambda x, t: teacher(laws, x, t, **cond), x_T, schedule=schedule,
+                       solver="ddim", nfe=2)
+  np.testing.assert_allclose(one, two, rtol=1e-8, atol=1e-8)

@@ -192,6 +192,10 @@ class Plan:
   stages: list[Stage]
   students: list[Student]
   notes: dict = dataclasses.field(default_factory=dict)  # extra numbers for results.json
+  # a recipe that scores differently (e.g. conditional students): evaluate(plan, setup, results,
+  # workdir, progress=) -> rows, and its own markdown table(rows); None: `evaluate`, `table`
+  evaluate: Callable | None = None
+  table: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -404,16 +408,27 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
     out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
     rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
-    np.savez(os.path.join(workdir, "samples", f"{sample_file_name(student.name)}_nfe{student.nfe}.npz"),
+    name = f"{sample_file_name(student.name)}_nfe{student.nfe}"
+    np.savez(os.path.join(workdir, "samples", f"{name}.npz"),
              x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
+    _image_grid(workdir, name, out, f"{student.name}, NFE {student.nfe}")
+  _image_grid(workdir, "reference", reference, "the teacher's exact PF-ODE map")
   for nfe in nfes:
     out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
     rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
+    _image_grid(workdir, f"teacher_ddim_nfe{nfe}", out, f"teacher DDIM, NFE {nfe}")
     best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
     if best is not None and best["method"] != "teacher ddim":
       rows.append(best)
   return rows
+
+
+def _image_grid(workdir: str, name: str, samples, title: str, num: int = 64) -> None:
+  """For image data, samples/<name>.png: a grid of the first `num` samples (same x_start each)."""
+  samples = np.asarray(samples)
+  if samples.ndim == 4:
+    sampling.save_figure(samples[:num], os.path.join(workdir, "samples", f"{name}.png"), title=title)
 
 
 def sample_file_name(name: str) -> str:
@@ -444,7 +459,9 @@ def figure(rows: list[dict], setup: Setup, workdir: str, title: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for name in dict.fromkeys(r["method"] for r in rows):
-    pts = sorted((r["nfe"], r["median"]) for r in rows if r["method"] == name)
+    pts = sorted((r["nfe"], r["median"]) for r in rows if r["method"] == name and r["nfe"] > 0)
+    if not pts:
+      continue
     teacher = name.startswith("teacher")
     ax.loglog(*zip(*pts), marker="o" if not teacher else "s", ls="--" if teacher else "-",
               label=name, ms=4)

@@ -3,7 +3,8 @@
 COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
-Methods: pd (progressive distillation), kd (knowledge distillation), reflow (rectified flow),
+Methods: pd (progressive distillation), gpd (guided PD on a class-conditional split of the
+mixture, recipes/guided.py), kd (knowledge distillation), reflow (rectified flow),
 tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
 and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
 (on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution matching into a
@@ -23,7 +24,7 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 import ml_collections
 
 DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
-METHODS = ("pd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
+METHODS = ("pd", "gpd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
            "meanflow") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
@@ -58,12 +59,23 @@ def _base() -> ml_collections.ConfigDict:
       grad_clip=1.0))
 
   # the network copy of an analytic teacher; `dir` shares one copy between variants of the same
-  # teacher and student network (e.g. --config.copy.dir=runs/copy_gmm64): a copy made with other
-  # settings is refused when its checkpoint is read
+  # teacher and student network (e.g. --config.copy.dir=runs/copy_gmm64): a copy of another
+  # network is refused when its checkpoint is read; other settings are not checked (a larger
+  # num_steps trains the shared copy on). learning_rate (0: optim's) is the copy's own: the copy
+  # is fitted from scratch, while every later stage fine-tunes
   c.copy = ml_collections.ConfigDict(dict(num_steps=3000, weighting="truncated_snr",
-                                          time_sampler="logsnr_uniform", dir=""))
+                                          time_sampler="logsnr_uniform", dir="",
+                                          learning_rate=0.0))
   c.pd = ml_collections.ConfigDict(dict(teacher_steps=64, steps_per_round=1500, spacing="logsnr",
                                         weighting="truncated_snr", eval_steps=(8, 4, 2, 1)))
+  # guided PD (Meng et al. 2023) on the testbed's mixture split into classes (recipes/guided.py):
+  # component k is in class k mod num_classes unless `classes` lists each component's class;
+  # w in [w_min, w_max] (w = 1: the conditional teacher; Meng et al.'s w in [0, 4] is ours - 1)
+  c.gpd = ml_collections.ConfigDict(dict(num_classes=4, classes=(), w_min=1.0, w_max=5.0,
+                                         stage1_steps=3000, teacher_steps=32,
+                                         steps_per_round=1000, spacing="logsnr",
+                                         weighting="truncated_snr", time_sampler="logsnr_uniform",
+                                         eval_steps=(8, 4, 2, 1), eval_w=(1.0, 3.0)))
   c.kd = ml_collections.ConfigDict(dict(nfes=(1, 2, 4), num_steps=2000, spacing="logsnr",
                                         distance="l2"))
   c.reflow = ml_collections.ConfigDict(dict(num_steps=3000, nfes=(1, 2, 4), s_min=1e-5,
@@ -119,6 +131,7 @@ def _testbed(c, testbed):
     c.pd.steps_per_round = 500
     c.pd.eval_steps = (8, 4)
     c.eval.num_samples = 256
+    c.eval.ref_tol = 1e-5  # the reference is the U-Net's own adaptive solve: float64, but costly
     c.pairs.num_pairs = 4096
     c.pairs.chunk_size = 512
   elif testbed != "gmm64":
@@ -144,6 +157,8 @@ def _method(c, method):
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
     c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
+  elif method == "gpd":
+    c.student.kwargs.num_classes = c.gpd.num_classes
   elif method in DM_METHODS:
     _dm(c, method)
   elif method not in METHODS:
@@ -182,6 +197,11 @@ def _tiny(c):
   c.reflow.nfes = (1,)
   c.reflow.pair_steps = 4
   c.reflow.straightness_steps = 8
+  c.gpd.stage1_steps = 20
+  c.gpd.teacher_steps = 4
+  c.gpd.steps_per_round = 20
+  c.gpd.eval_steps = (2, 1)
+  c.gpd.eval_w = (3.0,)
   c.tract.teacher_steps = 4
   c.tract.segments = (2, 1)
   c.tract.steps_per_phase = 20

@@ -77,20 +77,20 @@ def run(config, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
   results, stats = common.run_stages(plan, setup, workdir, progress=config.progress)
   train_s = time.perf_counter() - start
-  rows = common.evaluate(plan, setup, results, workdir, progress=config.progress)
+  rows = (plan.evaluate or common.evaluate)(plan, setup, results, workdir, progress=config.progress)
   notes = {}
   if "extra" in plan.notes:
     x_start = setup.start_noise(__import__("jax").random.key(config.eval.seed), config.eval.num_samples)
     notes = plan.notes["extra"](results, x_start)
   out = {"command": " ".join(["python -m experiments.distill.main"] + sys.argv[1:]),
          "variant": f"{config.method}_{config.testbed}", "teacher": setup.teacher.name,
-         "rows": rows, "stages": stats, "notes": notes,
+         "rows": rows, "table": (plan.table or common.table)(rows), "stages": stats, "notes": notes,
          "seconds": {"train": train_s, "total": time.perf_counter() - start},
          "config": config.to_dict()}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(out, f, indent=1, default=str)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(common.table(rows))
+    f.write((plan.table or common.table)(rows))
   common.figure(rows, setup, workdir, f"{config.method} on {setup.teacher.name}")
   return out
 
@@ -106,7 +106,7 @@ def main(argv):
   except loop.Interrupted as e:
     print(e)
     raise SystemExit(130) from None
-  print(common.table(out["rows"]))
+  print(out["table"])
   if out["notes"]:
     print(out["notes"])
   print(f"{out['variant']}: {out['seconds']['total']:.0f} s; results in {workdir}")
