@@ -35,14 +35,29 @@ def copy_stage(config, setup, net: common.Net, *, name: str = "copy") -> common.
   teacher = setup.teacher
   method = kd.denoiser_copy(net.denoise, teacher.apply, schedule=net.schedule,
                             weighting=c.weighting, time_sampler=c.time_sampler)
+  optim = {**dict(config.optim), **({"learning_rate": c.learning_rate} if c.learning_rate else {})}
   return common.Stage(
       name=name, method=method, num_steps=c.num_steps,
       players=lambda r: {"student": common.make_player(
-          config.optim, net.init(jax.random.key(config.seed)), num_steps=c.num_steps,
+          optim, net.init(jax.random.key(config.seed)), num_steps=c.num_steps,
           ema={"eval": config.eval_ema})},
       frozen=lambda r: {"teacher": teacher.params},
       data=lambda r, d: setup.data(config.seed + 1),
       directory=c.dir or None)
+
+
+def first_teacher(setup, net: common.Net):
+  """The first round's (apply, params-of-results): the original teacher itself.
+
+  Progressive distillation's and TRACT's first round distill the teacher, not the student's
+  starting point: for an analytic teacher that is the exact denoiser (the network copy is only
+  where the student starts, so its fitting error is not compounded into the targets); for a
+  trained teacher it is its network, which is the same function as `net` at the teacher's weights.
+  """
+  teacher = setup.teacher
+  if teacher.module is not None:
+    return net.denoise, lambda r: teacher.params
+  return teacher.apply, lambda r: teacher.params
 
 
 def initial_params(setup, plan_stages, net):
@@ -71,9 +86,11 @@ def build_pd(config, setup) -> common.Plan:
   net = student_net(config, setup)
   stages: list[common.Stage] = []
   init = initial_params(setup, stages, net)
-  method = progressive.progressive_distillation(
-      net.denoise, net.denoise, schedule=net.schedule, spacing=c.spacing, weighting=c.weighting,
-      t_start=setup.t_start, t_end=setup.t_end)
+  options = dict(schedule=net.schedule, spacing=c.spacing, weighting=c.weighting,
+                 t_start=setup.t_start, t_end=setup.t_end)
+  first_apply, first_params = first_teacher(setup, net)
+  first_method = progressive.progressive_distillation(net.denoise, first_apply, **options)
+  method = progressive.progressive_distillation(net.denoise, net.denoise, **options)
   students = []
   n, previous = c.teacher_steps // 2, None
   if c.teacher_steps < 2 or c.teacher_steps & (c.teacher_steps - 1):
@@ -81,12 +98,14 @@ def build_pd(config, setup) -> common.Plan:
   round_index = 0
   while n >= 1:
     name = f"round_{n}"
-    source = (lambda r: init(r)) if previous is None else (lambda r, p=previous: r[p]["student"])
+    source = init if previous is None else (lambda r, p=previous: r[p]["student"])
+    teacher = first_params if previous is None else source
     stages.append(common.Stage(
-        name=name, method=method, num_steps=c.steps_per_round,
+        name=name, method=first_method if previous is None else method,
+        num_steps=c.steps_per_round,
         players=lambda r, source=source: {"student": common.make_player(
             config.optim, source(r), num_steps=c.steps_per_round, ema={"eval": config.eval_ema})},
-        frozen=lambda r, source=source, n=n: {"teacher": source(r), "num_steps": jnp.int32(n)},
+        frozen=lambda r, teacher=teacher, n=n: {"teacher": teacher(r), "num_steps": jnp.int32(n)},
         data=lambda r, d, k=round_index: setup.data(config.seed + 10 + k)))
     if n in c.eval_steps:
       students.append(common.Student(
@@ -205,9 +224,11 @@ def build_tract(config, setup) -> common.Plan:
   net = student_net(config, setup)
   stages: list[common.Stage] = []
   init = initial_params(setup, stages, net)
-  method = tract.tract(net.denoise, net.denoise, schedule=net.schedule, spacing=c.spacing,
-                       weighting=c.weighting, t_start=setup.t_start, t_end=setup.t_end,
-                       self_teacher_decay=c.self_teacher_decay)
+  options = dict(schedule=net.schedule, spacing=c.spacing, weighting=c.weighting,
+                 t_start=setup.t_start, t_end=setup.t_end, self_teacher_decay=c.self_teacher_decay)
+  first_apply, first_params = first_teacher(setup, net)
+  first_method = tract.tract(net.denoise, first_apply, **options)
+  method = tract.tract(net.denoise, net.denoise, **options)
   students, previous, teacher_steps = [], None, c.teacher_steps
   for phase, segments in enumerate(c.segments):
     if teacher_steps % segments:
@@ -215,13 +236,15 @@ def build_tract(config, setup) -> common.Plan:
                        f"phase's steps (first: tract.teacher_steps={c.teacher_steps}).")
     name = f"phase_{segments}"
     source = init if previous is None else (lambda r, p=previous: r[p]["student"])
+    teacher = first_params if previous is None else source
     stages.append(common.Stage(
-        name=name, method=method, num_steps=c.steps_per_phase,
+        name=name, method=first_method if previous is None else method,
+        num_steps=c.steps_per_phase,
         players=lambda r, source=source: {"student": common.make_player(
             config.optim, source(r), num_steps=c.steps_per_phase,
             ema={"eval": config.eval_ema, "self_teacher": c.self_teacher_decay})},
-        frozen=lambda r, source=source, t=teacher_steps, s=segments: {
-            "teacher": source(r), "teacher_steps": jnp.int32(t), "num_segments": jnp.int32(s)},
+        frozen=lambda r, teacher=teacher, t=teacher_steps, s=segments: {
+            "teacher": teacher(r), "teacher_steps": jnp.int32(t), "num_segments": jnp.int32(s)},
         data=lambda r, d, k=phase: setup.data(config.seed + 20 + k)))
     students.append(common.Student(
         name="tract", nfe=segments, params=lambda r, name=name: r[name]["student"],
