@@ -11,7 +11,7 @@ with its own checkpoints: a killed run restarted with the same command skips the
 Evaluation (`evaluate`): every student maps the same N exact samples x_start of the teacher's
 marginal at t_start to t_end with its NFE; it is scored against the exact probability-flow map of
 x_start (analytic teachers: `analytic.flow_map` of the exact denoiser, float64; trained teachers:
-the teacher's own adaptive solve) and, as a distribution, against exact samples (sliced W2, MMD^2,
+the teacher's own adaptive solve, float32) and, as a distribution, against exact samples (sliced W2, MMD^2,
 with the exact-vs-exact floor), next to the teacher's DDIM and its best training-free solver at
 the same NFE. Each student's samples go to `samples/<student>_nfe<k>.npz`.
 """
@@ -236,14 +236,17 @@ class Setup:
         teachers_lib.device_params(self.teacher)))
 
   def exact_map(self, x_start: np.ndarray) -> np.ndarray:
-    """The exact flow map of x_start from t_start to t_end (float64 adaptive solve)."""
+    """The exact flow map of x_start from t_start to t_end: an adaptive solve (Dopri8) at
+    eval.ref_tol, in float64 for analytic teachers; a trained network computes in float32, where
+    a float64 solve buys nothing below its tolerance and costs the U-Net many times over."""
     teacher = self.teacher
-    with jax.enable_x64(True):
-      params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), teacher.params)
+    dtype = jnp.float64 if teacher.mixture is not None else jnp.float32
+    with jax.enable_x64(dtype == jnp.float64):
+      params = jax.tree.map(lambda a: jnp.asarray(a, dtype), teacher.params)
       out = []
-      for chunk in np.array_split(np.asarray(x_start, np.float64), max(1, len(x_start) // 2048)):
+      for chunk in np.array_split(np.asarray(x_start), max(1, len(x_start) // 2048)):
         out.append(np.asarray(analytic.flow_map(
-            teacher.apply, params, jnp.asarray(chunk), schedule=teacher.schedule,
+            teacher.apply, params, jnp.asarray(chunk, dtype), schedule=teacher.schedule,
             t_start=self.t_start, t_end=self.t_end, rtol=self.config.eval.ref_tol,
             atol=self.config.eval.ref_tol)))
     return np.concatenate(out)
@@ -413,14 +416,20 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
              x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
     _image_grid(workdir, name, out, f"{student.name}, NFE {student.nfe}")
   _image_grid(workdir, "reference", reference, "the teacher's exact PF-ODE map")
+  panels = [("teacher, exact PF-ODE map", reference)]
   for nfe in nfes:
     out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
     rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
     _image_grid(workdir, f"teacher_ddim_nfe{nfe}", out, f"teacher DDIM, NFE {nfe}")
+    panels += [(f"{st.name}, NFE {nfe}", np.load(os.path.join(
+        workdir, "samples", f"{sample_file_name(st.name)}_nfe{nfe}.npz"))["samples"])
+               for st in plan.students if st.nfe == nfe]
+    panels.append((f"teacher DDIM, NFE {nfe}", out))
     best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
     if best is not None and best["method"] != "teacher ddim":
       rows.append(best)
+  _image_panels(os.path.join(workdir, "samples.png"), panels)
   return rows
 
 
@@ -429,6 +438,31 @@ def _image_grid(workdir: str, name: str, samples, title: str, num: int = 64) -> 
   samples = np.asarray(samples)
   if samples.ndim == 4:
     sampling.save_figure(samples[:num], os.path.join(workdir, "samples", f"{name}.png"), title=title)
+
+
+def _image_panels(path: str, panels, num: int = 16) -> None:
+  """For image data, one figure: a row of grids (the first `num` samples of each panel, all from
+  the same x_start), e.g. the exact map, each student and the teacher's DDIM at its NFE."""
+  if not panels or np.asarray(panels[0][1]).ndim != 4:
+    return
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5))
+  for ax, (title, images) in zip(np.atleast_1d(axes), panels):
+    images = np.clip((np.asarray(images[:num]) + 1) / 2, 0, 1)
+    cols = int(np.ceil(np.sqrt(len(images))))
+    h, w, c = images.shape[1:]
+    grid = np.ones((cols * (h + 1), cols * (w + 1), c), np.float32)
+    for i, img in enumerate(images):
+      r, q = divmod(i, cols)
+      grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = img
+    ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def sample_file_name(name: str) -> str:
