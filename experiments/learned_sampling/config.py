@@ -64,7 +64,7 @@ def get_config(arg: str = "gmm64") -> ml_collections.ConfigDict:
     c.learn_coefficients = False
     c.num_calibration = 128
     c.num_test = 256
-    c.iterations = 40
+    c.iterations = 20
     c.reference_tol = 1e-5
   elif arg == "tiny":
     c.teachers = ("ring2d",)

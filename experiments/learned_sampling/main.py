@@ -49,7 +49,8 @@ from experiments import teachers as teachers_lib  # noqa: E402
 from experiments.train_teacher import sampling  # noqa: E402
 
 WORKDIR_PREFIX = "workdir:"  # config.teachers entry of a trained teacher: "workdir:PATH"
-SUMMARY_KEYS = ("best_standard", "distribution")  # summary entries that are not learned methods
+# summary entries per teacher that are not learned methods
+SUMMARY_KEYS = ("best_standard", "distribution", "schedule")
 
 
 def _define_flags():
@@ -288,8 +289,8 @@ def _distribution_summary(own, best, config):
 def table(summary, config) -> str:
   lines = []
   for name, s in summary.items():
-    lines.append(f"\n### {name} ({config.schedule}); median per-sample error on held-out noise "
-                 "(calibration in brackets)\n")
+    lines.append(f"\n### {name} ({s.get('schedule', config.schedule)}); median per-sample error "
+                 "on held-out noise (calibration in brackets)\n")
     methods = [m for m in s if m not in SUMMARY_KEYS]
     lines.append("| NFE | best standard (solver/spacing) | " + " | ".join(methods) + " |")
     lines.append("|---:|---|" + "---|" * len(methods))
@@ -350,12 +351,15 @@ def figure(learned_grids, schedule, config, path):
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  rows, figure_grids, schedule = [], None, None
+  rows, figure_grids, schedule, schedules_used = [], None, None, {}
   for name in config.teachers:
     r, g, schedule = run_teacher(config, name, workdir)
+    schedules_used[name] = schedule
     rows += r
     figure_grids = figure_grids or g
   summary = summarize(rows, config)
+  for name, sch in schedules_used.items():
+    summary[name]["schedule"] = repr(sch)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table(summary, config))
   with open(os.path.join(workdir, "results.json"), "w") as f:
