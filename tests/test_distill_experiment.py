@@ -55,6 +55,7 @@ def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
     assert 0 < out["notes"]["straightness_1rf"]
 
 
+@pytest.mark.slow  # ~25 s: the losses' fixed points (test_distill_losses) are in the default run
 def test_tiny_guided_pd_scores_every_w_against_the_exact_guided_map(tmp_path):
   config = config_lib.get_config("gpd_ring2d,tiny")
   out = main_lib.run(config, str(tmp_path))

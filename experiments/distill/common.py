@@ -429,6 +429,16 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
     best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
     if best is not None and best["method"] != "teacher ddim":
       rows.append(best)
+    for name in config.eval.always:  # solvers reported at every NFE, best or not
+      if f"teacher {name}" in (r["method"] for r in rows if r["nfe"] == nfe):
+        continue
+      try:
+        solvers.steps_for_nfe(name, nfe)
+      except ValueError:
+        continue
+      out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=config.eval.repeats)
+      rows.append({"method": f"teacher {name}", "nfe": nfe, "ms": ms,
+                   **score(out, reference, quality_ref)})
   _image_panels(os.path.join(workdir, "samples.png"), panels)
   return rows
 

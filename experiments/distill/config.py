@@ -95,7 +95,9 @@ def _base() -> ml_collections.ConfigDict:
       copy_rows=True,  # also score the network copy (the students' start) at each student NFE
       # the teacher's training-free solvers tried at each student NFE (the best is reported)
       solvers=("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
-               "dpm_solver_2", "heun")))
+               "dpm_solver_2", "heun"),
+      # reported at every NFE whether best or not (PD's table: DDIM and DPM-Solver++(2M))
+      always=("dpm_solver_pp_2m",)))
   return c
 
 
@@ -230,6 +232,7 @@ def _tiny(c):
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6
   c.eval.solvers = ("dpm_solver_pp_2m",)
+  c.eval.always = ()
   c.eval.copy_rows = False
   c.optim.warmup_steps = 0
   if "dm" in c:
