@@ -104,6 +104,18 @@ def test_flow_matching_part_is_the_instantaneous_velocity(x64):
     np.testing.assert_allclose(params[key][1:, 0], exact[key][1:, 0], rtol=1e-9, atol=1e-9)
 
 
+def test_flow_matching_from_data_is_stationary_at_the_velocity(x64):
+  # eps - x0 is an unbiased sample of the velocity: the expected gradient vanishes at the exact
+  # table (up to sampling error), and not at a perturbed one
+  loss_fn = shortcut.shortcut_loss(family, schedule=RF, bootstrap_fraction=0.0, num_base_steps=M)
+  data = batch(2 ** 15)
+  grad = jax.jit(jax.grad(lambda p: loss_fn(p, data, jax.random.key(1), target_params=p)[0]))
+  norm = lambda g: float(jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(g))))  # noqa: E731
+  exact = exact_table()
+  off = {"a": exact["a"] * 1.1, "b": exact["b"] + 0.1}
+  assert norm(grad(exact)) < 0.1 * norm(grad(off)), (norm(grad(exact)), norm(grad(off)))
+
+
 def test_self_consistency_from_exact_shortcuts_is_the_exact_double_jump(x64):
   # target = the exact table: one step of D = 2d must become the exact D-jump for d >= 1/4, and
   # at the smallest step d = 1/8 (queried at d = 0) two Euler steps of the exact velocity
