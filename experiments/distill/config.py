@@ -7,8 +7,8 @@ Methods: pd (progressive distillation), gpd (guided PD on a class-conditional sp
 mixture, recipes/guided.py), kd (knowledge distillation), reflow (rectified flow),
 tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
 and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
-(on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution matching into a
-one-step generator; section `dm`).
+and shortcut (on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution
+matching into a one-step generator; section `dm`).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -25,7 +25,7 @@ import ml_collections
 
 DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
 METHODS = ("pd", "gpd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
-           "meanflow") + DM_METHODS
+           "meanflow", "shortcut") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -116,6 +116,11 @@ def _consistency_sections(c):
   c.meanflow = ml_collections.ConfigDict(dict(num_steps=5000, p_mean=-0.4, p_std=1.0,
                                               ratio_r_neq_t=0.25, adaptive_p=1.0,
                                               teacher_velocity=True, t_mid=0.5))
+  # shortcut models: the paper's M = 128 base steps, 1/4 of the batch on self-consistency targets
+  # from an EMA (0.999) copy; the flow-matching part regresses on the teacher's velocity
+  c.shortcut = ml_collections.ConfigDict(dict(num_steps=5000, bootstrap_fraction=0.25,
+                                              num_base_steps=128, ema=0.999,
+                                              teacher_velocity=True))
 
 
 def _testbed(c, testbed):
@@ -164,7 +169,7 @@ def _method(c, method):
     # the tangent differentiates the net in t: the default positional scale 1000 makes du/dt
     # (and ||g||) ~1e3 (Lu & Song 2025, Sec. 4.1: keep the time embedding's frequencies low)
     c.student.kwargs.embedding_scale = 10.0
-  elif method == "meanflow":
+  elif method in ("meanflow", "shortcut"):
     c.teacher.schedule = "rectified_flow"
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
@@ -228,6 +233,7 @@ def _tiny(c):
   c.cd.num_intervals = 4
   c.ect.stage_steps = 5
   c.scd.warmup_steps = 5
+  c.shortcut.num_steps = 20
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6

@@ -1,14 +1,14 @@
-"""Consistency-model and flow-map recipes: CD, CT, iCT, ECT, sCD and MeanFlow.
+"""Consistency-model and flow-map recipes: CD, CT, iCT, ECT, sCD, MeanFlow and shortcut models.
 
 Each `build_*(config, setup) -> Plan`. Every student starts from the teacher's weights, or, for an
 analytic teacher, from the `copy` stage's network fit (`trajectory.initial_params`), as the
 papers initialize CD, ECT and sCD from the pretrained diffusion model (CT and iCT start from the
 copy too here: a fair comparison at CPU scale). Students are evaluated with 1 and 2 steps
 (`config.consistency.nfes`): multistep consistency sampling for CD/CT/iCT/ECT/sCD, the k-step
-average-velocity sampler for MeanFlow.
+average-velocity sampler for MeanFlow, k-step shortcut sampling (d = 1/k) for shortcut models.
 
 Schedules: CD/CT/iCT/ECT use the teacher's (VP-linear for the analytic testbeds); sCD needs a
-TrigFlow teacher and MeanFlow a rectified-flow one (`config._method` sets them).
+TrigFlow teacher, MeanFlow and shortcut models a rectified-flow one (`config._method` sets them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from diffdistill import solvers
 from diffdistill.losses import consistency as cm
 from diffdistill.losses import meanflow as mf
 from diffdistill.losses import scm
+from diffdistill.losses import shortcut as sc
 from experiments.distill import common
 from experiments.distill.recipes import trajectory
 
@@ -200,8 +201,42 @@ def build_meanflow(config, setup) -> common.Plan:
   return common.Plan(stages=stages, students=students)
 
 
+def build_shortcut(config, setup) -> common.Plan:
+  """Shortcut models on a rectified-flow teacher: s(x, t, d) from the copy (d zero-init), the
+  flow-matching part at d = 0 (the teacher's velocity, or eps - x0), the self-consistency part
+  against the student's EMA "target" copy."""
+  c, cc = config.shortcut, config.consistency
+  schedule = setup.teacher.schedule
+  if not isinstance(schedule, schedules_lib.RectifiedFlow) or config.student.kind != "flow":
+    raise ValueError("shortcut needs config.teacher.schedule='rectified_flow' and "
+                     "config.student.kind='flow'.")
+  if setup.t_start != 1.0:
+    raise ValueError(f"shortcut samples from t = 1 (schedule t_max = 1), got t_start="
+                     f"{setup.t_start}.")
+  net = trajectory.student_net(config, setup)
+  stages: list[common.Stage] = []
+  init = trajectory.initial_params(setup, stages, net)
+  s_net = common.make_net(config, schedule, setup.teacher.example_shape, extra_cond=("d",))
+  fresh = s_net.init(jax.random.key(config.seed + 3))
+  method = sc.shortcut(s_net.apply, setup.teacher.apply if c.teacher_velocity else None,
+                       ema_decay=c.ema, schedule=schedule,
+                       bootstrap_fraction=c.bootstrap_fraction, num_base_steps=c.num_base_steps)
+  stage = _single_stage(config, setup, "shortcut", method, c.num_steps, init,
+                        ema={"target": c.ema}, params=lambda r: nets.init_from(fresh, init(r)))
+  if not c.teacher_velocity:
+    stage.frozen = lambda r: None
+  stages.append(stage)
+
+  def run(params, x, *, num_steps):
+    return sc.shortcut_sample(s_net.apply, params, x, num_steps=num_steps, t_end=setup.t_end)
+
+  students = [common.Student(name="shortcut", nfe=k, params=lambda r: r["shortcut"]["student"],
+                             run=functools.partial(run, num_steps=k)) for k in cc.nfes]
+  return common.Plan(stages=stages, students=students)
+
+
 RECIPES = {"cd": build_cd, "ct": build_ct, "ict": build_ict, "ect": build_ect, "scd": build_scd,
-           "meanflow": build_meanflow}
+           "meanflow": build_meanflow, "shortcut": build_shortcut}
 
 __all__ = ["RECIPES", "build_cd", "build_ct", "build_ict", "build_ect", "build_scd",
-           "build_meanflow"]
+           "build_meanflow", "build_shortcut"]
