@@ -222,7 +222,11 @@ def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Sch
   if gamma > 0 and len(times) > 1 and rng is None:
     raise ValueError("gamma_sample: gamma > 0 with more than one step needs rng.")
   b = x.shape[0]
-  sh = lambda tt: float(schedule.sigma(jnp.float32(tt)) / schedule.alpha(jnp.float32(tt)))  # noqa: E731
+
+  def sh(tt):  # host floats: the times are concrete, also when the sampler is traced under jit
+    with jax.ensure_compile_time_eval():
+      return float(schedule.sigma(jnp.asarray(tt)) / schedule.alpha(jnp.asarray(tt)))
+
   full = lambda tt: jnp.full((b,), tt, x.dtype)  # noqa: E731
   for n, (t, t_next) in enumerate(zip(times, times[1:])):
     if gamma == 0.0:
@@ -231,7 +235,8 @@ def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Sch
       t_tilde = t_end
     else:  # the time where sh = sqrt(1 - gamma^2) sh_{n+1}: logsnr = -2 ln sh
       lam = -2.0 * math.log(math.sqrt(1.0 - gamma * gamma) * sh(t_next))
-      t_tilde = float(schedule.t_from_logsnr(jnp.float32(lam)))
+      with jax.ensure_compile_time_eval():
+        t_tilde = float(schedule.t_from_logsnr(jnp.asarray(lam)))
     x_tilde = G(params, x, full(t), full(t_tilde), **cond)
     tn, tt = jnp.asarray(t_next, x.dtype), jnp.asarray(t_tilde, x.dtype)
     x = schedule.alpha(tn) / schedule.alpha(tt) * x_tilde
