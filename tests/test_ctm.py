@@ -153,6 +153,27 @@ def test_ctm_fixed_point_is_the_exact_jump_and_dsm_the_denoiser(x64):
     assert rel(got, want) < 0.15, (i, rel(got, want))
 
 
+@pytest.mark.slow
+def test_ctm_fixed_point_with_the_teachers_ddim_steps_is_their_composition(x64):
+  # a real teacher (the analytic denoiser through its params): G(., t_i, t_j) = DDIM i -> j
+  n = 4
+  denoise, host = table_denoiser(n)
+  G = ctm.trajectory_function(denoise, schedule=SCHEDULE)
+  loss_fn = ctm.ctm_loss(denoise, analytic.denoiser(SCHEDULE), schedule=SCHEDULE,
+                         solver_step=ddim.ddim_step, num_steps=n, spacing=SPACING, dsm_weight=0.0)
+  batch = {"x": analytic.sample(gaussian(), jax.random.key(1), 2 ** 12, dtype=jnp.float64)}
+  zeros = {"c": jnp.zeros((n + 1, n + 1, 3)), "e": jnp.zeros((n + 1, n + 1, 3))}
+  params = fixed_point(loss_fn, zeros, batch, n + 1, teacher_params=gaussian())
+  teach = lambda y, t: analytic.denoise(gaussian(), y, t, schedule=SCHEDULE)  # noqa: E731
+  for i, j in ((0, n), (1, 3)):
+    x = marginal(host[i], 256, 40 + i)
+    want = x
+    for k in range(i, j):
+      want = ddim.ddim_step(teach, want, host[k], host[k + 1], schedule=SCHEDULE)
+    got = G(params, x, jnp.full((256,), host[i]), jnp.full((256,), host[j]))
+    assert rel(got, want) < 1e-9, (i, j, rel(got, want))
+
+
 def test_ctm_loss_options():
   denoise, _ = table_denoiser(2)
   teacher = analytic.denoiser(SCHEDULE)
