@@ -1,5 +1,5 @@
 """The consistency recipes of experiments/distill: every variant wires, its students run with their
-NFE, and (slow) `cd_ring2d,tiny` runs end to end as its README command does."""
+NFE, and (slow) `cd_ring2d,tiny` and `ctm_ring2d,tiny` run end to end as their README commands do."""
 
 import jax
 import jax.numpy as jnp
@@ -40,3 +40,11 @@ def test_cd_tiny_runs_end_to_end(tmp_path):
   rows = {(r["method"], r["nfe"]): r for r in out["rows"]}
   assert ("cd", 1) in rows and ("cd", 2) in rows
   assert np.isfinite(rows[("cd", 1)]["median"])
+
+
+@pytest.mark.slow
+def test_ctm_tiny_runs_end_to_end(tmp_path):
+  out = main.run(config_lib.get_config("ctm_ring2d,tiny"), str(tmp_path))
+  rows = {(r["method"], r["nfe"]): r for r in out["rows"]}
+  assert ("ctm", 1) in rows and ("ctm", 2) in rows
+  assert np.isfinite(rows[("ctm", 1)]["median"]) and np.isfinite(rows[("ctm", 2)]["median"])

@@ -8,7 +8,8 @@ mixture, recipes/guided.py), kd (knowledge distillation), reflow (rectified flow
 tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
 and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
 and shortcut (on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution
-matching into a one-step generator; section `dm`).
+matching into a one-step generator; section `dm`); ctm (consistency trajectory models,
+ring2d and gmm64 only).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -25,7 +26,7 @@ import ml_collections
 
 DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
 METHODS = ("pd", "gpd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
-           "meanflow", "shortcut") + DM_METHODS
+           "meanflow", "shortcut", "ctm") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -121,6 +122,10 @@ def _consistency_sections(c):
   c.shortcut = ml_collections.ConfigDict(dict(num_steps=5000, bootstrap_fraction=0.25,
                                               num_base_steps=128, ema=0.999,
                                               teacher_velocity=True))
+  # CTM (Kim et al. 2024): max_solver_steps 0 = up to s; gamma of the sampler (0: deterministic)
+  c.ctm = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
+                                         distance="l2", dsm_weight=1.0, max_solver_steps=0,
+                                         gamma=0.0))
 
 
 def _testbed(c, testbed):
@@ -234,6 +239,8 @@ def _tiny(c):
   c.ect.stage_steps = 5
   c.scd.warmup_steps = 5
   c.shortcut.num_steps = 20
+  c.ctm.num_steps = 20
+  c.ctm.num_intervals = 4
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = 1e-6

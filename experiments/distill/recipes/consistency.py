@@ -1,4 +1,4 @@
-"""Consistency-model and flow-map recipes: CD, CT, iCT, ECT, sCD, MeanFlow and shortcut models.
+"""Consistency-model and flow-map recipes: CD, CT, iCT, ECT, sCD, MeanFlow, shortcut models and CTM.
 
 Each `build_*(config, setup) -> Plan`. Every student starts from the teacher's weights, or, for an
 analytic teacher, from the `copy` stage's network fit (`trajectory.initial_params`), as the
@@ -22,6 +22,7 @@ from diffdistill import nets
 from diffdistill import schedules as schedules_lib
 from diffdistill import solvers
 from diffdistill.losses import consistency as cm
+from diffdistill.losses import ctm as ctm_lib
 from diffdistill.losses import meanflow as mf
 from diffdistill.losses import scm
 from diffdistill.losses import shortcut as sc
@@ -235,8 +236,40 @@ def build_shortcut(config, setup) -> common.Plan:
   return common.Plan(stages=stages, students=students)
 
 
+def build_ctm(config, setup) -> common.Plan:
+  """CTM (Kim et al. 2024): g(x, t, s) from the copy (s zero-initialized), the teacher's Heun (or
+  DDIM) steps t -> u, EMA target mu, DSM term; gamma-sampling at 1 and 2 steps."""
+  c, cc = config.ctm, config.consistency
+  if setup.teacher.module is not None:
+    raise ValueError("ctm needs a student network with extra_cond=('s',) (the MLP): a trained "
+                     "teacher's own architecture (the digits U-Net) has no s input yet.")
+  if c.solver not in SOLVER_STEPS:
+    raise ValueError(f"ctm.solver must be one of {sorted(SOLVER_STEPS)}, got {c.solver!r}.")
+  net, stages, init, _, t_mid = _consistency_setup(config, setup)
+  g_net = common.make_net(config, net.schedule, setup.teacher.example_shape, extra_cond=("s",))
+  fresh = g_net.init(jax.random.key(config.seed + 4))
+  method = ctm_lib.consistency_trajectory_model(
+      g_net.denoise, setup.teacher.apply, ema_target=c.mu > 0, schedule=net.schedule,
+      solver_step=SOLVER_STEPS[c.solver], num_steps=c.num_intervals, spacing=cc.spacing,
+      max_solver_steps=c.max_solver_steps or None, distance=c.distance, dsm_weight=c.dsm_weight,
+      t_start=setup.t_start, t_end=setup.t_end)
+  stages.append(_single_stage(config, setup, "ctm", method, c.num_steps, init,
+                              ema={"target": c.mu} if c.mu > 0 else None,
+                              params=lambda r: nets.init_from(fresh, init(r))))
+  G = ctm_lib.trajectory_function(g_net.denoise, schedule=net.schedule)
+
+  def run(params, x, *, times):
+    return ctm_lib.gamma_sample(G, params, x, schedule=net.schedule, times=times, gamma=c.gamma,
+                                rng=jax.random.key(0), t_end=setup.t_end)
+
+  students = [common.Student(name="ctm", nfe=k, params=lambda r: r["ctm"]["student"],
+                             run=functools.partial(run, times=tuple(_times(setup, k, t_mid))))
+              for k in cc.nfes]
+  return common.Plan(stages=stages, students=students)
+
+
 RECIPES = {"cd": build_cd, "ct": build_ct, "ict": build_ict, "ect": build_ect, "scd": build_scd,
-           "meanflow": build_meanflow, "shortcut": build_shortcut}
+           "meanflow": build_meanflow, "shortcut": build_shortcut, "ctm": build_ctm}
 
 __all__ = ["RECIPES", "build_cd", "build_ct", "build_ict", "build_ect", "build_scd",
-           "build_meanflow", "build_shortcut"]
+           "build_meanflow", "build_shortcut", "build_ctm"]

@@ -1,0 +1,250 @@
+"""Consistency trajectory models (CTM): an anytime-to-anytime jump G(x_t, t, s) of the PF ODE.
+
+The paper writes G in EDM/VE form (t = sigma): G(x_t, t, s) = (s/t) x_t + (1 - s/t) g(x_t, t, s).
+On any schedule of the library it is written, as `losses.consistency` writes f, on the scale-free
+state xh = x / alpha at the VE time sh = sigma / alpha, and returned in the scale of time s:
+
+    Gh(xh_t, t, s) = (sh_s / sh_t) xh_t + (1 - sh_s / sh_t) g(x_t, t, s)
+    G(x_t, t, s)   = alpha_s Gh = (sigma_s / sigma_t) x_t + alpha_s (1 - sh_s / sh_t) g(x_t, t, s)
+
+(`trajectory_function`). g is a denoiser of the library conditioned on s through the network's
+extra conditioning (`extra_cond=("s",)`, zero-initialized): a student initialized from its teacher
+has g(x, t, s) = D(x, t), so G starts as the teacher's DDIM step t -> s. G(x, t, t) = x holds
+exactly for any params (both coefficients are exactly 1 and 0), and g(x, t, t) is a denoiser.
+
+Training on the N-interval grid t_0 > ... > t_N = t_end ("time 0", the boundary epsilon), with
+i ~ U{0..N-1} (t = t_i), j ~ U{i+1..N} (s = t_j), k ~ U{i+1..min(j, i+M)} (u = t_k; M =
+max_solver_steps, default N), x_t = alpha_t x0 + sigma_t z:
+
+    x_u      = Solver(x_t; t -> u)        the teacher's public single step (Heun by default) applied
+                                          on each grid interval t_i -> ... -> t_k
+    x_target = G_sg(G_sg(x_u, u, s), s, t_end)                      (u = s: G_sg(x_u, s, s) = x_u)
+    x_est    = G_sg(G_theta(x_t, t, s), s, t_end)
+    L_CTM    = dist(x_est, x_target)                                 (the paper's d at time 0)
+    L_DSM    = w(lambda_t) mean_D (g_theta(x_t, t, t) - x0)^2
+    L        = E [L_CTM + lambda_DSM L_DSM]
+
+sg is the stop-gradient "target" params (the EMA, decay mu, or theta itself with mu = 0): their
+values are frozen but gradients flow through the x-argument of the outer G_sg(., s, t_end) into
+G_theta. dist is any of `losses.distances` (l2, l1, pseudo-Huber) or a callable feature distance
+(the paper's LPIPS plugs in there). The DSM term reuses the CTM draw's (x_t, t), with an x0
+weighting of `losses.dsm` (default truncated SNR). The paper's GAN term (lambda_GAN with an
+adaptive weight and a discriminator player) is not implemented: `gan_weight != 0` is an error.
+
+gamma-sampling (Kim et al. Alg. 2, `gamma_sample`) on times t_0 > ... > t_{K-1} and t_K = t_end,
+exactly K calls of G: for n = 0..K-1, with sh~ = max(sqrt(1 - gamma^2) sh_{n+1}, sh(t_end)),
+
+    x~      = G(x_n, t_n, t~)                     (the last step: G(x_{K-1}, t_{K-1}, t_end))
+    x_{n+1} = alpha_{n+1} (x~ / alpha(t~) + gamma sh_{n+1} z_n)
+
+gamma = 0 is the deterministic chain of jumps t_n -> t_{n+1}; gamma = 1 is multistep consistency
+sampling with f = G(., ., t_end) / alpha(t_end) (`consistency.multistep_sample`, same noise keys).
+
+References:
+  Kim, Lai, Liao, Murata, Takida, Uesaka, He, Mitsufuji & Ermon, Consistency Trajectory Models:
+  Learning Probability Flow ODE Trajectory of Diffusion, ICLR 2024 (Eq. 3-7, Alg. 1-2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from diffdistill import schedules as schedules_lib
+from diffdistill.losses import _common, distances
+from diffdistill.losses import dsm as dsm_lib
+from diffdistill.solvers import heun
+from diffdistill.solvers.grid_points import grid_time
+from diffdistill.train.method import Method, Update
+
+Array = jax.Array
+Apply = Callable[..., Array]
+
+
+def trajectory_function(denoise: Apply, *, schedule: schedules_lib.Schedule) -> Apply:
+  """G(params, x, t, s, **cond) = (sigma_s/sigma_t) x + alpha_s (1 - sh_s/sh_t) g(x, t, s=s).
+
+  Args:
+    denoise: g, a denoiser conditioned on the target time: `denoise(params, x, t, *, s, **cond)`.
+    schedule: its forward process.
+  Returns:
+    G with t, s of shape [B] (or scalars): the state at time s of the trajectory through x at t.
+  """
+
+  def G(params, x, t, s, **cond):
+    tb = schedules_lib.broadcast_to(jnp.asarray(t, x.dtype), x)
+    sb = schedules_lib.broadcast_to(jnp.asarray(s, x.dtype), x)
+    a_t, sig_t = schedule.alpha(tb), schedule.sigma(tb)
+    a_s, sig_s = schedule.alpha(sb), schedule.sigma(sb)
+    ratio = (sig_s / a_s) / (sig_t / a_t)  # sh_s / sh_t: exactly 1 at s = t
+    s_b = jnp.broadcast_to(jnp.asarray(s, x.dtype), x.shape[:1])
+    g = denoise(params, x, t, s=s_b, **cond)
+    return (sig_s / sig_t * x + a_s * (1.0 - ratio) * g).astype(x.dtype)
+
+  return G
+
+
+def ctm_terms(G: Apply, params: Any, target_params: Any, x_t: Array, t: Array, s: Array,
+              x_u: Array, u: Array, *, t_end: Array, dist: Callable, **cond) -> tuple[Array, Array,
+                                                                                    Array]:
+  """Per-example dist(G_sg(G_theta(x_t, t, s), s, t_end), G_sg(G_sg(x_u, u, s), s, t_end)), [B].
+
+  target_params are stop-gradiented here (the values of the EMA or of theta itself); the online
+  estimate is still differentiated through the outer map's x-argument. Returns (terms, x_est,
+  x_target).
+  """
+  tp = jax.lax.stop_gradient(target_params)
+  x_target = jax.lax.stop_gradient(G(tp, G(tp, x_u, u, s, **cond), s, t_end, **cond))
+  x_est = G(tp, G(params, x_t, t, s, **cond), s, t_end, **cond)
+  return dist(x_est, x_target), x_est, x_target
+
+
+def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
+             solver_step: Callable = heun.heun_step, num_steps: int = 18,
+             spacing: str = "karras", max_solver_steps: int | None = None,
+             distance: str | Callable = "l2", dsm_weight: float = 1.0,
+             dsm_weighting: str = "truncated_snr", gan_weight: float = 0.0,
+             t_start: float | None = None, t_end: float | None = None, dropout: bool = False,
+             **distance_options) -> Callable[..., tuple[Array, dict]]:
+  """CTM's soft consistency loss with its DSM term (module docstring).
+
+  Args:
+    denoise: g(params, x, t, *, s, **cond), the s-conditioned student denoiser.
+    teacher: the teacher denoiser apply(params, x, t, **cond).
+    schedule: the forward process of both.
+    solver_step: a public single step `step(denoise, x, t_s, t_t, *, schedule)` (Heun, DDIM, ...),
+      applied once per grid interval between t and u.
+    num_steps: N, the grid's intervals (the paper's N = 18 points on CIFAR-10 is N = 17 here).
+    spacing: the grid (grids.SPACINGS; 'karras' is the paper's).
+    max_solver_steps: the most teacher steps from t to u (the official code's num_heun_step;
+      None: up to s). It is also the fixed trip count of the teacher loop.
+    distance: 'l2', 'l1', 'pseudo_huber' or a callable fn(x, y) -> [B]; distance_options go to it.
+    dsm_weight: lambda_DSM (0 drops the term and its network call).
+    dsm_weighting: the DSM term's x0 weighting (`losses.dsm.WEIGHTINGS`).
+    gan_weight: lambda_GAN; only 0 is implemented.
+    t_start, t_end: the grid's range (default the schedule's; t_end is "time 0").
+    dropout: pass one shared `dropout_rng` to every student call.
+
+  Returns:
+    loss_fn(params, batch, rng, *, teacher_params, target_params) -> (loss, aux); aux: ctm, dsm,
+    l2 (x_est vs x_target), nonfinite.
+  """
+  if gan_weight:
+    raise NotImplementedError("ctm_loss: the GAN term (gan_weight != 0) is not implemented; "
+                              "use gan_weight=0.")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  if max_solver_steps is not None and not 1 <= max_solver_steps:
+    raise ValueError(f"max_solver_steps must be None or >= 1, got {max_solver_steps}.")
+  if dsm_weight < 0:
+    raise ValueError(f"dsm_weight must be >= 0, got {dsm_weight}.")
+  dist = distances.get(distance, **distance_options)
+  weight_fn = dsm_lib.x0_weighting(dsm_weighting)
+  G = trajectory_function(denoise, schedule=schedule)
+  loops = num_steps if max_solver_steps is None else min(max_solver_steps, num_steps)
+
+  def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
+              target_params: Any) -> tuple[Array, dict]:
+    x0 = _common.data(batch)
+    b = x0.shape[0]
+    i_rng, j_rng, k_rng, z_rng, d_rng = jax.random.split(rng, 5)
+    n = jnp.int32(num_steps)
+    grid = lambda idx: grid_time(schedule, idx, n, spacing=spacing, t_start=t_start,  # noqa: E731
+                                 t_end=t_end, dtype=x0.dtype)
+    i = jax.random.randint(i_rng, (b,), 0, n)
+    j = jax.random.randint(j_rng, (b,), i + 1, n + 1)
+    k = jax.random.randint(k_rng, (b,), i + 1, jnp.minimum(j, i + loops) + 1)
+    t, s, u, t0 = grid(i), grid(j), grid(k), grid(jnp.full((b,), n))
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
+    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    extra = {"dropout_rng": d_rng} if dropout else {}
+    teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
+
+    def solver(m, x):
+      # every example takes `loops` steps; those past u (m >= k - i) keep their state
+      a = jnp.minimum(i + m, n - 1)
+      y = solver_step(teach, x, grid(a), grid(a + 1), schedule=schedule)
+      return jnp.where(schedules_lib.broadcast_to(i + m < k, x), y, x)
+
+    x_u = jax.lax.stop_gradient(jax.lax.fori_loop(0, loops, solver, x_t))
+    terms, x_est, x_target = ctm_terms(G, params, target_params, x_t, t, s, x_u, u, t_end=t0,
+                                       dist=dist, **cond, **extra)
+    if dsm_weight:
+      g = denoise(params, x_t, t, s=t, **cond, **extra)
+      dsm_terms = weight_fn(schedule.logsnr(t)) * distances.l2(g, x0)
+    else:
+      dsm_terms = jnp.zeros_like(terms)
+    total = terms + dsm_weight * dsm_terms
+    return jnp.mean(total), {"ctm": jnp.mean(terms), "dsm": jnp.mean(dsm_terms),
+                             "l2": jnp.mean(distances.l2(x_est, x_target)),
+                             "nonfinite": jnp.sum(~jnp.isfinite(total))}
+
+  return loss_fn
+
+
+def consistency_trajectory_model(denoise: Apply, teacher: Apply, *, ema_target: bool = True,
+                                 **options) -> Method:
+  """CTM as a method: frozen `teacher`; target the student's EMA "target" copy (Player.create(
+  ema={"target": mu})), or (ema_target=False) its own params."""
+  target = "players/student/ema/target" if ema_target else "players/student/params"
+  return Method(name="ctm", updates=(Update(
+      player="student", loss_fn=ctm_loss(denoise, teacher, **options),
+      inputs={"teacher_params": "frozen/teacher", "target_params": target}),))
+
+
+def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Schedule,
+                 times: Sequence[float], gamma: float, rng: Array | None = None,
+                 t_end: float | None = None, **cond) -> Array:
+  """CTM's gamma-sampling (module docstring): len(times) calls of G, ending at t_end.
+
+  Args:
+    G: the trajectory function (`trajectory_function`).
+    params: its params.
+    x: the start state at times[0], [B, ...].
+    schedule: the forward process.
+    times: the NFE = len(times) decreasing times where G is called, times[0] the start.
+    gamma: in [0, 1]; 0 deterministic jumps, 1 multistep consistency sampling.
+    rng: the key of the re-noising draws (needed when gamma > 0 and NFE > 1).
+    t_end: the time of the returned state (default schedule.t_min).
+  Returns:
+    the state at t_end, [B, ...].
+  """
+  times = [float(t) for t in times]
+  t_end = float(schedule.t_min if t_end is None else t_end)
+  if not times or any(b >= a for a, b in zip(times, times[1:])) or times[-1] <= t_end:
+    raise ValueError(f"times must be a non-empty decreasing sequence above t_end={t_end}, got "
+                     f"{times}.")
+  if not 0.0 <= gamma <= 1.0:
+    raise ValueError(f"gamma must lie in [0, 1], got {gamma}.")
+  if gamma > 0 and len(times) > 1 and rng is None:
+    raise ValueError("gamma_sample: gamma > 0 with more than one step needs rng.")
+  b = x.shape[0]
+
+  def sh(tt):  # host floats: the times are concrete, also when the sampler is traced under jit
+    with jax.ensure_compile_time_eval():
+      return float(schedule.sigma(jnp.asarray(tt)) / schedule.alpha(jnp.asarray(tt)))
+
+  full = lambda tt: jnp.full((b,), tt, x.dtype)  # noqa: E731
+  for n, (t, t_next) in enumerate(zip(times, times[1:])):
+    if gamma == 0.0:
+      t_tilde = t_next
+    elif gamma == 1.0 or math.sqrt(1.0 - gamma * gamma) * sh(t_next) <= sh(t_end):
+      t_tilde = t_end
+    else:  # the time where sh = sqrt(1 - gamma^2) sh_{n+1}: logsnr = -2 ln sh
+      lam = -2.0 * math.log(math.sqrt(1.0 - gamma * gamma) * sh(t_next))
+      with jax.ensure_compile_time_eval():
+        t_tilde = float(schedule.t_from_logsnr(jnp.asarray(lam)))
+    x_tilde = G(params, x, full(t), full(t_tilde), **cond)
+    tn, tt = jnp.asarray(t_next, x.dtype), jnp.asarray(t_tilde, x.dtype)
+    x = schedule.alpha(tn) / schedule.alpha(tt) * x_tilde
+    if gamma > 0.0:
+      z = jax.random.normal(jax.random.fold_in(rng, n), x.shape, x.dtype)
+      x = x + gamma * schedule.sigma(tn) * z
+  return G(params, x, full(times[-1]), full(t_end), **cond)
+
+
+__all__ = ["trajectory_function", "ctm_terms", "ctm_loss", "consistency_trajectory_model",
+           "gamma_sample"]
