@@ -152,6 +152,7 @@ def build_scd(config, setup) -> common.Plan:
     # the last state's noise carries on to t_end (a DDIM step from t = 0 data to t_end),
     # since sCM's f maps to t = 0 and the reference is the flow map to t_end
     b = x.shape[0]
+    x0 = t_in = None  # set by the first iteration, read from the second on
     for i, t in enumerate(times):
       if i:
         z = jax.random.normal(jax.random.fold_in(jax.random.key(0), i), x.shape, x.dtype)
