@@ -131,6 +131,7 @@ def test_terms_compare_at_time_zero_through_the_target_params(x64):
   assert float(jnp.max(jnp.abs(at_s / want - 1))) > 0.5
 
 
+@pytest.mark.slow  # ~20 s; the per-example loss-terms test guards the target's construction fast
 def test_ctm_fixed_point_is_the_exact_jump_and_dsm_the_denoiser(x64):
   n = 6
   denoise, host = table_denoiser(n)
