@@ -9,8 +9,9 @@ import pytest
 from experiments.distill import common, config as config_lib, main
 from experiments.distill.recipes import RECIPES, consistency
 
-# ct, ict and ect share cd's wiring (one player, consistency students): slow
-METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in ("ct", "ict", "ect") else m
+# ct, ict and ect share cd's wiring (one player, consistency students), shortcut meanflow's (a flow
+# student with one extra input on the rectified-flow teacher): slow
+METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in ("ct", "ict", "ect", "shortcut") else m
            for m in consistency.RECIPES]
 
 
