@@ -2,7 +2,7 @@
 
 COMMAND:
   python -m experiments.quickstart.main [--workdir=runs/quickstart] [--config=...config.py:mixture64]
-Expected runtime: about 2 minutes on 2 CPU cores (104 s measured: the student's training, and
+Expected runtime: about 2 minutes on 2 CPU cores (108 s measured: the student's training, and
 compiling one sampler per solver and NFE). No network. See config.py for the variants and README.md for what the output shows.
 
 The teacher is exact (`analytic.denoiser`), so the only error is the solver's: each method maps the
