@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
+from diffdistill.losses import _common
 from diffdistill.train.method import Method, Update
 
 Array = jax.Array
@@ -84,8 +85,7 @@ def meanflow_loss(u_apply: Apply, teacher: Apply | None = None, *,
     if (teacher is None) != (teacher_params is None):
       raise ValueError("MeanFlow distillation needs teacher_params (and a teacher); training "
                        "from data takes neither.")
-    x = jnp.asarray(batch["x"])
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = _common.data(batch)
     b = x.shape[0]
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     t_rng, e_rng = jax.random.split(rng)

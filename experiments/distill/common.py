@@ -110,15 +110,18 @@ class SeededBatches(Iterator[dict]):
 
 
 class MixtureBatches(SeededBatches):
-  """Exact samples {"x"} of a mixture.
+  """Exact samples {"x"} of a mixture (and {"label"} with `classes`).
 
   x = mu_k + U_k (sqrt(s_k) * z), k ~ Categorical(pi): the law of `analytic.sample`, computed one
   component at a time (a [n_k, d] x [d, d] product each) rather than gathering a d x d rotation
   per example, which made sampling the slowest part of a 64-D training step.
   """
 
-  def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int):
+  def __init__(self, mix: analytic.GaussianMixture, batch_size: int, seed: int, *,
+               classes: np.ndarray | None = None):
     super().__init__(batch_size, seed)
+    # classes [K]: the class of each component; batches then carry "label", their component's
+    self._classes = None if classes is None else np.asarray(classes, np.int32)
     self._weights = np.asarray(mix.weights, np.float64)
     self._weights = self._weights / self._weights.sum()
     self._means = np.asarray(mix.means, np.float64)
@@ -132,7 +135,10 @@ class MixtureBatches(SeededBatches):
       for c in np.unique(k):
         rows = k == c
         z[rows] = z[rows] @ self._rot[c].T
-    return {"x": (self._means[k] + z).astype(np.float32)}
+    batch = {"x": (self._means[k] + z).astype(np.float32)}
+    if self._classes is not None:
+      batch["label"] = self._classes[k]
+    return batch
 
 
 class Keys(Iterator[dict]):

@@ -44,22 +44,6 @@ class Conditioned:
     return self.inner(params, x, t, **cond)
 
 
-class LabelledMixtureBatches(common.MixtureBatches):
-  """Exact samples {"x", "label"}: the label of a sample is the class of its component."""
-
-  def __init__(self, mix, classes, batch_size: int, seed: int):
-    super().__init__(mix, batch_size, seed)
-    self._classes = np.asarray(classes, np.int32)
-
-  def draw(self, rng):
-    k = rng.choice(self._weights.size, size=self.batch_size, p=self._weights)
-    z = rng.standard_normal((self.batch_size, self._means.shape[1])) * self._scales[k]
-    if self._rot is not None:
-      for c in np.unique(k):
-        z[k == c] = z[k == c] @ self._rot[c].T
-    return {"x": (self._means[k] + z).astype(np.float32), "label": self._classes[k]}
-
-
 def _classes(config, mix):
   """gpd.classes, or (empty) component k in class k mod gpd.num_classes."""
   if not config.gpd.classes:
@@ -86,7 +70,8 @@ def build_gpd(config, setup) -> common.Plan:
   guided = analytic.GuidedDenoiser(teacher.schedule)
   net = common.make_net(config, teacher.schedule, teacher.example_shape, extra_cond=("w",))
   guidance = (float(c.w_min), float(c.w_max))
-  data = lambda seed: LabelledMixtureBatches(teacher.mixture, classes, config.batch_size, seed)  # noqa: E731
+  data = lambda seed: common.MixtureBatches(teacher.mixture, config.batch_size, seed,  # noqa: E731
+                                            classes=classes)
 
   stages = [common.Stage(
       name="guided", method=progressive.guided_distillation_stage1(
@@ -196,5 +181,4 @@ def table(rows) -> str:
 
 RECIPES = {"gpd": build_gpd}
 
-__all__ = ["RECIPES", "build_gpd", "evaluate", "Conditioned", "LabelledMixtureBatches",
-           "class_accuracy"]
+__all__ = ["RECIPES", "build_gpd", "evaluate", "Conditioned", "class_accuracy"]
