@@ -196,6 +196,9 @@ def test_recipe_smoke(tmp_path, variant):
   out = main.run(config_lib.get_config(variant), str(tmp_path))
   row = next(r for r in out["rows"] if r["method"].endswith("generator"))
   assert row["nfe"] == 1 and np.isfinite(row["sliced_w2"]) and not row["nan"]
+  assert 0 <= row["mode_cov_error_floor"] and np.isfinite(row["mode_cov_error"])
+  teacher_nfes = {r["nfe"] for r in out["rows"] if r["method"] == "teacher ddim"}
+  assert teacher_nfes == {1, *config_lib.get_config(variant).eval.teacher_nfes} and len(teacher_nfes) > 1
   with open(tmp_path / "dm" / "metrics.jsonl") as f:
     last = json.loads(f.read().strip().splitlines()[-1])
   assert last["generator/sliced_w2"] > 0 and last["num_nonfinite"] == 0

@@ -109,6 +109,24 @@ def test_mixture_metrics(ring_samples, x64):
   np.testing.assert_array_equal(M.mode_counts(mix, xx, block=128), M.mode_counts(mix, xx, block=4096))
 
 
+def test_mode_covariance_error_sees_shrunk_modes_and_counts_an_empty_mode_as_one():
+  """Two well-separated anisotropic 3-D modes. Exact samples: the error is the sampling noise
+  (~sqrt((d + 1) / N_k)); samples pulled toward their mode by c have C_k = c^2 Sigma_k, so the
+  error is 1 - c^2; an empty mode contributes its weight times 1."""
+  covs = jnp.array([[[1.0, 0.3, 0.0], [0.3, 0.5, 0.0], [0.0, 0.0, 2.0]], jnp.diag(jnp.array([0.2, 1.0, 0.7]))])
+  mix = A.GaussianMixture(jnp.array([0.3, 0.7]), jnp.array([[20.0, 0, 0], [-20.0, 0, 0]]), covs)
+  x = A.sample(mix, jax.random.PRNGKey(0), 40000)
+  exact = M.mode_stats(mix, x)
+  assert float(exact["cov_error"]) < 0.03
+  k = jnp.argmax(A.responsibilities(mix, x), axis=1)
+  shrunk = M.mode_stats(mix, mix.means[k] + 0.6 * (x - mix.means[k]))
+  np.testing.assert_allclose(shrunk["cov_errors"], 1 - 0.36, atol=0.03)
+  assert float(shrunk["weight_tv"]) == float(exact["weight_tv"])  # the weights cannot see it
+  only_second = M.mode_stats(mix, x[k == 1])
+  np.testing.assert_allclose(only_second["cov_errors"][0], 1.0)
+  np.testing.assert_allclose(only_second["cov_error"], 0.3 + 0.7 * only_second["cov_errors"][1], rtol=1e-6)
+
+
 class MetricVariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

@@ -375,10 +375,25 @@ def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict
     q = sampling.sample_quality(samples.reshape(len(samples), -1), quality_ref["mixture"])
     row.update(sliced_w2=q["sliced_w2"], sliced_w2_floor=q["sliced_w2_floor_mean"],
                mmd2=q["mmd2"], mmd2_floor=q["mmd2_floor_mean"])
-    modes = metrics.mode_stats(quality_ref["mixture"],
-                               jnp.asarray(samples.reshape(len(samples), -1), jnp.float32))
-    row["mode_weight_tv"] = float(modes["weight_tv"])
+    mix = quality_ref["mixture"]
+    modes = metrics.mode_stats(mix, jnp.asarray(samples.reshape(len(samples), -1), jnp.float32))
+    floor = _exact_mode_stats(mix, len(samples))
+    row.update(mode_weight_tv=float(modes["weight_tv"]), mode_weight_tv_floor=floor["weight_tv"],
+               mode_cov_error=float(modes["cov_error"]), mode_cov_error_floor=floor["cov_error"])
   return row
+
+
+def _exact_mode_stats(mix, n: int) -> dict:
+  """`metrics.mode_stats` of n exact samples (a fixed draw): the floor of the mode-weight and
+  per-mode covariance errors at this sample size (they are not zero for exact samples)."""
+  key = (n, np.asarray(mix.means).tobytes(), np.asarray(mix.eigvals).tobytes())
+  if key not in _MODE_FLOORS:
+    x = analytic.sample(mix, jax.random.key(4242), n)
+    _MODE_FLOORS[key] = {k: float(v) for k, v in metrics.mode_stats(mix, x).items() if v.ndim == 0}
+  return _MODE_FLOORS[key]
+
+
+_MODE_FLOORS: dict = {}
 
 
 def best_solver_row(setup: Setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
@@ -410,7 +425,9 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
       ("alpha_end", s.alpha(jnp.float32(setup.t_end))), ("sigma_end", s.sigma(jnp.float32(setup.t_end))))}
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   rows = []
-  nfes = sorted({st.nfe for st in plan.students})
+  # the teacher's rows at the students' NFEs and at eval.teacher_nfes (e.g. a one-step
+  # generator next to the teacher at 10 / 20 / 50 calls)
+  nfes = sorted({st.nfe for st in plan.students} | set(config.eval.get("teacher_nfes", ())))
   for student in tqdm.tqdm(plan.students, desc="students", disable=not progress):
     params = student.params(results)
     run = jax.jit(student.run)
@@ -488,16 +505,22 @@ def sample_file_name(name: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-  """Markdown: one line per (method, NFE)."""
+  """Markdown: one line per (method, NFE); distribution and mode columns where they were scored."""
   has_q = any("sliced_w2" in r for r in rows)
+  has_modes = any("mode_cov_error" in r for r in rows)
   head = "| method | NFE | coupling error median | RMS |"
   head += " sliced W2 (floor) | MMD² (floor) |" if has_q else ""
-  lines = [head + " ms |", "|---|---:|---:|---:|" + ("---:|---:|" if has_q else "") + "---:|"]
+  head += " mode weight TV (floor) | mode cov error (floor) |" if has_modes else ""
+  lines = [head + " ms |", "|---|---:|---:|---:|" + ("---:|---:|" if has_q else "")
+           + ("---:|---:|" if has_modes else "") + "---:|"]
   for r in sorted(rows, key=lambda r: (r["nfe"], r["method"].startswith("teacher"), r["median"])):
     line = f"| {r['method']} | {r['nfe']} | {r['median']:.2e} | {r['rms']:.2e} |"
     if has_q:
       line += (f" {r['sliced_w2']:.3f} ({r['sliced_w2_floor']:.3f}) | {r['mmd2']:.1e} "
                f"({r['mmd2_floor']:.0e}) |")
+    if has_modes:
+      line += (f" {r['mode_weight_tv']:.3f} ({r['mode_weight_tv_floor']:.3f}) |"
+               f" {r['mode_cov_error']:.3f} ({r['mode_cov_error_floor']:.3f}) |")
     lines.append(line + f" {r['ms']:.1f} |" + (" NaN!" if r.get("nan") else ""))
   return "\n".join(lines) + "\n"
 

@@ -98,7 +98,8 @@ def _base() -> ml_collections.ConfigDict:
       solvers=("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m",
                "dpm_solver_2", "heun"),
       # reported at every NFE whether best or not (PD's table: DDIM and DPM-Solver++(2M))
-      always=("dpm_solver_pp_2m",)))
+      always=("dpm_solver_pp_2m",),
+      teacher_nfes=()))  # more NFEs with teacher rows only (distribution matching: 10, 20, 50)
   return c
 
 
@@ -200,6 +201,11 @@ def _dm(c, method):
     c.pairs.solver, c.pairs.nfe = "dpm_solver_pp_3m", 16
   if method == "dmd2":  # k = 5 fake-score updates per step: fewer steps in the same time
     c.dm.num_steps = 1000
+  c.eval.teacher_nfes = (10, 20, 50)  # what a one-step generator is up against
+  if c.testbed == "digits":  # the U-Net teacher is the start; ~1 s per game step on 2 cores
+    c.dm.num_steps = 200 if method == "dmd2" else 600
+    c.eval.teacher_nfes = (10,)
+    c.eval.solvers = ("dpm_solver_pp_2m", "heun")
 
 
 def _tiny(c):
@@ -250,6 +256,7 @@ def _tiny(c):
   c.optim.warmup_steps = 0
   if "dm" in c:
     c.dm.num_steps = 20
+    c.eval.teacher_nfes = c.eval.teacher_nfes[:1]
 
 
 def _quick(c):

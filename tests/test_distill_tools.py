@@ -1,0 +1,100 @@
+"""experiments/distill's tools around the runs: the seeds table, the training-curve figure, and the
+trunk features that DMD2's GAN head reads."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffdistill import nets, schedules
+from experiments.distill import common, curves, seeds
+from experiments.distill.recipes import distribution
+
+
+def _result(median, w2, extra_row=True):
+  rows = [{"method": "sid generator", "nfe": 1, "median": median, "sliced_w2": w2,
+           "sliced_w2_floor": 0.02, "mmd2": 1e-2, "mmd2_floor": 1e-4}]
+  if extra_row:
+    rows.append({"method": "teacher ddim", "nfe": 10, "median": 0.1, "sliced_w2": 0.05,
+                 "sliced_w2_floor": 0.02, "mmd2": 1e-3, "mmd2_floor": 1e-4})
+  return {"rows": rows, "command": "x", "seconds": {"total": 1.0}}
+
+
+def test_seeds_table_pools_rows_by_method_and_nfe(tmp_path):
+  rows = seeds.aggregate([_result(0.2, 0.05), _result(0.4, 0.07), _result(0.3, 0.06)])
+  gen = next(r for r in rows if r["method"] == "sid generator")
+  assert gen["n"] == 3 and gen["nfe"] == 1
+  np.testing.assert_allclose(gen["median"]["mean"], 0.3)
+  np.testing.assert_allclose(gen["median"]["std"], np.std([0.2, 0.4, 0.3], ddof=1))
+  assert (gen["median"]["min"], gen["median"]["max"]) == (0.2, 0.4)
+  np.testing.assert_allclose(gen["sliced_w2_floor"], 0.02)
+  teacher = next(r for r in rows if r["method"] == "teacher ddim")
+  assert teacher["median"]["std"] < 1e-12 and "mode_cov_error" not in teacher
+  text = seeds.write([_result(0.2, 0.05), _result(0.4, 0.07)], str(tmp_path))
+  assert "| sid generator | 1 | 2 | 0.300 ± 0.141 |" in text
+  assert json.loads((tmp_path / "seeds.json").read_text())["rows"][0]["n"] == 2
+
+
+def test_seeds_bad_input_is_named():
+  with pytest.raises(ValueError, match="--seeds must be comma-separated integers"):
+    seeds.parse_seeds("0,a")
+  with pytest.raises(ValueError, match="each once"):
+    seeds.parse_seeds("1,1")
+  with pytest.raises(ValueError, match="at least one results.json"):
+    seeds.aggregate([])
+  with pytest.raises(FileNotFoundError, match="No results.json"):
+    seeds._read("/nonexistent/run")  # noqa: SLF001
+
+
+def test_curves_use_the_steps_every_run_logged(tmp_path):
+  for s, last in ((0, 300), (1, 200)):
+    d = tmp_path / f"seed{s}" / "dm"
+    d.mkdir(parents=True)
+    d.joinpath("metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": k, "generator/loss": float(k + s), "fake_score/loss": 1.0})
+        for k in range(100, last + 1, 100)))
+  runs = curves.read_runs(str(tmp_path), "dm")
+  steps, values = curves.series(runs, "generator/loss")
+  np.testing.assert_array_equal(steps, [100, 200])
+  np.testing.assert_array_equal(values, [[100, 200], [101, 201]])
+  assert curves.series(runs, "generator/sliced_w2") is None
+  out = tmp_path / "fig.png"
+  curves.main([f"sid={tmp_path}", f"--out={out}", "--keys=generator/loss,fake_score/loss"])
+  assert out.stat().st_size > 5_000
+  with pytest.raises(FileNotFoundError, match="No dm/metrics.jsonl"):
+    curves.read_runs(str(tmp_path / "nothing"), "dm")
+
+
+def test_gan_head_features_of_an_mlp_are_its_last_block():
+  mlp = common.Net(module=nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16),
+                   kind="eps", schedule=schedules.VPLinear(), example_shape=(2,))
+  mp = nets.init_params(mlp.module, jax.random.key(2), jnp.zeros((1, 2)))
+  mf, mdim = distribution.trunk_features(mlp)
+  assert mf(mp, jnp.ones((5, 2)), jnp.full((5,), 0.3)).shape == (5, 32) and mdim == 32
+
+
+@pytest.mark.slow  # ~10-30 s: compiling a U-Net; the digits DMD2 run reads these features
+def test_gan_head_features_are_the_unet_bottleneck_averaged_over_space():
+  module = nets.get_network("unet", model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                            attn_resolutions=(), dropout=0.0)
+  net = common.Net(module=module, kind="eps", schedule=schedules.VPLinear(), example_shape=(8, 8, 1))
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  t = jnp.full((3,), 0.5)
+  params = jax.jit(module.init)(jax.random.key(1), x, t)["params"]  # jit: eager U-Net ops are slow
+  features, dim = distribution.trunk_features(net)
+  features = jax.jit(features)
+  f = features(params, x, t)
+  assert f.shape == (3, dim) == (3, 16)  # the 4x4 level's 2 x 8 channels
+  # the bottleneck block: the one right before the first up-path block, at the lowest resolution
+  _, state = jax.jit(lambda p: module.apply({"params": p}, x, t, capture_intermediates=True,
+                                            mutable=["intermediates"]))(params)
+  inter = state["intermediates"]
+  blocks = sorted((k for k in inter if k.startswith("UNetBlock_")), key=lambda k: int(k.split("_")[1]))
+  mid = [k for k in blocks if inter[k]["__call__"][0].shape[1:3] == (4, 4)]
+  # at the lowest level: the down block and num_blocks encoder blocks, the two middle blocks, then
+  # num_blocks + 1 decoder blocks, so the second middle block is the centre one
+  h = inter[mid[len(mid) // 2]]["__call__"][0]
+  np.testing.assert_allclose(f, h.mean(axis=(1, 2)), rtol=1e-6)
+  assert not np.allclose(f, features(params, x + 1.0, t))
