@@ -182,7 +182,7 @@ def guided(apply: Apply, w: float, *, null_cond: Mapping[str, Any]) -> Apply:
 
   Args:
     apply: a denoiser `apply(params, x, t, **cond)`.
-    w: the guidance scale (a Python float or a traced scalar).
+    w: the guidance scale (a Python float or a traced scalar), or one per example [B].
     null_cond: for every conditioning keyword, its null value (e.g. {"label": num_classes}),
       broadcastable to that keyword's [B, ...] array.
   """
@@ -199,7 +199,10 @@ def guided(apply: Apply, w: float, *, null_cond: Mapping[str, Any]) -> Apply:
             for k, v in cond.items()}
     d = apply(params, jnp.concatenate([x, x]), jnp.concatenate([t_b, t_b]), **both)
     d_cond, d_null = d[:b], d[b:]
-    return (d_null + w * (d_cond - d_null)).astype(x.dtype)
+    scale = jnp.asarray(w)
+    if scale.ndim:  # per example: [B] -> [B, 1, ...]
+      scale = scale.reshape(scale.shape + (1,) * (x.ndim - scale.ndim))
+    return (d_null + scale * (d_cond - d_null)).astype(x.dtype)
 
   return guided_apply
 

@@ -123,6 +123,9 @@ def test_guided_is_linear_in_w_and_one_call():
     g = P.guided(denoiser, w, null_cond={"label": 10})(2.0, x, t, label=label)
     np.testing.assert_allclose(g, null + w * (cond - null), rtol=1e-6)
   assert calls == [6, 6, 6], "guided must evaluate cond and null as one batch"
+  w = jnp.array([0.0, 1.0, 3.5])  # one scale per example
+  np.testing.assert_allclose(P.guided(denoiser, w, null_cond={"label": 10})(2.0, x, t, label=label),
+                             null + w[:, None] * (cond - null), rtol=1e-6)
   with pytest.raises(ValueError, match="must match null_cond"):
     P.guided(denoiser, 2.0, null_cond={"label": 10, "text": 0})(2.0, x, t, label=label)
 

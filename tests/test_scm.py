@@ -105,3 +105,71 @@ def test_scm_loss_options_are_checked():
     scm.scm_loss(family, schedule=schedules.VPLinear())
   with pytest.raises(ValueError, match="tangent_normalization"):
     scm.scm_loss(family, schedule=TRIG, tangent_normalization=0.0)
+
+
+M2, V2 = np.array([-1.0, 0.5, 0.0]), np.array([0.5, 0.1, 1.0])
+
+
+def two_classes():
+  mix = analytic.GaussianMixture(np.array([0.5, 0.5]), np.stack([M, M2]), np.stack([V, V2]))
+  return analytic.class_mixtures(mix, np.array([0, 1]))
+
+
+def family_by_class(params, x, t, *, label):
+  """`family` with each example's class's (e, ln s_hat): the exact conditional consistency
+  function of each class's Gaussian at EXACT2."""
+  return family({k: v[label] for k, v in params.items()}, x, t)
+
+
+EXACT2 = {"e": jnp.asarray(np.stack([M, M2]))[:, None, :],
+          "ls": jnp.asarray(0.5 * np.log(np.stack([V, V2])))[:, None, :]}
+
+
+def test_guided_scd_distils_the_guided_teachers_velocity(x64):
+  """Classifier-free guidance in sCD's teacher. At w = 1 the guided teacher is the conditional
+  one, so the per-class closed form is sCD's fixed point (zero loss); at w = 2.5 it no longer is,
+  and the loss equals the unguided loss of a teacher with w = 2.5 built in, to the bit."""
+  classes = two_classes()
+  guided_teacher = analytic.GuidedDenoiser(TRIG)
+  n = 1024
+  label = jnp.arange(n) % 2
+  x = jnp.where(label[:, None] == 0, analytic.sample(classes[0], jax.random.key(0), n, dtype=jnp.float64),
+                analytic.sample(classes[1], jax.random.key(1), n, dtype=jnp.float64))
+  batch = {"x": x, "label": label}
+  opts = dict(schedule=TRIG, tangent_normalization=None, warmup_steps=0, adaptive_weighting=False)
+  params = {k: v[:, 0, :] for k, v in EXACT2.items()}
+
+  def loss(w, teacher=guided_teacher, **kw):
+    fn = scm.scm_loss(family_by_class, teacher, guidance=None if w is None else (w, w), **opts, **kw)
+    return fn(params, batch, jax.random.key(2), step=0, teacher_params=classes)
+
+  assert float(loss(1.0)[1]["l2"]) < 1e-12
+  guided_value, guided_aux = loss(2.5)
+  assert float(guided_aux["l2"]) > 1e-4
+  built_in = lambda p, xx, t, *, label: guided_teacher(p, xx, t, label=label, w=2.5)  # noqa: E731
+  unguided_value, _ = loss(None, teacher=built_in)
+  assert float(guided_value) == float(unguided_value)
+
+
+def test_guidance_range_conditions_the_student_on_w(x64):
+  seen = {}
+
+  def student(params, x, t, *, label, w=None):
+    seen["w"] = None if w is None else w.shape
+    return family_by_class(params, x, t, label=label)
+
+  batch = {"x": jnp.zeros((8, 3)) + 0.1, "label": jnp.arange(8) % 2}
+  params = {k: v[:, 0, :] for k, v in EXACT2.items()}
+  for guidance, want in (((1.0, 4.0), (8,)), ((2.0, 2.0), None)):
+    fn = scm.scm_loss(student, analytic.GuidedDenoiser(TRIG), schedule=TRIG, warmup_steps=0,
+                      adaptive_weighting=False, guidance=guidance)
+    fn(params, batch, jax.random.key(0), step=0, teacher_params=two_classes())
+    assert seen["w"] == want, guidance
+  with pytest.raises(ValueError, match="guidance needs a teacher"):
+    scm.scm_loss(family, schedule=TRIG, guidance=(1.0, 2.0))
+  with pytest.raises(ValueError, match="w_min <= w_max"):
+    scm.scm_loss(family, analytic.denoiser(TRIG), schedule=TRIG, guidance=(3.0, 2.0))
+  fn = scm.scm_loss(family, analytic.denoiser(TRIG), schedule=TRIG, guidance=(1.0, 2.0))
+  with pytest.raises(ValueError, match="labelled batches"):
+    fn({"net": EXACT, "logvar": scm.logvar_init(4)}, {"x": jnp.zeros((4, 3))}, jax.random.key(0),
+       step=0, teacher_params=gaussian())

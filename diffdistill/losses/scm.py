@@ -18,6 +18,13 @@ sCD: the teacher's, (cos(t) x_t - D_teacher(x_t, t)) / sin(t)), and theta- = sg(
     g <- g / (||g|| + c)                                tangent normalization, c = 0.1
     L  = e^{w_phi(t)} / D ||F_theta - F- - g||^2 - w_phi(t)
 
+With classifier-free guidance (sCD only, `guidance=(w_min, w_max)`), each example draws a scale
+w ~ U(w_min, w_max) and the teacher's velocity is that of the guided denoiser
+D_w = D(x | null) + w (D(x | c) - D(x | null)) (Ho & Salimans 2022): the student distils the
+guided PF-ODE. With w_min < w_max the student is also conditioned on w (its network takes the
+extra input `w`, zero-initialized by nets' extra_cond), so one student serves every scale; with
+w_min = w_max it distils that one scale and takes no w.
+
 r(k) = min(1, k / H) is the tangent warm-up and w_phi the learned log-variance head (adaptive
 weighting; its optimum is e^{-w} = E ||F - F- - g||^2 / D at t). The gradient in theta at
 theta = theta- is -2 e^w / D <dF_theta, g>: it moves f_theta against df/dt, and vanishes exactly
@@ -86,7 +93,8 @@ def total_derivative(flow_apply: Apply, params: Any, x: Array, t: Array, dxdt: A
 def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
              schedule: schedules_lib.TrigFlow, p_mean: float = -1.0, p_std: float = 1.4,
              tangent_normalization: float | None = 0.1, warmup_steps: int = 10_000,
-             adaptive_weighting: bool = True) -> Callable[..., tuple[Array, dict]]:
+             adaptive_weighting: bool = True,
+             guidance: tuple[float, float] | None = None) -> Callable[..., tuple[Array, dict]]:
   """sCT (teacher None) or sCD (module docstring).
 
   Args:
@@ -97,6 +105,10 @@ def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
     tangent_normalization: c of g / (||g|| + c) (None: off).
     warmup_steps: H of r(k) = min(1, k / H) (0: r = 1 from the start).
     adaptive_weighting: learn w_phi; params are then {"net": ..., "logvar": logvar_init()}.
+    guidance: sCD with classifier-free guidance, (w_min, w_max): the teacher is called as
+      teacher(params, x, t, label=..., w=w [B]) and must apply the guidance itself
+      (`analytic.GuidedDenoiser`, or `parametrization.guided(apply, w, null_cond=...)` for a
+      network); batches must hold 'label'. With w_min < w_max the student gets w=w too.
 
   Returns:
     loss_fn(params, batch, rng, *, step[, teacher_params]) -> (loss, aux); aux: l2 (the
@@ -107,6 +119,12 @@ def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
     raise ValueError(f"scm_loss needs a TrigFlow schedule, got {schedule}.")
   if tangent_normalization is not None and tangent_normalization <= 0:
     raise ValueError(f"tangent_normalization must be > 0 or None, got {tangent_normalization}.")
+  if guidance is not None:
+    if teacher is None:
+      raise ValueError("guidance needs a teacher: classifier-free guidance is for sCD, not sCT.")
+    w_min, w_max = (float(v) for v in guidance)
+    if not w_min <= w_max:
+      raise ValueError(f"guidance must be (w_min, w_max) with w_min <= w_max, got {guidance}.")
   sd = float(schedule.sigma_data)
 
   def loss_fn(params, batch, rng, *, step, teacher_params=None):
@@ -119,7 +137,15 @@ def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
     b = x0.shape[0]
     net = params["net"] if adaptive_weighting else params
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
-    t_rng, z_rng = jax.random.split(rng)
+    t_rng, z_rng, w_rng = jax.random.split(rng, 3)
+    teacher_cond = cond
+    if guidance is not None:
+      if "label" not in batch:
+        raise ValueError(f"guidance needs labelled batches ('label'); got keys {sorted(batch)}.")
+      w = jax.random.uniform(w_rng, (b,), x0.dtype, w_min, w_max)
+      teacher_cond = {**cond, "w": w}
+      if w_min < w_max:  # one student for every scale: it sees w
+        cond = teacher_cond
     tau = p_mean + p_std * jax.random.normal(t_rng, (b,), x0.dtype)
     t = jnp.clip(jnp.arctan(jnp.exp(tau) / sd), schedule.t_min, schedule.t_max)
     tb = schedules_lib.broadcast_to(t, x0)
@@ -129,7 +155,7 @@ def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
       dxdt = jnp.cos(tb) * z - jnp.sin(tb) * x0
     else:
       dxdt = jax.lax.stop_gradient(teacher_velocity(teacher, teacher_params, x_t, t,
-                                                    schedule=schedule, **cond))
+                                                    schedule=schedule, **teacher_cond))
     # one jvp: its primal is the online u_theta (differentiated), its tangent is of theta- = sg
     u, du = total_derivative(flow_apply, net, x_t, t, dxdt, **cond)
     du = jax.lax.stop_gradient(du)
