@@ -41,7 +41,6 @@ from diffdistill.losses import distribution_matching as dm, dmd2 as dmd2_lib, ds
 from diffdistill.train import state as state_lib, step as step_lib  # noqa: E402
 from diffdistill.train.method import Method, Update  # noqa: E402
 from experiments.distill import common  # noqa: E402
-from experiments.distill.recipes import distribution  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 2.0 ** 20
@@ -49,7 +48,7 @@ MIB = 2.0 ** 20
 
 def _methods(net: common.Net, generator, k: int):
   teacher = net.denoise
-  dmd2_features, dim = distribution.trunk_features(net)
+  dmd2_features, dim = common.trunk_features(net)
   kw = dict(schedule=net.schedule)
   return {
       "diff_instruct": (dm.diff_instruct(generator, teacher, net.denoise, **kw), None),

@@ -178,8 +178,10 @@ def test_ctm_fixed_point_with_the_teachers_ddim_steps_is_their_composition(x64):
 def test_ctm_loss_options():
   denoise, _ = table_denoiser(2)
   teacher = analytic.denoiser(SCHEDULE)
-  with pytest.raises(NotImplementedError, match="GAN"):
+  with pytest.raises(ValueError, match="needs features"):
     ctm.ctm_loss(denoise, teacher, schedule=SCHEDULE, gan_weight=0.1)
+  with pytest.raises(ValueError, match="gan_weight must be >= 0"):
+    ctm.ctm_loss(denoise, teacher, schedule=SCHEDULE, gan_weight=-1.0)
   with pytest.raises(ValueError, match="max_solver_steps"):
     ctm.ctm_loss(denoise, teacher, schedule=SCHEDULE, max_solver_steps=0)
 
@@ -228,3 +230,48 @@ def test_gamma_half_with_the_exact_jump_samples_the_data(x64):
   a, s = SCHEDULE.alpha(SCHEDULE.t_min), SCHEDULE.sigma(SCHEDULE.t_min)
   np.testing.assert_allclose(jnp.mean(got, 0), a * M, atol=2e-2)
   np.testing.assert_allclose(jnp.var(got, 0), a * a * V + s * s, rtol=2e-2)
+
+
+@pytest.mark.slow  # ~10-25 s of eager float64 CTM draws; the options test stays in the default run
+def test_gan_term_wiring(x64):
+  """CTM's GAN term: L = L_CTM + L_DSM + lambda [k >= gan_start] L_GAN on the same draw; the
+  discriminator's logits read the FROZEN feature network (data logits do not move with the
+  student) and its loss trains only the head; the student's GAN gradient reaches the student."""
+  n = 4
+  denoise, _ = table_denoiser(n)
+  teacher = analytic.denoiser(SCHEDULE)
+  features = lambda fp, x, t: jnp.tanh(x * fp["a"] + t[:, None])  # noqa: E731
+  opts = dict(schedule=SCHEDULE, solver_step=exact_step, num_steps=n, spacing=SPACING)
+  base = ctm.ctm_loss(denoise, teacher, **opts)
+  gan = ctm.ctm_loss(denoise, teacher, gan_weight=0.3, features=features, gan_start=5, **opts)
+  params = {"c": jnp.full((n + 1, n + 1, 1), 0.8), "e": jnp.full((n + 1, n + 1, 3), 0.1)}
+  batch = {"x": analytic.sample(gaussian(), jax.random.key(0), 64, dtype=jnp.float64)}
+  head = {"w": jnp.array([0.5, -1.0, 0.2]), "b": jnp.asarray(0.1)}
+  fp = {"a": jnp.array([1.0, 0.5, -0.3])}
+  kw = dict(teacher_params=gaussian(), target_params=params)
+  gkw = dict(kw, discriminator_params=head, feature_params=fp)
+  value0, aux0 = base(params, batch, jax.random.key(1), **kw)
+  value, aux = gan(params, batch, jax.random.key(1), step=5, **gkw)
+  assert float(aux["gan"]) > 0
+  np.testing.assert_allclose(value, value0 + 0.3 * aux["gan"], rtol=1e-12)
+  before, _ = gan(params, batch, jax.random.key(1), step=4, **gkw)  # gan_start not reached
+  np.testing.assert_allclose(before, value0, rtol=1e-12)
+  grad = lambda f, **k: jax.grad(lambda p: f(p, batch, jax.random.key(1), **k)[0])(params)  # noqa: E731
+  assert float(jnp.max(jnp.abs(grad(gan, step=5, **gkw)["c"] - grad(base, **kw)["c"]))) > 1e-6
+  with pytest.raises(ValueError, match="exactly when"):
+    base(params, batch, jax.random.key(1), step=5, **gkw)
+
+  d_loss = gan.discriminator_loss
+  dkw = dict(student_params=params, target_params=params, feature_params=fp)
+  _, d_aux = d_loss(head, batch, jax.random.key(2), **dkw)
+  moved = jax.tree.map(lambda a: a + 0.3, params)
+  _, d_aux_moved = d_loss(head, batch, jax.random.key(2), **{**dkw, "student_params": moved})
+  assert float(d_aux_moved["real_logit"]) == float(d_aux["real_logit"])  # data through frozen features
+  assert float(d_aux_moved["fake_logit"]) != float(d_aux["fake_logit"])
+  _, d_aux_feat = d_loss(head, batch, jax.random.key(2), **{**dkw, "feature_params": {"a": 2 * fp["a"]}})
+  assert float(d_aux_feat["real_logit"]) != float(d_aux["real_logit"])
+  student_grad = jax.grad(lambda p: d_loss(head, batch, jax.random.key(2), **{**dkw, "student_params": p})[0])(params)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(student_grad))  # sg(x_est)
+  method = ctm.consistency_trajectory_model(denoise, teacher, gan_weight=0.3, features=features, **opts)
+  assert [u.player for u in method.updates] == ["discriminator", "student"]
+  assert method.updates[0].inputs["feature_params"] == method.updates[1].inputs["feature_params"] == "frozen/features"

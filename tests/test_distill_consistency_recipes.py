@@ -45,7 +45,27 @@ def test_cd_tiny_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_ctm_tiny_runs_end_to_end(tmp_path):
-  out = main.run(config_lib.get_config("ctm_ring2d,tiny"), str(tmp_path))
+  """With its GAN term on: a discriminator player on the frozen copy's features."""
+  import json  # noqa: PLC0415
+  config = config_lib.get_config("ctm_ring2d,tiny")
+  config.ctm.gan_weight = 0.1
+  out = main.run(config, str(tmp_path))
   rows = {(r["method"], r["nfe"]): r for r in out["rows"]}
   assert ("ctm", 1) in rows and ("ctm", 2) in rows
   assert np.isfinite(rows[("ctm", 1)]["median"]) and np.isfinite(rows[("ctm", 2)]["median"])
+  with open(tmp_path / "ctm" / "metrics.jsonl") as f:
+    last = json.loads(f.read().strip().splitlines()[-1])
+  assert last["student/gan"] > 0 and {"discriminator/loss", "discriminator/accuracy"} <= set(last)
+
+
+def test_ctm_gan_wiring():
+  config = config_lib.get_config("ctm_ring2d,tiny")
+  config.ctm.gan_weight = 0.1
+  setup = common.make_setup(config)
+  plan = main.build_plan(config, setup)
+  copy = plan.stages[0].players({})["student"].params
+  stage = plan.stages[-1]
+  players = stage.players({"copy": {"student": copy}})
+  frozen = stage.frozen({"copy": {"student": copy}})
+  assert set(players) == {"student", "discriminator"} and frozen["features"] is copy
+  stage.method.check(players, frozen)

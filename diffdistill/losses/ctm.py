@@ -28,8 +28,23 @@ sg is the stop-gradient "target" params (the EMA, decay mu, or theta itself with
 values are frozen but gradients flow through the x-argument of the outer G_sg(., s, t_end) into
 G_theta. dist is any of `losses.distances` (l2, l1, pseudo-Huber) or a callable feature distance
 (the paper's LPIPS plugs in there). The DSM term reuses the CTM draw's (x_t, t), with an x0
-weighting of `losses.dsm` (default truncated SNR). The paper's GAN term (lambda_GAN with an
-adaptive weight and a discriminator player) is not implemented: `gan_weight != 0` is an error.
+weighting of `losses.dsm` (default truncated SNR).
+
+The GAN term (gan_weight = lambda_GAN > 0; Kim et al. Eq. 7) adds a discriminator player d_eta
+that tells data x0 from the student's time-0 estimates x_est (the same x_est as L_CTM):
+
+    L_D      = E softplus(-d_eta(x0)) + E softplus(d_eta(sg(x_est)))        (the discriminator)
+    L_GAN    = E softplus(-d_eta(x_est))                                    (the student, non-saturating)
+    L        = E [L_CTM + lambda_DSM L_DSM] + lambda_GAN [k >= gan_start] L_GAN
+
+d_eta(x) = head_eta(features(feature_params, x_tau, tau)): a trainable head (`dmd2.linear_head`)
+on a FROZEN feature network's features of x noised to a random tau (the paper uses a frozen
+pretrained feature network with trainable heads; here any network of the library, e.g. the
+teacher's network copy, with `features` such as experiments/distill's `trunk_features`). The
+features never come from the student: the student's own features would let it move the
+discriminator's input space. The paper's adaptive lambda_GAN (the ratio of the two losses'
+gradient norms at the last layer) is not implemented: lambda_GAN is a constant switched on at
+step `gan_start`.
 
 gamma-sampling (Kim et al. Alg. 2, `gamma_sample`) on times t_0 > ... > t_{K-1} and t_K = t_end,
 exactly K calls of G: for n = 0..K-1, with sh~ = max(sqrt(1 - gamma^2) sh_{n+1}, sh(t_end)),
@@ -55,6 +70,8 @@ import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import _common, distances
+from diffdistill.losses import distribution_matching as dm_lib
+from diffdistill.losses import dmd2 as dmd2_lib
 from diffdistill.losses import dsm as dsm_lib
 from diffdistill.solvers import heun
 from diffdistill.solvers.grid_points import grid_time
@@ -107,6 +124,8 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
              spacing: str = "karras", max_solver_steps: int | None = None,
              distance: str | Callable = "l2", dsm_weight: float = 1.0,
              dsm_weighting: str = "truncated_snr", gan_weight: float = 0.0,
+             features: Callable | None = None, head: Callable = dmd2_lib.linear_head,
+             gan_start: int = 0, gan_time_sampler: schedules_lib.TimeSampler | str = "uniform",
              t_start: float | None = None, t_end: float | None = None, dropout: bool = False,
              **distance_options) -> Callable[..., tuple[Array, dict]]:
   """CTM's soft consistency loss with its DSM term (module docstring).
@@ -124,17 +143,25 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     distance: 'l2', 'l1', 'pseudo_huber' or a callable fn(x, y) -> [B]; distance_options go to it.
     dsm_weight: lambda_DSM (0 drops the term and its network call).
     dsm_weighting: the DSM term's x0 weighting (`losses.dsm.WEIGHTINGS`).
-    gan_weight: lambda_GAN; only 0 is implemented.
+    gan_weight: lambda_GAN (0: no GAN term, no discriminator).
+    features: with gan_weight > 0, features(feature_params, x_tau, tau) -> [B, F] of the frozen
+      feature network the discriminator's head reads.
+    head: the discriminator head(discriminator_params, features) -> logits [B].
+    gan_start: the GAN term is off before this step (the paper warms up without it).
+    gan_time_sampler: the noise level tau the discriminator sees samples at.
     t_start, t_end: the grid's range (default the schedule's; t_end is "time 0").
     dropout: pass one shared `dropout_rng` to every student call.
 
   Returns:
     loss_fn(params, batch, rng, *, teacher_params, target_params) -> (loss, aux); aux: ctm, dsm,
-    l2 (x_est vs x_target), nonfinite.
+    l2 (x_est vs x_target), nonfinite. With gan_weight > 0 it also takes discriminator_params,
+    feature_params and step, and aux holds gan (L_GAN, before its weight).
   """
-  if gan_weight:
-    raise NotImplementedError("ctm_loss: the GAN term (gan_weight != 0) is not implemented; "
-                              "use gan_weight=0.")
+  if gan_weight < 0:
+    raise ValueError(f"gan_weight must be >= 0, got {gan_weight}.")
+  if gan_weight > 0 and features is None:
+    raise ValueError("gan_weight > 0 needs features(feature_params, x_t, t): the frozen feature "
+                     "network the discriminator's head reads.")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   if max_solver_steps is not None and not 1 <= max_solver_steps:
@@ -147,7 +174,10 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
   loops = num_steps if max_solver_steps is None else min(max_solver_steps, num_steps)
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
-              target_params: Any) -> tuple[Array, dict]:
+              target_params: Any, **gan_inputs) -> tuple[Array, dict]:
+    if set(gan_inputs) != ({"discriminator_params", "feature_params", "step"} if gan_weight else set()):
+      raise ValueError("ctm_loss takes discriminator_params, feature_params and step exactly when "
+                       f"gan_weight > 0 (gan_weight = {gan_weight}); got {sorted(gan_inputs)}.")
     x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, j_rng, k_rng, z_rng, d_rng = jax.random.split(rng, 5)
@@ -178,21 +208,80 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     else:
       dsm_terms = jnp.zeros_like(terms)
     total = terms + dsm_weight * dsm_terms
-    return jnp.mean(total), {"ctm": jnp.mean(terms), "dsm": jnp.mean(dsm_terms),
-                             "l2": jnp.mean(distances.l2(x_est, x_target)),
-                             "nonfinite": jnp.sum(~jnp.isfinite(total))}
+    aux = {"ctm": jnp.mean(terms), "dsm": jnp.mean(dsm_terms),
+           "l2": jnp.mean(distances.l2(x_est, x_target))}
+    if gan_weight:
+      logit = discriminator_logits(gan_inputs["discriminator_params"], gan_inputs["feature_params"],
+                                   x_est, jax.random.fold_in(rng, 7))
+      gan_terms = jax.nn.softplus(-logit)  # [B]
+      on = (jnp.asarray(gan_inputs["step"]) >= gan_start).astype(total.dtype)
+      total = total + on * gan_weight * gan_terms
+      aux["gan"] = jnp.mean(gan_terms)
+    aux["nonfinite"] = jnp.sum(~jnp.isfinite(total))
+    return jnp.mean(total), aux
 
+  def discriminator_logits(disc_params, feature_params, x, rng):
+    x_tau, tau, _ = dm_noised(x, rng)
+    return head(disc_params, features(feature_params, x_tau, tau))
+
+  sampler = dsm_lib._resolve_sampler(gan_time_sampler, "gan_time_sampler")  # noqa: SLF001
+
+  def dm_noised(x, rng):
+    return dm_lib._noised(x, rng, schedule=schedule, sampler=sampler)  # noqa: SLF001
+
+  def estimate(params, target_params, batch, rng):
+    """x_est of a fresh CTM draw (the same (t, s) law as the loss; no teacher call)."""
+    x0 = _common.data(batch)
+    b = x0.shape[0]
+    i_rng, j_rng, z_rng = jax.random.split(rng, 3)
+    n = jnp.int32(num_steps)
+    grid = lambda idx: grid_time(schedule, idx, n, spacing=spacing, t_start=t_start,  # noqa: E731
+                                 t_end=t_end, dtype=x0.dtype)
+    i = jax.random.randint(i_rng, (b,), 0, n)
+    j = jax.random.randint(j_rng, (b,), i + 1, n + 1)
+    t, s, t0 = grid(i), grid(j), grid(jnp.full((b,), n))
+    x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
+    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    tp = jax.lax.stop_gradient(target_params)
+    return x0, G(tp, G(params, x_t, t, s, **cond), s, t0, **cond)
+
+  def disc_loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, student_params: Any,
+                   target_params: Any, feature_params: Any) -> tuple[Array, dict]:
+    """L_D: data against the student's time-0 estimates (stop-gradient), both through the frozen
+    features; aux: real_logit, fake_logit (means), accuracy, nonfinite."""
+    e_rng, r_rng, f_rng = jax.random.split(rng, 3)
+    x0, x_est = estimate(student_params, target_params, batch, e_rng)
+    l_real = discriminator_logits(params, feature_params, x0, r_rng)
+    l_fake = discriminator_logits(params, feature_params, jax.lax.stop_gradient(x_est), f_rng)
+    terms = jax.nn.softplus(-l_real) + jax.nn.softplus(l_fake)
+    return jnp.mean(terms), {"real_logit": jnp.mean(l_real), "fake_logit": jnp.mean(l_fake),
+                             "accuracy": 0.5 * (jnp.mean(l_real > 0) + jnp.mean(l_fake < 0)),
+                             "nonfinite": jnp.sum(~jnp.isfinite(terms))}
+
+  loss_fn.discriminator_loss = disc_loss_fn
   return loss_fn
 
 
 def consistency_trajectory_model(denoise: Apply, teacher: Apply, *, ema_target: bool = True,
                                  **options) -> Method:
   """CTM as a method: frozen `teacher`; target the student's EMA "target" copy (Player.create(
-  ema={"target": mu})), or (ema_target=False) its own params."""
+  ema={"target": mu})), or (ema_target=False) its own params. With gan_weight > 0 (and
+  `features`): a "discriminator" player (init e.g. `dmd2.init_linear_head(F)`) updates first, and
+  frozen "features" holds the feature network's params."""
   target = "players/student/ema/target" if ema_target else "players/student/params"
-  return Method(name="ctm", updates=(Update(
-      player="student", loss_fn=ctm_loss(denoise, teacher, **options),
-      inputs={"teacher_params": "frozen/teacher", "target_params": target}),))
+  loss_fn = ctm_loss(denoise, teacher, **options)
+  inputs = {"teacher_params": "frozen/teacher", "target_params": target}
+  if not options.get("gan_weight"):
+    return Method(name="ctm", updates=(Update(player="student", loss_fn=loss_fn, inputs=inputs),))
+  # with the GAN term: a "discriminator" player (the head's params) updates first, on the
+  # student's current estimates; frozen "features" holds the feature network's params
+  return Method(name="ctm", updates=(
+      Update(player="discriminator", loss_fn=loss_fn.discriminator_loss,
+             inputs={"student_params": "players/student/params", "target_params": target,
+                     "feature_params": "frozen/features"}),
+      Update(player="student", loss_fn=loss_fn,
+             inputs={**inputs, "discriminator_params": "players/discriminator/params",
+                     "feature_params": "frozen/features", "step": "step"})))
 
 
 def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Schedule,

@@ -351,6 +351,36 @@ def _last_metrics(stage_dir: str) -> dict:
   return json.loads(lines[-1]) if lines else {}
 
 
+def trunk_features(net: Net):
+  """(features(params, x_t, t) -> [B, F], F): a network's trunk features, which a GAN head reads
+  (DMD2's on the fake score, CTM's on a frozen network copy). A ScoreMLP gives its last residual
+  block's output; a U-Net the output of its bottleneck (the second middle block at the lowest
+  resolution), averaged over space."""
+  module = net.module
+  if isinstance(module, nets.UNet):
+    levels = len(module.channel_mult)
+    # blocks are created in order: per level (a down block after level 0) + num_blocks, then
+    # the two middle blocks
+    last = f"UNetBlock_{levels * module.num_blocks + (levels - 1) + 1}"
+    dim = module.model_channels * module.channel_mult[-1]
+  elif isinstance(module, nets.ScoreMLP):
+    last = f"MLPBlock_{module.num_blocks - 1}"
+    dim = module.features
+  else:
+    raise ValueError(f"A GAN head reads a ScoreMLP's or a UNet's trunk; got {type(module).__name__}. "
+                     "Set the GAN weight to 0 (--config.dm.gan_weight=0 / --config.ctm.gan_weight=0).")
+
+  def features(params, x_t, t):
+    x_in, t_in = parametrization.net_inputs(x_t, t, kind=net.kind, schedule=net.schedule)
+    _, state = module.apply({"params": params}, x_in, t_in, None,
+                            capture_intermediates=lambda m, name: m.name == last and name == "__call__",
+                            mutable=["intermediates"])
+    h = state["intermediates"][last]["__call__"][0]
+    return h.reshape(h.shape[0], -1, h.shape[-1]).mean(axis=1) if h.ndim > 2 else h
+
+  return features, dim
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
@@ -548,5 +578,5 @@ def figure(rows: list[dict], setup: Setup, workdir: str, title: str) -> None:
   plt.close(fig)
 
 
-__all__ = ["Net", "make_net", "SeededBatches", "MixtureBatches", "Keys", "Stage", "Student", "Plan", "Setup",
+__all__ = ["Net", "make_net", "trunk_features", "SeededBatches", "MixtureBatches", "Keys", "Stage", "Student", "Plan", "Setup",
            "make_setup", "make_player", "run_stages", "evaluate", "table", "figure", "score"]

@@ -124,9 +124,10 @@ def _consistency_sections(c):
                                               num_base_steps=128, ema=0.999,
                                               teacher_velocity=True))
   # CTM (Kim et al. 2024): max_solver_steps 0 = up to s; gamma of the sampler (0: deterministic)
+  # gan_weight > 0 adds the GAN term (a linear head on the frozen copy's trunk), from gan_start
   c.ctm = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
                                          distance="l2", dsm_weight=1.0, max_solver_steps=0,
-                                         gamma=0.0))
+                                         gamma=0.0, gan_weight=0.0, gan_start=0))
 
 
 def _testbed(c, testbed):

@@ -13,6 +13,7 @@ TrigFlow teacher, MeanFlow and shortcut models a rectified-flow one (`config._me
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,6 +24,7 @@ from diffdistill import schedules as schedules_lib
 from diffdistill import solvers
 from diffdistill.losses import consistency as cm
 from diffdistill.losses import ctm as ctm_lib
+from diffdistill.losses import dmd2 as dmd2_lib
 from diffdistill.losses import meanflow as mf
 from diffdistill.losses import scm
 from diffdistill.losses import shortcut as sc
@@ -248,15 +250,27 @@ def build_ctm(config, setup) -> common.Plan:
     raise ValueError(f"ctm.solver must be one of {sorted(SOLVER_STEPS)}, got {c.solver!r}.")
   net, stages, init, _, t_mid = _consistency_setup(config, setup)
   g_net = common.make_net(config, net.schedule, setup.teacher.example_shape, extra_cond=("s",))
+  gan = {}
+  if c.gan_weight:  # the discriminator reads the (frozen) network copy's trunk
+    features, feature_dim = common.trunk_features(net)
+    gan = dict(gan_weight=c.gan_weight, features=features, gan_start=c.gan_start)
   fresh = g_net.init(jax.random.key(config.seed + 4))
   method = ctm_lib.consistency_trajectory_model(
       g_net.denoise, setup.teacher.apply, ema_target=c.mu > 0, schedule=net.schedule,
       solver_step=SOLVER_STEPS[c.solver], num_steps=c.num_intervals, spacing=cc.spacing,
       max_solver_steps=c.max_solver_steps or None, distance=c.distance, dsm_weight=c.dsm_weight,
-      t_start=setup.t_start, t_end=setup.t_end)
-  stages.append(_single_stage(config, setup, "ctm", method, c.num_steps, init,
-                              ema={"target": c.mu} if c.mu > 0 else None,
-                              params=lambda r: nets.init_from(fresh, init(r))))
+      t_start=setup.t_start, t_end=setup.t_end, **gan)
+  stage = _single_stage(config, setup, "ctm", method, c.num_steps, init,
+                        ema={"target": c.mu} if c.mu > 0 else None,
+                        params=lambda r: nets.init_from(fresh, init(r)))
+  if c.gan_weight:  # + the discriminator's head, on the frozen copy's trunk features
+    players, frozen = stage.players, stage.frozen
+    stage = dataclasses.replace(
+        stage,
+        players=lambda r: {**players(r), "discriminator": common.make_player(
+            config.optim, dmd2_lib.init_linear_head(feature_dim), num_steps=c.num_steps)},
+        frozen=lambda r: {**frozen(r), "features": init(r)})
+  stages.append(stage)
   G = ctm_lib.trajectory_function(g_net.denoise, schedule=net.schedule)
 
   def run(params, x, *, times):

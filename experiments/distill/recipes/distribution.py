@@ -26,41 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffdistill import metrics, nets, parametrization
+from diffdistill import metrics
 from diffdistill.losses import distribution_matching as dm
 from diffdistill.losses import dmd2 as dmd2_lib
 from diffdistill.train.method import Method
 from experiments.distill import common
 from experiments.distill.recipes import trajectory
-
-
-def trunk_features(net: common.Net):
-  """(features(params, x_t, t) -> [B, F], F): the fake score's trunk features, which DMD2's GAN
-  head reads. A ScoreMLP gives its last residual block's output; a U-Net the output of its
-  bottleneck (the second middle block at the lowest resolution), averaged over space."""
-  module = net.module
-  if isinstance(module, nets.UNet):
-    levels = len(module.channel_mult)
-    # blocks are created in order: per level (a down block after level 0) + num_blocks, then
-    # the two middle blocks
-    last = f"UNetBlock_{levels * module.num_blocks + (levels - 1) + 1}"
-    dim = module.model_channels * module.channel_mult[-1]
-  elif isinstance(module, nets.ScoreMLP):
-    last = f"MLPBlock_{module.num_blocks - 1}"
-    dim = module.features
-  else:
-    raise ValueError(f"DMD2's GAN head reads a ScoreMLP's or a UNet's trunk; got {type(module).__name__}. "
-                     "Set --config.dm.gan_weight=0 to train without it.")
-
-  def features(params, x_t, t):
-    x_in, t_in = parametrization.net_inputs(x_t, t, kind=net.kind, schedule=net.schedule)
-    _, state = module.apply({"params": params}, x_in, t_in, None,
-                            capture_intermediates=lambda m, name: m.name == last and name == "__call__",
-                            mutable=["intermediates"])
-    h = state["intermediates"][last]["__call__"][0]
-    return h.reshape(h.shape[0], -1, h.shape[-1]).mean(axis=1) if h.ndim > 2 else h
-
-  return features, dim
 
 
 def with_sliced_w2(method: Method, generator: dm.Generator, *, every: int,
@@ -125,7 +96,7 @@ def _build(config, setup, method_name: str) -> common.Plan:
                     time_sampler=c.time_sampler, **common_kw)
   elif method_name == "dmd2":
     method = dmd2_lib.dmd2(generator, teacher.apply, net.denoise, time_sampler=c.time_sampler,
-                           features=trunk_features(net)[0] if gan else None, gan_weight=c.gan_weight,
+                           features=common.trunk_features(net)[0] if gan else None, gan_weight=c.gan_weight,
                            **common_kw)
   else:
     raise ValueError(f"Unknown distribution-matching method {method_name!r}.")
@@ -138,7 +109,7 @@ def _build(config, setup, method_name: str) -> common.Plan:
                                             num_steps=c.num_steps)}
     if gan:
       out["discriminator"] = common.make_player(
-          _optim(config, c.fake_lr), dmd2_lib.init_linear_head(trunk_features(net)[1]),
+          _optim(config, c.fake_lr), dmd2_lib.init_linear_head(common.trunk_features(net)[1]),
           num_steps=c.num_steps)
     return out
 
@@ -159,4 +130,4 @@ def _build(config, setup, method_name: str) -> common.Plan:
 RECIPES = {name: (lambda config, setup, name=name: _build(config, setup, name))
            for name in ("diff_instruct", "dmd", "dmd2", "sid")}
 
-__all__ = ["RECIPES", "trunk_features", "with_sliced_w2"]
+__all__ = ["RECIPES", "with_sliced_w2"]
