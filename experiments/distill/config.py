@@ -196,7 +196,8 @@ def _dm(c, method):
       fake_lr=2e-4, weighting="uniform", fake_weighting="uniform", time_sampler="uniform",
       regression_weight=0.25 if method == "dmd" else 0.0, sid_alpha=1.2,
       gan_weight=0.01 if method == "dmd2" else 0.0, schedule="constant",
-      init_from_copy=True, sigma_init=2.5))
+      init_from_copy=True, sigma_init=2.5,
+      generator_steps=1))  # > 1: a k-step generator (DMD2's backward simulation)
   if method == "dmd":  # the regression's pairs: 8192, by a 16-call DPM-Solver++(3M) (~1e-3 off)
     c.pairs.num_pairs = 8192
     c.pairs.solver, c.pairs.nfe = "dpm_solver_pp_3m", 16

@@ -10,7 +10,9 @@ Each `build_*(config, setup) -> Plan` has two stages for an analytic teacher:
 The generator is G(z) = D_copy(sigma(t_max) z, t_max) (`one_step_generator`); its student maps
 the evaluation's x_start (the teacher's marginal at t_max) with that one call, so its coupling
 error against the exact flow map is not meaningful (G is not trained to follow the ODE): read the
-distribution columns (sliced W2 with its floor, MMD^2, mode-weight TV). Every log_every steps
+distribution columns (sliced W2 with its floor, MMD^2, mode-weight TV). With
+`dm.generator_steps = k > 1` the generator is DMD2's k-step one (`multi_step_generator`, input
+times t_init (k - i) / k, trained by backward simulation) and its student has NFE k. Every log_every steps
 the generator's metrics also hold `sliced_w2`, the sliced W2 between a fresh batch of G's samples
 and the batch of exact samples (`metrics.sliced_wasserstein`, 64 directions; its floor at this
 batch size is not zero).
@@ -79,7 +81,14 @@ def _build(config, setup, method_name: str) -> common.Plan:
   # t_init where sigma/alpha = dm.sigma_init (SiD's 2.5): at t_max the denoiser ignores its input
   # (alpha(t_max) ~ 0.007 on VP-linear), so a generator started there outputs the data mean.
   t_init = float(net.schedule.t_from_logsnr(jnp.float32(-2.0 * np.log(c.sigma_init))))
-  generator = dm.one_step_generator(net.denoise, schedule=net.schedule, t_init=t_init)
+  if c.generator_steps == 1:
+    generator = dm.one_step_generator(net.denoise, schedule=net.schedule, t_init=t_init)
+  elif c.generator_steps > 1:  # DMD2's k-step generator (backward simulation), times uniform in t
+    k = c.generator_steps
+    generator = dm.multi_step_generator(net.denoise, schedule=net.schedule,
+                                        times=[t_init * (k - i) / k for i in range(k)])
+  else:
+    raise ValueError(f"dm.generator_steps must be >= 1, got {c.generator_steps}.")
   sigma_start = float(net.schedule.sigma(jnp.float32(setup.t_start)))
   to_init = generator.sigma_init / sigma_start  # x_start (the teacher's marginal) -> x_init
   fake_options = dict(weighting=c.fake_weighting, time_sampler=c.time_sampler)
@@ -121,7 +130,7 @@ def _build(config, setup, method_name: str) -> common.Plan:
     data = lambda r, d: setup.data(config.seed + 2)  # noqa: E731
   stages.append(common.Stage(name="dm", method=method, num_steps=c.num_steps, players=players,
                              frozen=lambda r: {"teacher": teacher.params}, data=data))
-  student = common.Student(name=f"{method_name} generator", nfe=1,
+  student = common.Student(name=f"{method_name} generator", nfe=c.generator_steps,
                            params=lambda r: r["dm"]["generator"],
                            run=lambda params, x: generator.sample(params, to_init * x))
   return common.Plan(stages=stages, students=[student])
