@@ -263,3 +263,24 @@ def test_recipe_with_a_multi_step_generator_wires_and_samples():
   config.dm.generator_steps = 0
   with pytest.raises(ValueError, match="generator_steps must be >= 1"):
     main.build_plan(config, setup)
+
+
+@pytest.mark.parametrize("name", ["sds", "vsd"])
+def test_particle_recipes_wire_and_their_samples_are_the_particles(name):
+  from experiments.distill import common, config as config_lib, main  # noqa: PLC0415
+  config = config_lib.get_config(f"{name}_ring2d,tiny")
+  setup = common.make_setup(config)
+  plan = main.build_plan(config, setup)
+  assert [s.name for s in plan.stages] == (["dm"] if name == "sds" else ["copy", "dm"])
+  results = {}
+  if name == "vsd":
+    results["copy"] = {"student": plan.stages[0].players({})["student"].params}
+  players = plan.stages[-1].players(results)
+  assert set(players) == ({"particles"} if name == "sds" else {"particles", "variational"})
+  assert players["particles"].params.shape == (config.eval.num_samples, 2)
+  plan.stages[-1].method.check(players, plan.stages[-1].frozen(results))
+  student = next(s for s in plan.students if s.name == f"{name} particles")
+  assert student.nfe == 0
+  results["dm"] = {"particles": players["particles"].params}
+  out = student.run(student.params(results), setup.start_noise(jax.random.key(0), config.eval.num_samples))
+  np.testing.assert_array_equal(out, players["particles"].params)

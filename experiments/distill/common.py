@@ -457,7 +457,9 @@ def evaluate(plan: Plan, setup: Setup, results: Results, workdir: str, *,
   rows = []
   # the teacher's rows at the students' NFEs and at eval.teacher_nfes (e.g. a one-step
   # generator next to the teacher at 10 / 20 / 50 calls)
-  nfes = sorted({st.nfe for st in plan.students} | set(config.eval.get("teacher_nfes", ())))
+  # (NFE 0: samples that need no sampler, e.g. SDS / VSD particles, get no teacher rows)
+  nfes = sorted({st.nfe for st in plan.students if st.nfe > 0}
+                | set(config.eval.get("teacher_nfes", ())))
   for student in tqdm.tqdm(plan.students, desc="students", disable=not progress):
     params = student.params(results)
     run = jax.jit(student.run)

@@ -24,7 +24,7 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 
 import ml_collections
 
-DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid")
+DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid", "sds", "vsd")
 METHODS = ("pd", "gpd", "kd", "reflow", "tract", "boot", "cd", "ct", "ict", "ect", "scd",
            "meanflow", "shortcut", "ctm") + DM_METHODS
 TESTBEDS = ("ring2d", "gmm64", "digits")
@@ -197,7 +197,8 @@ def _dm(c, method):
       regression_weight=0.25 if method == "dmd" else 0.0, sid_alpha=1.2,
       gan_weight=0.01 if method == "dmd2" else 0.0, schedule="constant",
       init_from_copy=True, sigma_init=2.5,
-      generator_steps=1))  # > 1: a k-step generator (DMD2's backward simulation)
+      generator_steps=1,  # > 1: a k-step generator (DMD2's backward simulation)
+      particle_lr=3e-2))  # SDS / VSD: the particles' Adam step (cosine decay)
   if method == "dmd":  # the regression's pairs: 8192, by a 16-call DPM-Solver++(3M) (~1e-3 off)
     c.pairs.num_pairs = 8192
     c.pairs.solver, c.pairs.nfe = "dpm_solver_pp_3m", 16

@@ -31,6 +31,7 @@ import numpy as np
 from diffdistill import metrics
 from diffdistill.losses import distribution_matching as dm
 from diffdistill.losses import dmd2 as dmd2_lib
+from diffdistill.losses import score_distillation
 from diffdistill.train.method import Method
 from experiments.distill import common
 from experiments.distill.recipes import trajectory
@@ -136,7 +137,46 @@ def _build(config, setup, method_name: str) -> common.Plan:
   return common.Plan(stages=stages, students=[student])
 
 
+def _build_particles(config, setup, method_name: str) -> common.Plan:
+  """SDS / VSD (Poole et al. 2023; Wang et al. 2023): eval.num_samples free particles, started
+  at N(0, I), moved by the exact teacher's score; VSD's variational denoiser starts from the
+  network copy and is fitted by DSM to the particles. The particles are the samples (NFE 0)."""
+  c = config.dm
+  teacher = setup.teacher
+  net = trajectory.student_net(config, setup)
+  stages: list[common.Stage] = []
+  n = config.eval.num_samples
+  start = jax.random.normal(jax.random.key(config.seed + 5), (n, *teacher.example_shape))
+  particle_optim = _optim(config, c.particle_lr)
+  particle_optim.schedule = "cosine"  # the particles settle: their step size decays (to end_factor)
+  if method_name == "sds":
+    method = score_distillation.sds(teacher.apply, schedule=net.schedule, time_sampler=c.time_sampler)
+    init = None
+  else:
+    init = trajectory.initial_params(setup, stages, net)
+    method = score_distillation.vsd(teacher.apply, net.denoise, schedule=net.schedule,
+                                    time_sampler=c.time_sampler, variational_repeats=c.fake_repeats)
+  method = with_sliced_w2(method, score_distillation.PARTICLES, every=config.log_every,
+                          player="particles")
+
+  def players(r):
+    out = {"particles": common.make_player(particle_optim, start, num_steps=c.num_steps)}
+    if init is not None:
+      out["variational"] = common.make_player(_optim(config, c.fake_lr), init(r),
+                                              num_steps=c.num_steps)
+    return out
+
+  stages.append(common.Stage(name="dm", method=method, num_steps=c.num_steps, players=players,
+                             frozen=lambda r: {"teacher": teacher.params},
+                             data=lambda r, d: setup.data(config.seed + 2)))
+  student = common.Student(name=f"{method_name} particles", nfe=0,
+                           params=lambda r: r["dm"]["particles"], run=lambda params, x: params)
+  return common.Plan(stages=stages, students=[student])
+
+
 RECIPES = {name: (lambda config, setup, name=name: _build(config, setup, name))
            for name in ("diff_instruct", "dmd", "dmd2", "sid")}
+RECIPES.update({name: (lambda config, setup, name=name: _build_particles(config, setup, name))
+                for name in ("sds", "vsd")})
 
 __all__ = ["RECIPES", "with_sliced_w2"]
