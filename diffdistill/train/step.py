@@ -170,7 +170,11 @@ def make_step(method: Method, *, mesh: Mesh, accumulation_steps: int = 1,
 
     if u.repeats == 1:
       return one(players[u.player], 0)
-    player, ms = jax.lax.scan(one, players[u.player], jnp.arange(u.repeats))
+    # unrolled on CPU: XLA:CPU runs a network's backward pass inside a while loop ~20x slower
+    # (DMD2's k = 5 fake-score updates of the digits U-Net: 46 s per step rolled, 2.6 s
+    # unrolled; bench/DM_STEP.md); accelerators keep the loop (k times less to compile)
+    unroll = u.repeats if jax.default_backend() == "cpu" else 1
+    player, ms = jax.lax.scan(one, players[u.player], jnp.arange(u.repeats), unroll=unroll)
     metrics = {name: (jnp.sum(v, 0) if name == "skipped" else jnp.mean(v, 0))
                for name, v in ms.items()}
     return player, metrics
