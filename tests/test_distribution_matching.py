@@ -270,8 +270,10 @@ def test_particle_recipes_wire_and_their_samples_are_the_particles(name):
   from experiments.distill import common, config as config_lib, main  # noqa: PLC0415
   config = config_lib.get_config(f"{name}_ring2d,tiny")
   setup = common.make_setup(config)
+  config.eval.copy_rows = True  # (tiny turns them off) no copy row at NFE 0: it has no sampler
   plan = main.build_plan(config, setup)
   assert [s.name for s in plan.stages] == (["dm"] if name == "sds" else ["copy", "dm"])
+  assert all(s.nfe > 0 for s in plan.students if s.name.startswith("network copy"))
   results = {}
   if name == "vsd":
     results["copy"] = {"student": plan.stages[0].players({})["student"].params}

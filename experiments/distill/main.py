@@ -46,7 +46,7 @@ def build_plan(config, setup) -> common.Plan:
   if copy is not None and config.eval.copy_rows:
     from experiments.distill.recipes import trajectory  # noqa: PLC0415
     net = trajectory.student_net(config, setup)
-    for nfe in sorted({s.nfe for s in plan.students}):
+    for nfe in sorted({s.nfe for s in plan.students if s.nfe > 0}):  # NFE 0: SDS / VSD particles
       solver = next(n for n in COPY_SOLVERS if _feasible(n, nfe))
       run = functools.partial(_sample, net.denoise, schedule=net.schedule, solver=solver, nfe=nfe,
                               t_start=setup.t_start, t_end=setup.t_end)
