@@ -121,10 +121,15 @@ def write(rows: list[dict], out: str) -> None:
     lines.append(f"| {r['net']} | {r['params']:,} | {r['batch']} | {r['method']} | "
                  f"{r['teacher_calls']} | {r['baseline_ms']:.2f} | {r['step_ms']:.2f} | "
                  f"{r['ratio']:.2f} |")
+  save(out, lines, {"device": device, "rows": rows})
+
+
+def save(out: str, lines: list[str], payload: dict) -> None:
+  """OUT.md (the markdown lines), OUT.json (payload), and the table on stdout."""
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(out + ".json", "w") as f:
-    json.dump({"device": device, "rows": rows}, f, indent=2)
+    json.dump(payload, f, indent=2)
   print("\n".join(lines))
 
 

@@ -22,7 +22,6 @@ Writes OUT.md and OUT.json (default --out=bench/DM_STEP).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bench.distill_step import NETS, _median_time  # noqa: E402
+from bench.distill_step import NETS, _median_time, save  # noqa: E402
 from diffdistill import nets, parametrization  # noqa: E402
 from diffdistill import schedules as schedules_lib  # noqa: E402
 from diffdistill.losses import distribution_matching as dm, dmd2 as dmd2_lib, dsm  # noqa: E402
@@ -139,11 +138,7 @@ def write(rows: list[dict], out: str) -> None:
                  f"{r['players']} (+{r['networks'] - r['players']}) | {r['step_ms']:.1f} | "
                  f"{r['ratio']:.2f} | {r['state_mib']:.1f} | {r['frozen_mib']:.1f} | "
                  f"{f('argument_mib')} | {f('temp_mib')} | {f('donated_mib')} |")
-  with open(out + ".md", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  with open(out + ".json", "w") as fh:
-    json.dump({"device": device, "rows": rows}, fh, indent=2)
-  print("\n".join(lines))
+  save(out, lines, {"device": device, "rows": rows})
 
 
 def main():
