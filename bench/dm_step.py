@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from bench.distill_step import NETS, _median_time, save  # noqa: E402
-from diffdistill import nets, parametrization  # noqa: E402
+from diffdistill import nets  # noqa: E402
 from diffdistill import schedules as schedules_lib  # noqa: E402
 from diffdistill.losses import distribution_matching as dm, dmd2 as dmd2_lib, dsm  # noqa: E402
 from diffdistill.train import state as state_lib, step as step_lib  # noqa: E402

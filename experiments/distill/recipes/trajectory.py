@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffdistill import nets, solvers
+from diffdistill import solvers
 from diffdistill import schedules as schedules_lib
 from diffdistill.data import pairs as pairs_lib, pipeline
 from diffdistill.losses import boot, kd, progressive, rectified_flow, tract
