@@ -173,6 +173,18 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
   G = trajectory_function(denoise, schedule=schedule)
   loops = num_steps if max_solver_steps is None else min(max_solver_steps, num_steps)
 
+  def draw(x0, i_rng, j_rng, z_rng):
+    """The CTM draw shared by the loss and the discriminator: i ~ U{0..N-1}, j ~ U{i+1..N} on
+    the N-interval grid, x_t at t = t_i. Returns (N, grid(idx) -> time, i, j, x_t)."""
+    b = x0.shape[0]
+    n = jnp.int32(num_steps)
+    grid = lambda idx: grid_time(schedule, idx, n, spacing=spacing, t_start=t_start,  # noqa: E731
+                                 t_end=t_end, dtype=x0.dtype)
+    i = jax.random.randint(i_rng, (b,), 0, n)
+    j = jax.random.randint(j_rng, (b,), i + 1, n + 1)
+    x_t = _common.noised(schedule, x0, grid(i), jax.random.normal(z_rng, x0.shape, x0.dtype))
+    return n, grid, i, j, x_t
+
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
               target_params: Any, **gan_inputs) -> tuple[Array, dict]:
     if set(gan_inputs) != ({"discriminator_params", "feature_params", "step"} if gan_weight else set()):
@@ -181,14 +193,9 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, j_rng, k_rng, z_rng, d_rng = jax.random.split(rng, 5)
-    n = jnp.int32(num_steps)
-    grid = lambda idx: grid_time(schedule, idx, n, spacing=spacing, t_start=t_start,  # noqa: E731
-                                 t_end=t_end, dtype=x0.dtype)
-    i = jax.random.randint(i_rng, (b,), 0, n)
-    j = jax.random.randint(j_rng, (b,), i + 1, n + 1)
+    n, grid, i, j, x_t = draw(x0, i_rng, j_rng, z_rng)
     k = jax.random.randint(k_rng, (b,), i + 1, jnp.minimum(j, i + loops) + 1)
     t, s, u, t0 = grid(i), grid(j), grid(k), grid(jnp.full((b,), n))
-    x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     extra = {"dropout_rng": d_rng} if dropout else {}
     teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
@@ -232,15 +239,8 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
   def estimate(params, target_params, batch, rng):
     """x_est of a fresh CTM draw (the same (t, s) law as the loss; no teacher call)."""
     x0 = _common.data(batch)
-    b = x0.shape[0]
-    i_rng, j_rng, z_rng = jax.random.split(rng, 3)
-    n = jnp.int32(num_steps)
-    grid = lambda idx: grid_time(schedule, idx, n, spacing=spacing, t_start=t_start,  # noqa: E731
-                                 t_end=t_end, dtype=x0.dtype)
-    i = jax.random.randint(i_rng, (b,), 0, n)
-    j = jax.random.randint(j_rng, (b,), i + 1, n + 1)
-    t, s, t0 = grid(i), grid(j), grid(jnp.full((b,), n))
-    x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
+    n, grid, i, j, x_t = draw(x0, *jax.random.split(rng, 3))
+    t, s, t0 = grid(i), grid(j), grid(jnp.full((x0.shape[0],), n))
     cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
     tp = jax.lax.stop_gradient(target_params)
     return x0, G(tp, G(params, x_t, t, s, **cond), s, t0, **cond)
