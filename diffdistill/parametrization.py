@@ -23,7 +23,9 @@ References:
   Ho et al., DDPM, 2020 (eps); Salimans & Ho, Progressive Distillation, ICLR 2022 (v);
   Lipman et al., Flow Matching, ICLR 2023 and Liu et al., Rectified Flow, ICLR 2023 (flow);
   Song et al., Score SDE, ICLR 2021 (score); Karras et al., EDM, NeurIPS 2022 (edm);
-  Ho & Salimans, Classifier-Free Diffusion Guidance, 2022 (guided).
+  Ho & Salimans, Classifier-Free Diffusion Guidance, 2022 (guided);
+  Kingma et al., Variational Diffusion Models, NeurIPS 2021, Sec. 4 (rescheduled: a model is a
+  function of the logSNR, so one trained on one schedule serves every other).
 """
 
 from __future__ import annotations
@@ -207,5 +209,43 @@ def guided(apply: Apply, w: float, *, null_cond: Mapping[str, Any]) -> Apply:
   return guided_apply
 
 
+def rescheduled(denoise: Apply, *, source: "schedules_lib.Schedule | str",
+                target: "schedules_lib.Schedule | str") -> Apply:
+  """A denoiser of schedule `source` as a denoiser of schedule `target`.
+
+  x0 = E[x0 | x_t] depends on x_t only through the noise level: the target's state at t,
+  x = alpha_T(t) x0 + sigma_T(t) eps, is the source's state at the time s of the same logSNR
+  scaled by alpha_S(s) / alpha_T(t) = sigma_S(s) / sigma_T(t), so
+
+      D_T(x, t) = D_S(k x, s),  s = t_S(lambda_T(t)),  k = (alpha_S + sigma_S)(s) / (alpha_T + sigma_T)(t)
+
+  (the ratio of sums equals both ratios and stays finite where alpha_T or sigma_T is 0). Where the
+  target's logSNR leaves the source's range [logsnr_min, logsnr_max] (a rectified flow's t = 1 is
+  lambda = -inf; an EDM teacher stops at sigma_max), s is clipped to the source's end and the
+  source sees its nearest noise level: the rescaled input then has the right scale only
+  approximately, which is what a trained network would be asked at its own ends anyway.
+
+  Args:
+    denoise: `denoise(params, x, t, **cond) -> x0_hat` on `source` (e.g. a trained teacher's).
+    source: the schedule `denoise` was trained on.
+    target: the schedule the returned denoiser takes its t in.
+  Returns:
+    `denoise_target(params, x, t, **cond) -> x0_hat` (t a scalar or [B]).
+  """
+  source = schedules_lib.resolve(source, argname="source")
+  target = schedules_lib.resolve(target, argname="target")
+  lo, hi = source.logsnr_min, source.logsnr_max
+
+  def denoise_target(params, x, t, **cond):
+    t = jnp.asarray(t, jnp.result_type(x.dtype, jnp.float32))  # a bfloat16 x keeps a float32 t
+    lam = jnp.clip(target.logsnr(t), lo, hi)
+    s = jnp.clip(source.t_from_logsnr(lam), source.t_min, source.t_max)
+    k = (source.alpha(s) + source.sigma(s)) / (target.alpha(t) + target.sigma(t))
+    k = k.reshape(k.shape + (1,) * (x.ndim - k.ndim)) if k.ndim else k
+    return denoise(params, (k * x).astype(x.dtype), s, **cond)
+
+  return denoise_target
+
+
 __all__ = ["KINDS", "check_kind", "resolve_sigma_data", "edm_coefficients", "to_x0", "from_x0",
-           "net_inputs", "as_denoiser", "guided"]
+           "net_inputs", "as_denoiser", "guided", "rescheduled"]

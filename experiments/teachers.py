@@ -4,6 +4,7 @@
     teacher = teachers.load(kind="file", path="mix.npz", schedule=...)
     teacher = teachers.load(kind="workdir", path="runs/teacher_digits")
     teacher.apply(teacher.params, x, t)          # the denoiser: x0_hat
+    teachers.reschedule(teacher, schedules.RectifiedFlow())   # the same teacher on another schedule
 
 A teacher is the `(apply, params, schedule)` triple of DESIGN.md plus what the experiments need
 to know about it: the exact data law where there is one (`mixture`: analytic and file teachers),
@@ -26,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffdistill import analytic
+from diffdistill import analytic, parametrization
 from diffdistill import schedules as schedules_lib
 
 KINDS = ("analytic", "file", "workdir")
@@ -108,9 +109,26 @@ def _load_workdir(path: str | None) -> Teacher:
                  num_classes=int(getattr(setup.module, "num_classes", 0)))
 
 
+def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule) -> Teacher:
+  """The same teacher on another forward process (`parametrization.rescheduled`).
+
+  A trained teacher's weights then no longer define a student on the new schedule: the result
+  has no `module` or `kind`, so experiments fit a network copy of it (like an analytic teacher)
+  instead of starting a student from its weights. The exact data law, where there is one, stays.
+  """
+  if not isinstance(schedule, schedules_lib.Schedule):
+    raise ValueError(f"schedule must be a schedules.Schedule, got {schedule!r}.")
+  if schedule == teacher.schedule:
+    return teacher
+  apply = parametrization.rescheduled(teacher.apply, source=teacher.schedule, target=schedule)
+  return dataclasses.replace(teacher, name=f"{teacher.name} on {schedule.name}", apply=apply,
+                             schedule=schedule, module=None, kind=None)
+
+
 def device_params(teacher: Teacher):
   """The teacher's params as device arrays (float32)."""
   return jax.tree.map(lambda a: jax.numpy.asarray(a), teacher.params)
 
 
-__all__ = ["Teacher", "KINDS", "load", "save_mixture", "load_mixture", "device_params"]
+__all__ = ["Teacher", "KINDS", "load", "reschedule", "save_mixture", "load_mixture",
+           "device_params"]

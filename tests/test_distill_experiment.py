@@ -142,3 +142,53 @@ def test_a_trained_teacher_loads_inside_the_distill_command(tmp_path):
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "loaded toy2d/ring@2 (2,)" in out.stdout
+
+
+def test_reschedule_moves_a_teacher_to_another_schedule():
+  """teachers.reschedule of the exact VP teacher is the exact teacher of the new schedule, and a
+  rescheduled teacher offers no weights to start a student from."""
+  from experiments import teachers  # noqa: PLC0415
+  with jax.enable_x64(True):
+    vp = teachers.load(kind="analytic", name="ring2d")
+    rf = schedules.RectifiedFlow()
+    moved = teachers.reschedule(vp, rf)
+    want = teachers.load(kind="analytic", name="ring2d", schedule=rf)
+    x = jax.random.normal(jax.random.key(1), (5, 2), jnp.float64)
+    t = jnp.linspace(0.05, 0.95, 5, dtype=jnp.float64)
+    np.testing.assert_allclose(moved.apply(moved.params, x, t), want.apply(want.params, x, t),
+                               rtol=1e-9, atol=1e-9)
+  assert moved.schedule == rf and moved.module is None and moved.kind is None
+  assert moved.mixture is vp.mixture and teachers.reschedule(vp, vp.schedule) is vp
+  with pytest.raises(ValueError, match="schedule must be a schedules.Schedule"):
+    teachers.reschedule(vp, "rectified_flow")
+
+
+def test_digits_variants_reschedule_only_when_the_method_needs_another_schedule():
+  cd = config_lib.get_config("cd_digits")
+  assert cd.teacher.schedule == "" and cd.copy.num_steps == 0  # the teacher's own weights
+  mf = config_lib.get_config("meanflow_digits")
+  assert mf.teacher.schedule == "rectified_flow" and mf.copy.num_steps > 0
+  assert mf.student.network == "unet_digits8" and mf.student.kind == "flow"
+
+
+@pytest.mark.slow  # ~10-20 s: trains a 2-step teacher
+def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
+  from diffdistill import parametrization  # noqa: PLC0415
+  from experiments import teachers  # noqa: PLC0415
+  from experiments.train_teacher import main as teacher_main  # noqa: PLC0415
+  from train_helpers import as_config, tiny  # noqa: PLC0415
+  workdir = str(tmp_path / "teacher")
+  teacher_main.train(as_config(tiny(str(tmp_path / "tfds"), num_steps=2, checkpoint_every=2)),
+                     workdir)
+  config = config_lib.get_config("meanflow_ring2d,tiny")
+  config.teacher.kind, config.teacher.path = "workdir", workdir
+  setup = common.make_setup(config)
+  own = teachers.load(kind="workdir", path=workdir)
+  assert isinstance(setup.teacher.schedule, schedules.RectifiedFlow)
+  assert setup.teacher.module is None and setup.t_start == 1.0
+  x, t = jnp.ones((3, 2)), jnp.array([0.1, 0.5, 0.9])
+  want = parametrization.rescheduled(own.apply, source=own.schedule,
+                                     target=setup.teacher.schedule)(own.params, x, t)
+  np.testing.assert_allclose(setup.teacher.apply(setup.teacher.params, x, t), want, rtol=1e-6)
+  config.teacher.schedule = ""  # its own schedule: the teacher as trained
+  assert common.make_setup(config).teacher.module is not None

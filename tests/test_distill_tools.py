@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffdistill import nets, schedules
-from experiments.distill import common, curves, seeds
+from experiments.distill import common, curves, seeds, tables
 
 
 def _result(median, w2, extra_row=True):
@@ -34,6 +34,43 @@ def test_seeds_table_pools_rows_by_method_and_nfe(tmp_path):
   text = seeds.write([_result(0.2, 0.05), _result(0.4, 0.07)], str(tmp_path))
   assert "| sid generator | 1 | 2 | 0.300 ± 0.141 |" in text
   assert json.loads((tmp_path / "seeds.json").read_text())["rows"][0]["n"] == 2
+
+
+def _cm_sweep(root, name, student, samples_per_seed):
+  """A fake finished sweep: seeds.json with one student and one teacher row, saved samples."""
+  results = []
+  for seed, x in enumerate(samples_per_seed):
+    row = {"method": student, "nfe": 1, "median": 0.1 + 0.1 * seed, "sliced_w2": 0.03,
+           "sliced_w2_floor": 0.02, "mode_weight_tv": 0.05, "mode_weight_tv_floor": 0.03,
+           "mode_cov_error": 1.0, "mode_cov_error_floor": 0.3}
+    results.append({"rows": [row, {**row, "method": "teacher ddim", "median": 0.5}]})
+    (root / name / f"seed{seed}" / "samples").mkdir(parents=True)
+    np.savez(root / name / f"seed{seed}" / "samples" / f"{student}_nfe1.npz", samples=x)
+  seeds.write(results, str(root / name))
+
+
+def test_cm_table_reads_the_sweeps_and_counts_the_lightest_mode(tmp_path):
+  from diffdistill import analytic, metrics  # noqa: PLC0415
+  mix = analytic.mixture64()
+  w = np.asarray(mix.weights)
+  j = int(np.argmin(w))
+  exact = np.asarray(analytic.sample(mix, jax.random.key(0), 8000))
+  _cm_sweep(tmp_path, "cd", "cd", [exact, exact])
+  share = tables.lightest_mode_share(str(tmp_path / "cd"), mix, "cd", 1)
+  count = np.asarray(metrics.mode_counts(mix, jnp.asarray(exact)))[j]
+  np.testing.assert_allclose(share, [count / (w[j] * 8000)] * 2)
+  assert abs(share[0] - 1.0) < 0.35  # exact samples keep the mode (88 expected, std ~9.4)
+  # samples of the same mixture without its lightest component keep none of it
+  keep = np.arange(len(w)) != j
+  covs = np.asarray(mix.covs, np.float64)[keep]
+  missing = analytic.GaussianMixture(w[keep] / w[keep].sum(), np.asarray(mix.means)[keep],
+                                     (covs + covs.transpose(0, 2, 1)) / 2)
+  _cm_sweep(tmp_path, "ct", "ct", [np.asarray(analytic.sample(missing, jax.random.key(1), 8000))])
+  assert tables.lightest_mode_share(str(tmp_path / "ct"), mix, "ct", 1)[0] < 0.05
+  text = tables.cm_table(str(tmp_path))
+  assert "| CD (Heun, N = 32, EMA 0.95) | 1 | 2 | 0.150 ± 0.071 |" in text
+  assert "| teacher DDIM, VP-linear | 1 | – | 0.500 |" in text
+  assert "sliced W2 (floor 0.020)" in text
 
 
 def test_seeds_bad_input_is_named():

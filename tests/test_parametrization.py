@@ -141,3 +141,41 @@ def test_bad_input():
     P.as_denoiser(lambda p, x, t: x[:, :2], kind="eps", schedule=s)(None, x, jnp.ones(2))
   with pytest.raises(ValueError, match="sigma_data must be > 0"):
     P.as_denoiser(lambda p, x, t: x, kind="edm", schedule=s, sigma_data=-1.0)
+
+
+@pytest.mark.parametrize("source,target", [("edm", "rectified_flow"), ("vp_linear", "trigflow"),
+                                           ("trigflow", "vp_cosine")])
+def test_rescheduled_is_the_exact_denoiser_of_the_target_schedule(source, target):
+  """The mixture's exact denoiser on `source`, rescheduled, is the exact denoiser on `target`."""
+  from diffdistill import analytic  # noqa: PLC0415
+  with jax.enable_x64(True):
+    mix = analytic.ring2d()
+    src, tgt = schedules.get(source), schedules.get(target)
+    moved = P.rescheduled(analytic.denoiser(src), source=src, target=tgt)
+    # target times whose logSNR lies inside the source's range
+    lam = jnp.linspace(max(src.logsnr_min, tgt.logsnr_min) + 0.1,
+                       min(src.logsnr_max, tgt.logsnr_max) - 0.1, 6, dtype=jnp.float64)
+    t = tgt.t_from_logsnr(lam)
+    x = jax.random.normal(jax.random.key(0), (6, 2), jnp.float64) * 3.0
+    got, want = moved(mix, x, t), analytic.denoiser(tgt)(mix, x, t)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert got.dtype == jnp.float64
+
+
+def test_rescheduled_clips_outside_the_source_range():
+  """A rectified flow's t = 1 (lambda = -inf) reaches an EDM denoiser at its sigma_max, with the
+  pure noise scaled to that level: finite, and the same as asking the source there directly."""
+  src, tgt = schedules.EDM(), schedules.RectifiedFlow()
+  seen = {}
+
+  def denoise(params, x, t):
+    seen["x"], seen["t"] = x, t
+    return x
+
+  eps = jnp.ones((2, 3))
+  P.rescheduled(denoise, source=src, target=tgt)(None, eps, jnp.ones(2))
+  np.testing.assert_allclose(seen["t"], src.t_max, rtol=1e-6)
+  # EDM: alpha = 1, sigma = t; the target's alpha + sigma is 1 at t = 1
+  np.testing.assert_allclose(seen["x"], (1.0 + src.t_max) * eps, rtol=1e-6)
+  with pytest.raises(ValueError, match="source must be a schedules.Schedule"):
+    P.rescheduled(denoise, source=3, target=tgt)

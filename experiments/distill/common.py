@@ -261,8 +261,11 @@ class Setup:
 def make_setup(config) -> Setup:
   tc = config.teacher
   kind = "file" if tc.mixture_file else tc.kind
-  if kind == "workdir":
+  if kind == "workdir":  # its own schedule, unless the config names another (then rescheduled)
     teacher = teachers_lib.load(kind="workdir", path=tc.path)
+    if tc.schedule:
+      teacher = teachers_lib.reschedule(
+          teacher, schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)))
   else:
     schedule = schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs))
     teacher = teachers_lib.load(kind=kind, name=tc.name, path=tc.mixture_file or None,

@@ -139,6 +139,11 @@ def _testbed(c, testbed):
     c.teacher.kind = "workdir"
     c.teacher.path = "runs/teacher_digits"
     c.teacher.dataset = "digits8"
+    c.teacher.schedule = ""  # its own (EDM); a method that sets another reschedules the teacher
+    # a student on another schedule than the teacher's cannot start from its weights: it is a
+    # fresh U-Net of the teacher's architecture, fitted to the rescheduled teacher (the copy stage)
+    c.student.network = "unet_digits8"
+    c.student.kwargs = ml_collections.ConfigDict()
     c.batch_size = 64
     c.copy.num_steps = 0
     c.pd.teacher_steps = 16
@@ -181,9 +186,12 @@ def _method(c, method):
     c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
     c.student.kind = "flow"
     c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
-  elif method == "gpd":
+  if c.testbed == "digits" and c.teacher.schedule:  # rescheduled teacher: no weights to start from
+    c.copy.num_steps = 2000
+    c.copy.learning_rate = 1e-3
+  if method == "gpd":
     c.student.kwargs.num_classes = c.gpd.num_classes
-  elif method in DM_METHODS:
+  if method in DM_METHODS:
     _dm(c, method)
   elif method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")

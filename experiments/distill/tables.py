@@ -1,0 +1,175 @@
+"""The multi-seed gmm64 tables of experiments/distill/README.md, from finished seed sweeps.
+
+  python -m experiments.distill.tables --family=dm --runs=runs/dm   # distribution matching
+  python -m experiments.distill.tables --family=cm --runs=runs/cm   # consistency models, flow maps
+
+read RUNS/<variant>/seeds.json (written by `experiments.distill.seeds`) for the family's variants
+that exist, and the samples each seed saved (RUNS/<variant>/seed*/samples/<student>_nfe<k>.npz)
+for one more column: the share of the lightest gmm64 component that the samples keep (its sample
+count over its expected count, weight x N; 1 is exact), mean ± std over seeds. Prints a markdown
+table, mean ± sample std over seeds, floors (the same statistic of exact samples) in the header.
+
+dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
+the same for every variant). cm: the consistency paper's layout, NFE 1 then NFE 2, every method
+against PD at the same NFE, then the teacher's DDIM and best training-free solver on each schedule
+the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
+each method's coupling error is against the exact map of its own schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from diffdistill import analytic, metrics
+from experiments.distill import common
+
+# (label, sweep folder, student row names) per family; student rows: None = every non-teacher row
+DM_VARIANTS = (("Diff-Instruct", "diff_instruct"), ("DMD (+ regression 0.25)", "dmd"),
+               ("SiD (alpha 1.2)", "sid"), ("DMD2 (k = 5, GAN 0.01)", "dmd2"),
+               ("DMD2 k = 1 (TTUR ablation)", "dmd2_k1"), ("SiD alpha 1.0", "sid_alpha1.0"),
+               ("SiD alpha 0.5", "sid_alpha0.5"), ("DMD2 4-step generator", "dmd2_4step"),
+               ("DMD without the copy (random init)", "dmd_nocopy"), ("SDS particles", "sds"),
+               ("VSD particles", "vsd"))
+CM_VARIANTS = (("PD (VP)", "pd"), ("CD (Heun, N = 32, EMA 0.95)", "cd"),
+               ("CT (N(k) 2 -> 150, EMA)", "ct"), ("iCT (pseudo-Huber, no EMA)", "ict"),
+               ("ECT (from the copy)", "ect"), ("CTM (gamma = 0)", "ctm"),
+               ("sCD (TrigFlow)", "scd"), ("MeanFlow (rectified flow)", "meanflow"),
+               ("shortcut (rectified flow)", "shortcut"))
+# teacher rows of the cm table: (sweep that holds them, schedule label)
+CM_TEACHERS = (("cd", "VP-linear"), ("scd", "TrigFlow"), ("meanflow", "rectified flow"))
+KEYS = ("median", "sliced_w2", "mmd2", "mode_weight_tv", "mode_cov_error")
+HEAD = {"median": "coupling error median", "sliced_w2": "sliced W2", "mmd2": "MMD²",
+        "mode_weight_tv": "mode weight TV", "mode_cov_error": "mode cov error"}
+FLOORS = {"sliced_w2": "sliced_w2_floor", "mode_weight_tv": "mode_weight_tv_floor",
+          "mode_cov_error": "mode_cov_error_floor"}
+
+
+def lightest_mode_share(folder: str, mix: analytic.GaussianMixture, student: str | None = None,
+                        nfe: int | None = None) -> list[float]:
+  """Per seed: (samples assigned to the lightest component) / (its weight x N), over the saved
+  samples of `student` at `nfe` (None: every student file but the network copy's)."""
+  w = np.asarray(mix.weights)
+  j = int(np.argmin(w))
+  name = common.sample_file_name(student) if student else "*"
+  pattern = os.path.join(folder, "seed*", "samples", f"{name}_nfe{nfe if nfe else '*'}.npz")
+  shares = []
+  for path in sorted(glob.glob(pattern)):
+    if "network_copy" in path:
+      continue
+    x = np.load(path)["samples"]
+    counts = np.asarray(metrics.mode_counts(mix, jnp.asarray(x.reshape(len(x), -1))))
+    shares.append(float(counts[j] / (w[j] * len(x))))
+  return shares
+
+
+def _fmt(key, v):
+  return f"{v:.1e}" if key == "mmd2" else f"{v:.3f}"
+
+
+def _cells(row: dict, keys) -> list[str]:
+  return [_fmt(k, row[k]["mean"]) + (f" ± {_fmt(k, row[k]['std'])}" if row["n"] > 1 else "")
+          if k in row else "–" for k in keys]
+
+
+def _share(shares: list[float]) -> str:
+  if not shares:
+    return "–"
+  return f"{np.mean(shares):.2f}" + (f" ± {np.std(shares, ddof=1):.2f}" if len(shares) > 1 else "")
+
+
+def _load(runs: str, name: str) -> list[dict] | None:
+  path = os.path.join(runs, name, "seeds.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["rows"]
+
+
+def _header(rows: list[dict], keys, w_min: float, *, lead: str) -> list[str]:
+  def floor(k):
+    vals = [r[FLOORS[k]] for r in rows if FLOORS.get(k) in r]
+    return f" (floor {np.mean(vals):.3f})" if vals else ""
+  names = [HEAD[k] + floor(k) for k in keys]
+  names.insert(keys.index("mode_weight_tv") + 1, f"lightest mode ({100 * w_min:.1f} %): share kept")
+  return [f"| {lead} | NFE | seeds | " + " | ".join(names) + " |",
+          "|---|---:|---:|" + "---:|" * len(names)]
+
+
+def _line(label, row, keys, share, *, teacher: bool = False) -> str:
+  """A table line; a teacher's row does not depend on the seed: one value, no seed count."""
+  row = {**row, "n": 1} if teacher else row
+  cells = _cells(row, keys)
+  cells.insert(keys.index("mode_weight_tv") + 1, share)
+  return f"| {label} | {row['nfe']} | {'–' if teacher else row['n']} | " + " | ".join(cells) + " |"
+
+
+def dm_table(runs: str) -> str:
+  mix = analytic.mixture64()
+  keys = ["sliced_w2", "mmd2", "mode_weight_tv", "mode_cov_error"]
+  found = [(label, name, _load(runs, name)) for label, name in DM_VARIANTS]
+  found = [f for f in found if f[2] is not None]
+  lines = _header([r for *_, rows in found for r in rows], keys,
+                  float(np.min(np.asarray(mix.weights))), lead="variant")
+  for label, name, rows in found:
+    share = _share(lightest_mode_share(os.path.join(runs, name), mix))
+    for r in rows:
+      if r["method"].endswith(("generator", "particles")):
+        lines.append(_line(label, r, keys, share))
+  teacher = next((rows for _, name, rows in found if name == "sid"), ())
+  for r in teacher:
+    if r["method"] in ("teacher ddim", "teacher dpm_solver_pp_2m", "teacher unipc_2",
+                       "teacher unipc_3"):
+      lines.append(_line(r["method"], r, keys, "–", teacher=True))
+  return "\n".join(lines) + "\n"
+
+
+def cm_table(runs: str) -> str:
+  mix = analytic.mixture64()
+  keys = ["median", "sliced_w2", "mode_weight_tv", "mode_cov_error"]
+  found = {name: (label, _load(runs, name)) for label, name in CM_VARIANTS}
+  found = {name: v for name, v in found.items() if v[1] is not None}
+  all_rows = [r for _, rows in found.values() for r in rows]
+  lines = _header(all_rows, keys, float(np.min(np.asarray(mix.weights))), lead="method")
+  for nfe in sorted({r["nfe"] for r in all_rows if r["nfe"] in (1, 2)}):
+    for name, (label, rows) in found.items():
+      for r in rows:
+        if r["nfe"] == nfe and not r["method"].startswith(("teacher", "network copy")):
+          share = _share(lightest_mode_share(os.path.join(runs, name), mix, r["method"], nfe))
+          student = label if r["method"] == name else f"{label}: {r['method']}"
+          lines.append(_line(student, r, keys, share))
+    for name, schedule in CM_TEACHERS:
+      if name not in found:
+        continue
+      teacher = [r for r in found[name][1] if r["nfe"] == nfe and r["method"].startswith("teacher")]
+      best = min(teacher, key=lambda r: r["median"]["mean"], default=None)
+      for r in teacher:
+        if r["method"] == "teacher ddim" or r is best:
+          what = r["method"].removeprefix("teacher ")
+          what = "DDIM" if what == "ddim" else f"best solver ({what})"
+          lines.append(_line(f"teacher {what}, {schedule}", r, keys, "–", teacher=True))
+  return "\n".join(lines) + "\n"
+
+
+FAMILIES = {"dm": dm_table, "cm": cm_table}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--family", required=True, choices=sorted(FAMILIES),
+                      help="dm: distribution matching; cm: consistency models and flow maps")
+  parser.add_argument("--runs", default=None, help="folder of the seed sweeps (default runs/<family>)")
+  args = parser.parse_args(argv)
+  runs = args.runs or f"runs/{args.family}"
+  if not os.path.isdir(runs):
+    parser.error(f"--runs: no folder {runs!r}; run the sweeps of the README first.")
+  print(FAMILIES[args.family](runs), end="")
+
+
+if __name__ == "__main__":
+  main()
