@@ -221,9 +221,13 @@ def rescheduled(denoise: Apply, *, source: "schedules_lib.Schedule | str",
 
   (the ratio of sums equals both ratios and stays finite where alpha_T or sigma_T is 0). Where the
   target's logSNR leaves the source's range [logsnr_min, logsnr_max] (a rectified flow's t = 1 is
-  lambda = -inf; an EDM teacher stops at sigma_max), s is clipped to the source's end and the
-  source sees its nearest noise level: the rescaled input then has the right scale only
-  approximately, which is what a trained network would be asked at its own ends anyway.
+  lambda = -inf; an EDM teacher stops at sigma_max), s is clipped to the source's end, the
+  nearest noise level it knows. There the two ratios differ, and k is the one of the component
+  that dominates: sigma_S / sigma_T below the range (the noise keeps the source's scale; the
+  signal, at most e^(lambda/2) of it, is off) and alpha_S / alpha_T above it (the data keep
+  their scale; the leftover noise is below the source's smallest). Derivatives in t are not
+  finite where the target's logSNR is infinite (rectified flow's t = 1); derivatives in params
+  and x are.
 
   Args:
     denoise: `denoise(params, x, t, **cond) -> x0_hat` on `source` (e.g. a trained teacher's).
@@ -238,9 +242,14 @@ def rescheduled(denoise: Apply, *, source: "schedules_lib.Schedule | str",
 
   def denoise_target(params, x, t, **cond):
     t = jnp.asarray(t, jnp.result_type(x.dtype, jnp.float32))  # a bfloat16 x keeps a float32 t
-    lam = jnp.clip(target.logsnr(t), lo, hi)
-    s = jnp.clip(source.t_from_logsnr(lam), source.t_min, source.t_max)
-    k = (source.alpha(s) + source.sigma(s)) / (target.alpha(t) + target.sigma(t))
+    lam = target.logsnr(t)
+    lam = jnp.where(jnp.isnan(lam), -jnp.inf, lam)  # TrigFlow at float32 pi/2: tan < 0
+    s = jnp.clip(source.t_from_logsnr(jnp.clip(lam, lo, hi)), source.t_min, source.t_max)
+    a_t, s_t = target.alpha(t), target.sigma(t)
+    below, above = lam < lo, lam > hi
+    k = jnp.where(below, source.sigma(s) / jnp.where(below, s_t, 1.0),
+                  jnp.where(above, source.alpha(s) / jnp.where(above, a_t, 1.0),
+                            (source.alpha(s) + source.sigma(s)) / (a_t + s_t)))
     k = k.reshape(k.shape + (1,) * (x.ndim - k.ndim)) if k.ndim else k
     return denoise(params, (k * x).astype(x.dtype), s, **cond)
 

@@ -192,3 +192,13 @@ def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
   np.testing.assert_allclose(setup.teacher.apply(setup.teacher.params, x, t), want, rtol=1e-6)
   config.teacher.schedule = ""  # its own schedule: the teacher as trained
   assert common.make_setup(config).teacher.module is not None
+
+
+def test_a_copy_of_zero_steps_and_reflow_on_digits_are_refused():
+  from experiments.distill.recipes import RECIPES  # noqa: PLC0415
+  config = config_lib.get_config("cd_ring2d,tiny")
+  config.copy.num_steps = 0  # an analytic teacher has no weights: the copy must be fitted
+  with pytest.raises(ValueError, match=r"config.copy.num_steps=0: the teacher \(ring2d\)"):
+    RECIPES["cd"](config, common.make_setup(config))
+  with pytest.raises(ValueError, match="reflow_digits is not a variant"):
+    config_lib.get_config("reflow_digits")

@@ -45,6 +45,7 @@ def _cm_sweep(root, name, student, samples_per_seed):
            "mode_cov_error": 1.0, "mode_cov_error_floor": 0.3}
     results.append({"rows": [row, {**row, "method": "teacher ddim", "median": 0.5}]})
     (root / name / f"seed{seed}" / "samples").mkdir(parents=True)
+    (root / name / f"seed{seed}" / "results.json").write_text(json.dumps(results[-1]))
     np.savez(root / name / f"seed{seed}" / "samples" / f"{student}_nfe1.npz", samples=x)
   seeds.write(results, str(root / name))
 
@@ -71,6 +72,8 @@ def test_cm_table_reads_the_sweeps_and_counts_the_lightest_mode(tmp_path):
   assert "| CD (Heun, N = 32, EMA 0.95) | 1 | 2 | 0.150 ± 0.071 |" in text
   assert "| teacher DDIM, VP-linear | 1 | – | 0.500 |" in text
   assert "sliced W2 (floor 0.020)" in text
+  (tmp_path / "cd" / "seed1" / "results.json").unlink()  # an unfinished seed is not counted
+  assert len(tables.lightest_mode_share(str(tmp_path / "cd"), mix, "cd", 1)) == 1
 
 
 def test_seeds_bad_input_is_named():

@@ -164,7 +164,7 @@ def test_rescheduled_is_the_exact_denoiser_of_the_target_schedule(source, target
 
 def test_rescheduled_clips_outside_the_source_range():
   """A rectified flow's t = 1 (lambda = -inf) reaches an EDM denoiser at its sigma_max, with the
-  pure noise scaled to that level: finite, and the same as asking the source there directly."""
+  pure noise scaled to that level; above the EDM range (t < 0.002) the data keep their scale."""
   src, tgt = schedules.EDM(), schedules.RectifiedFlow()
   seen = {}
 
@@ -175,7 +175,14 @@ def test_rescheduled_clips_outside_the_source_range():
   eps = jnp.ones((2, 3))
   P.rescheduled(denoise, source=src, target=tgt)(None, eps, jnp.ones(2))
   np.testing.assert_allclose(seen["t"], src.t_max, rtol=1e-6)
-  # EDM: alpha = 1, sigma = t; the target's alpha + sigma is 1 at t = 1
-  np.testing.assert_allclose(seen["x"], (1.0 + src.t_max) * eps, rtol=1e-6)
+  # EDM: alpha = 1, sigma = t; the rectified flow's sigma is 1 at t = 1
+  np.testing.assert_allclose(seen["x"], src.t_max * eps, rtol=1e-6)
+  P.rescheduled(denoise, source=src, target=tgt)(None, eps, jnp.full((2,), 1e-3))
+  np.testing.assert_allclose(seen["t"], src.t_min, rtol=1e-6)
+  np.testing.assert_allclose(seen["x"], eps / (1.0 - 1e-3), rtol=1e-6)  # alpha_S / alpha_T
+  # TrigFlow up to pi/2 (tan(float32(pi/2)) < 0): the noise end, not NaN
+  trig = schedules.TrigFlow(t_max=float(np.pi / 2))
+  P.rescheduled(denoise, source=src, target=trig)(None, eps, jnp.full((2,), np.pi / 2, jnp.float32))
+  assert np.all(np.isfinite(seen["x"])) and np.allclose(seen["t"], src.t_max)
   with pytest.raises(ValueError, match="source must be a schedules.Schedule"):
     P.rescheduled(denoise, source=3, target=tgt)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdistill import analytic, metrics
-from experiments.distill import common
+from experiments.distill import common, seeds
 
 # (label, sweep folder, student row names) per family; student rows: None = every non-teacher row
 DM_VARIANTS = (("Diff-Instruct", "diff_instruct"), ("DMD (+ regression 0.25)", "dmd"),
@@ -46,8 +46,7 @@ CM_TEACHERS = (("cd", "VP-linear"), ("scd", "TrigFlow"), ("meanflow", "rectified
 KEYS = ("median", "sliced_w2", "mmd2", "mode_weight_tv", "mode_cov_error")
 HEAD = {"median": "coupling error median", "sliced_w2": "sliced W2", "mmd2": "MMD²",
         "mode_weight_tv": "mode weight TV", "mode_cov_error": "mode cov error"}
-FLOORS = {"sliced_w2": "sliced_w2_floor", "mode_weight_tv": "mode_weight_tv_floor",
-          "mode_cov_error": "mode_cov_error_floor"}
+FLOORS = seeds.FLOORS
 
 
 def lightest_mode_share(folder: str, mix: analytic.GaussianMixture, student: str | None = None,
@@ -57,14 +56,16 @@ def lightest_mode_share(folder: str, mix: analytic.GaussianMixture, student: str
   w = np.asarray(mix.weights)
   j = int(np.argmin(w))
   name = common.sample_file_name(student) if student else "*"
-  pattern = os.path.join(folder, "seed*", "samples", f"{name}_nfe{nfe if nfe else '*'}.npz")
   shares = []
-  for path in sorted(glob.glob(pattern)):
-    if "network_copy" in path:
-      continue
-    x = np.load(path)["samples"]
-    counts = np.asarray(metrics.mode_counts(mix, jnp.asarray(x.reshape(len(x), -1))))
-    shares.append(float(counts[j] / (w[j] * len(x))))
+  for run in sorted(glob.glob(os.path.join(folder, "seed*"))):
+    if not os.path.exists(os.path.join(run, "results.json")):
+      continue  # an unfinished seed is not in seeds.json either
+    for path in sorted(glob.glob(os.path.join(run, "samples", f"{name}_nfe{nfe or '*'}.npz"))):
+      if os.path.basename(path).startswith("network_copy"):
+        continue
+      x = np.load(path)["samples"]
+      counts = np.asarray(metrics.mode_counts(mix, jnp.asarray(x.reshape(len(x), -1))))
+      shares.append(float(counts[j] / (w[j] * len(x))))
   return shares
 
 

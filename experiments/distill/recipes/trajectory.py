@@ -33,6 +33,11 @@ def copy_stage(config, setup, net: common.Net, *, name: str = "copy") -> common.
   """Fits `net` to the teacher's denoiser (only for teachers without weights)."""
   c = config.copy
   teacher = setup.teacher
+  if c.num_steps <= 0 and not c.dir:
+    raise ValueError(
+        f"config.copy.num_steps={c.num_steps}: the teacher ({teacher.name}) has no weights a "
+        "student can start from (an analytic or rescheduled teacher), so its network copy must "
+        "be fitted: set --config.copy.num_steps > 0 (or --config.copy.dir to a fitted copy).")
   method = kd.denoiser_copy(net.denoise, teacher.apply, schedule=net.schedule,
                             weighting=c.weighting, time_sampler=c.time_sampler)
   optim = {**dict(config.optim), **({"learning_rate": c.learning_rate} if c.learning_rate else {})}
