@@ -44,6 +44,9 @@ def losses(workdir):
   return [r["step"] for r in records], [r["loss"] for r in records]
 
 
+# ~30 s (three processes); the default run keeps the exact checkpoint round trip
+# (test_train_checkpoint) and the interrupted run's resume message (test_train_loop)
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data_dir):
   values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10)
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
