@@ -29,7 +29,7 @@ import numpy as np
 from diffdistill import analytic, metrics
 from experiments.distill import common, seeds
 
-# (label, sweep folder, student row names) per family; student rows: None = every non-teacher row
+# (row label, sweep folder under --runs) per family
 DM_VARIANTS = (("Diff-Instruct", "diff_instruct"), ("DMD (+ regression 0.25)", "dmd"),
                ("SiD (alpha 1.2)", "sid"), ("DMD2 (k = 5, GAN 0.01)", "dmd2"),
                ("DMD2 k = 1 (TTUR ablation)", "dmd2_k1"), ("SiD alpha 1.0", "sid_alpha1.0"),
@@ -43,7 +43,6 @@ CM_VARIANTS = (("PD (VP)", "pd"), ("CD (Heun, N = 32, EMA 0.95)", "cd"),
                ("shortcut (rectified flow)", "shortcut"))
 # teacher rows of the cm table: (sweep that holds them, schedule label)
 CM_TEACHERS = (("cd", "VP-linear"), ("scd", "TrigFlow"), ("meanflow", "rectified flow"))
-KEYS = ("median", "sliced_w2", "mmd2", "mode_weight_tv", "mode_cov_error")
 HEAD = {"median": "coupling error median", "sliced_w2": "sliced W2", "mmd2": "MMD²",
         "mode_weight_tv": "mode weight TV", "mode_cov_error": "mode cov error"}
 FLOORS = seeds.FLOORS
