@@ -38,16 +38,15 @@ from diffdistill import nets  # noqa: E402
 from diffdistill import schedules as schedules_lib  # noqa: E402
 from diffdistill.losses import distribution_matching as dm, dmd2 as dmd2_lib, dsm  # noqa: E402
 from diffdistill.train import state as state_lib, step as step_lib  # noqa: E402
-from diffdistill.train.method import Method, Update  # noqa: E402
-from experiments.distill import common  # noqa: E402
+from diffdistill.method import Method, Update  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 2.0 ** 20
 
 
-def _methods(net: common.Net, generator, k: int):
+def _methods(net: nets.Net, generator, k: int):
   teacher = net.denoise
-  dmd2_features, dim = common.trunk_features(net)
+  dmd2_features, dim = nets.trunk_features(net)
   kw = dict(schedule=net.schedule)
   return {
       "diff_instruct": (dm.diff_instruct(generator, teacher, net.denoise, **kw), None),
@@ -77,7 +76,7 @@ def bench(net_name: str, *, batch: int | None, iters: int, repeats: int, k: int)
   spec = dict(spec)
   module = nets.get_network(spec.pop("name"), **spec)
   schedule = schedules_lib.VPLinear()
-  net = common.Net(module=module, kind="v", schedule=schedule, example_shape=shape)
+  net = nets.Net(module=module, kind="v", schedule=schedule, example_shape=shape)
   rng = jax.random.key(0)
   x = jax.random.normal(rng, (batch, *shape))
   params = nets.init_params(module, rng, x[:1])

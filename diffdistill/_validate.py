@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -127,7 +128,9 @@ def checked_denoiser(denoise: Callable) -> Callable:
 
 
 def check_writable_dir(name: str, path: str) -> None:
-  """Raises unless `path` is, or can be created as, a writable directory. Creates nothing."""
+  """Raises unless `path` is, or can be created as, a writable directory. Leaves nothing behind
+  (a probe folder is made in the nearest existing ancestor and removed: permission bits alone
+  say yes to root on read-only or virtual file systems such as /proc)."""
   if not isinstance(path, (str, os.PathLike)) or not str(path):
     raise ValueError(f"{name} must be a directory path, got {path!r}.")
   path = os.path.abspath(path)
@@ -141,6 +144,11 @@ def check_writable_dir(name: str, path: str) -> None:
     raise ValueError(f"{name}={path!r} cannot be a directory: {probe!r} is a file.")
   if not os.access(probe, os.W_OK | os.X_OK):
     raise ValueError(f"{name}={path!r} is not writable: no write permission on {probe!r}.")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".writable-", dir=probe))
+  except OSError as e:
+    raise ValueError(f"{name}={path!r} is not writable: cannot create a folder in {probe!r} "
+                     f"({e.strerror}).") from None
 
 
 __all__ = ["is_concrete", "check_int", "check_key", "check_floating", "check_time",

@@ -463,9 +463,6 @@ SCHEDULES: dict[str, type[Schedule]] = {
     cls.name: cls for cls in (VPLinear, VPCosine, VPDiscrete, VE, EDM, RectifiedFlow, TrigFlow)
 }
 
-# Config-facing keyword names: t_min / t_max map onto the dataclass fields.
-_KW_ALIASES = {"t_min": "t_min", "t_max": "t_max"}
-
 
 def get(name: str, **kwargs) -> Schedule:
   """Builds a schedule from its registry name, e.g. `get("vp_linear", t_min=1e-4)`.
@@ -642,6 +639,16 @@ def get_time_sampler(name: str, **kwargs) -> TimeSampler:
     raise ValueError(f"Bad arguments for time sampler {name!r}: {e}. Accepted: {fields}.") from None
 
 
+def resolve_time_sampler(sampler: "TimeSampler | str", argname: str = "time_sampler") -> TimeSampler:
+  """A TimeSampler as given, or the one named (`get_time_sampler`); ValueError naming `argname`."""
+  if isinstance(sampler, TimeSampler):
+    return sampler
+  if isinstance(sampler, str):
+    return get_time_sampler(sampler)
+  raise ValueError(f"{argname} must be a schedules.TimeSampler or one of "
+                   f"{sorted(TIME_SAMPLERS)}, got {sampler!r}.")
+
+
 def importance_weight(t: Array, *, target: TimeSampler, proposal: TimeSampler,
                       schedule: Schedule) -> Array:
   """p_target(t) / p_proposal(t): reweights a loss drawn with `proposal` times to `target`'s."""
@@ -662,5 +669,5 @@ def broadcast_to(t: Array, x: Array) -> Array:
 __all__ = [
     "Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "RectifiedFlow", "TrigFlow",
     "SCHEDULES", "get", "resolve", "TimeSampler", "UniformTime", "LogNormalSigma", "LogitNormalTime",
-    "UniformLogSNR", "TIME_SAMPLERS", "get_time_sampler", "importance_weight", "broadcast_to",
+    "UniformLogSNR", "TIME_SAMPLERS", "get_time_sampler", "resolve_time_sampler", "importance_weight", "broadcast_to",
 ]

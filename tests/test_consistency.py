@@ -24,7 +24,7 @@ from diffdistill import analytic, schedules
 from diffdistill.losses import consistency as cm
 from diffdistill.solvers import ddim, grids, heun
 from diffdistill.train import state as state_lib, step as step_lib
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 M = np.array([0.5, -1.0, 2.0])
 V = np.array([0.25, 1.5, 0.04])

@@ -17,8 +17,10 @@ import pytest
 from diffdistill import analytic, schedules
 from diffdistill.losses import progressive
 from diffdistill.train import state as state_lib, step as step_lib
-from diffdistill.train.method import Method, Update
-from experiments.distill import common
+from diffdistill.method import Method, Update
+from diffdistill import methods
+from diffdistill.methods.plan import file_name
+from experiments.distill import setup as setup_lib
 from experiments.distill import config as config_lib
 from experiments.distill import main as main_lib
 
@@ -44,7 +46,7 @@ def test_tiny_variant_writes_results_and_samples(tmp_path, variant):
   assert students and all(np.isfinite(r["median"]) and not r["nan"] for r in rows)
   for r in students:  # every student NFE has the teacher's DDIM beside it
     assert any(t["method"] == "teacher ddim" and t["nfe"] == r["nfe"] for t in rows)
-    f = np.load(tmp_path / "samples" / f"{common.sample_file_name(r['method'])}_nfe{r['nfe']}.npz")
+    f = np.load(tmp_path / "samples" / f"{file_name(r['method'])}_nfe{r['nfe']}.npz")
     assert f["x_start"].shape == f["samples"].shape == (config.eval.num_samples, 2)
     assert int(f["nfe"]) == r["nfe"]
     assert {"alpha_start", "sigma_start", "alpha_end", "sigma_end"} <= set(f.files)
@@ -182,7 +184,7 @@ def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
                      workdir)
   config = config_lib.get_config("meanflow_ring2d,tiny")
   config.teacher.kind, config.teacher.path = "workdir", workdir
-  setup = common.make_setup(config)
+  setup = setup_lib.make_setup(config)
   own = teachers.load(kind="workdir", path=workdir)
   assert isinstance(setup.teacher.schedule, schedules.RectifiedFlow)
   assert setup.teacher.module is None and setup.t_start == 1.0
@@ -191,14 +193,46 @@ def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
                                      target=setup.teacher.schedule)(own.params, x, t)
   np.testing.assert_allclose(setup.teacher.apply(setup.teacher.params, x, t), want, rtol=1e-6)
   config.teacher.schedule = ""  # its own schedule: the teacher as trained
-  assert common.make_setup(config).teacher.module is not None
+  assert setup_lib.make_setup(config).teacher.module is not None
 
 
 def test_a_copy_of_zero_steps_and_reflow_on_digits_are_refused():
-  from experiments.distill.recipes import RECIPES  # noqa: PLC0415
   config = config_lib.get_config("cd_ring2d,tiny")
   config.copy.num_steps = 0  # an analytic teacher has no weights: the copy must be fitted
   with pytest.raises(ValueError, match=r"config.copy.num_steps=0: the teacher \(ring2d\)"):
-    RECIPES["cd"](config, common.make_setup(config))
+    methods.get("cd").build(config, setup_lib.make_setup(config))
   with pytest.raises(ValueError, match="reflow_digits is not a variant"):
     config_lib.get_config("reflow_digits")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("eval.solvers", ("dpm_solver_pp_2m", "dpm_solver_pp_9m"), r"eval.solvers has unknown solvers \['dpm_solver_pp_9m'\]"),
+    ("eval.always", ("nope",), r"eval.always has unknown solvers"),
+    ("pd.eval_steps", (3,), r"pd.eval_steps must be a non-empty subset of the rounds' step counts \[2, 1\]"),
+    ("pd.steps_per_round", -1, r"pd.steps_per_round must be a positive integer, got -1"),
+    ("batch_size", 0, r"config.batch_size must be an integer >= 1, got 0"),
+    ("eval.num_samples", 0, r"config.eval.num_samples must be an integer >= 2, got 0"),
+    ("eval.teacher_nfes", (10, 0), r"config.eval.teacher_nfes must be an integer >= 1, got 0"),
+    ("optim.name", "sgdd", r"optim"),
+])
+def test_a_bad_config_is_refused_before_any_file_is_written(tmp_path, key, value, match):
+  config = config_lib.get_config("pd_ring2d,tiny")
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=match):
+    main_lib.run(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_a_workdir_under_proc_and_a_workdir_of_another_run_are_refused(tmp_path):
+  config = config_lib.get_config("pd_ring2d,tiny")
+  with pytest.raises(ValueError, match="workdir='/proc/diffdistill_run' is not writable"):
+    main_lib.run(config, "/proc/diffdistill_run")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))  # a pd run's
+  other = config_lib.get_config("kd_ring2d,tiny")
+  with pytest.raises(ValueError, match=r"holds a run of pd_ring2d with another config .*'method'"):
+    main_lib.run(other, str(workdir))
+  assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]  # nothing overwritten

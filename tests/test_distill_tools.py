@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffdistill import nets, schedules
-from experiments.distill import common, curves, seeds, tables
+from experiments.distill import curves, seeds, tables
 
 
 def _result(median, w2, extra_row=True):
@@ -107,10 +107,10 @@ def test_curves_use_the_steps_every_run_logged(tmp_path):
 
 
 def test_gan_head_features_of_an_mlp_are_its_last_block():
-  mlp = common.Net(module=nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16),
+  mlp = nets.Net(module=nets.get_network("mlp", features=32, num_blocks=2, emb_dim=16),
                    kind="eps", schedule=schedules.VPLinear(), example_shape=(2,))
   mp = nets.init_params(mlp.module, jax.random.key(2), jnp.zeros((1, 2)))
-  mf, mdim = common.trunk_features(mlp)
+  mf, mdim = nets.trunk_features(mlp)
   assert mf(mp, jnp.ones((5, 2)), jnp.full((5,), 0.3)).shape == (5, 32) and mdim == 32
 
 
@@ -118,11 +118,11 @@ def test_gan_head_features_of_an_mlp_are_its_last_block():
 def test_gan_head_features_are_the_unet_bottleneck_averaged_over_space():
   module = nets.get_network("unet", model_channels=8, channel_mult=(1, 2), num_blocks=1,
                             attn_resolutions=(), dropout=0.0)
-  net = common.Net(module=module, kind="eps", schedule=schedules.VPLinear(), example_shape=(8, 8, 1))
+  net = nets.Net(module=module, kind="eps", schedule=schedules.VPLinear(), example_shape=(8, 8, 1))
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
   t = jnp.full((3,), 0.5)
   params = jax.jit(module.init)(jax.random.key(1), x, t)["params"]  # jit: eager U-Net ops are slow
-  features, dim = common.trunk_features(net)
+  features, dim = nets.trunk_features(net)
   features = jax.jit(features)
   f = features(params, x, t)
   assert f.shape == (3, dim) == (3, 16)  # the 4x4 level's 2 x 8 channels

@@ -245,10 +245,10 @@ def test_multi_step_generator_backward_simulation():
 
 
 def test_recipe_with_a_multi_step_generator_wires_and_samples():
-  from experiments.distill import common, config as config_lib, main  # noqa: PLC0415
+  from experiments.distill import config as config_lib, main, setup as setup_lib  # noqa: PLC0415
   config = config_lib.get_config("dmd2_ring2d,tiny")
   config.dm.generator_steps = 3
-  setup = common.make_setup(config)
+  setup = setup_lib.make_setup(config)
   plan = main.build_plan(config, setup)
   copy = plan.stages[0].players({})["student"].params
   results = {"copy": {"student": copy}}
@@ -261,15 +261,15 @@ def test_recipe_with_a_multi_step_generator_wires_and_samples():
   out = jax.jit(student.run)(student.params(results), x)
   assert out.shape == x.shape and bool(jnp.all(jnp.isfinite(out)))
   config.dm.generator_steps = 0
-  with pytest.raises(ValueError, match="generator_steps must be >= 1"):
+  with pytest.raises(ValueError, match="generator_steps must be an integer >= 1"):
     main.build_plan(config, setup)
 
 
 @pytest.mark.parametrize("name", ["sds", "vsd"])
 def test_particle_recipes_wire_and_their_samples_are_the_particles(name):
-  from experiments.distill import common, config as config_lib, main  # noqa: PLC0415
+  from experiments.distill import config as config_lib, main, setup as setup_lib  # noqa: PLC0415
   config = config_lib.get_config(f"{name}_ring2d,tiny")
-  setup = common.make_setup(config)
+  setup = setup_lib.make_setup(config)
   config.eval.copy_rows = True  # (tiny turns them off) no copy row at NFE 0: it has no sampler
   plan = main.build_plan(config, setup)
   assert [s.name for s in plan.stages] == (["dm"] if name == "sds" else ["copy", "dm"])

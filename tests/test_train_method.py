@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from diffdistill.train import state as state_lib, step as step_lib
-from diffdistill.train.method import Method, Update, check_source
+from diffdistill.method import Method, Update, check_source
 
 B = 8
 

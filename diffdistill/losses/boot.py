@@ -35,7 +35,7 @@ from diffdistill.losses import dsm
 from diffdistill.losses.progressive import pd_target
 from diffdistill.solvers import ddim, grids, heun
 from diffdistill.solvers.grid_points import grid_time
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]

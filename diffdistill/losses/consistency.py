@@ -64,7 +64,7 @@ from diffdistill import schedules as schedules_lib
 from diffdistill.losses import _common, distances
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]

@@ -75,7 +75,7 @@ from diffdistill.losses import dmd2 as dmd2_lib
 from diffdistill.losses import dsm as dsm_lib
 from diffdistill.solvers import heun
 from diffdistill.solvers.grid_points import grid_time
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
@@ -231,10 +231,10 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     x_tau, tau, _ = dm_noised(x, rng)
     return head(disc_params, features(feature_params, x_tau, tau))
 
-  sampler = dsm_lib._resolve_sampler(gan_time_sampler, "gan_time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(gan_time_sampler, "gan_time_sampler")
 
   def dm_noised(x, rng):
-    return dm_lib._noised(x, rng, schedule=schedule, sampler=sampler)  # noqa: SLF001
+    return dm_lib.noised(x, rng, schedule=schedule, sampler=sampler)
 
   def estimate(params, target_params, batch, rng):
     """x_est of a fresh CTM draw (the same (t, s) law as the loss; no teacher call)."""

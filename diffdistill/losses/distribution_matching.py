@@ -6,7 +6,7 @@ a "fake score" network fitted to the generator's own samples. With x_t = alpha x
 scores are s = (alpha D - x_t) / sigma^2, so s_f - s_d = alpha / sigma^2 (D_f - D_d): every
 method below is written with x0 predictions.
 
-Players (a `train.method.Method` each): "fake_score" (updated first, `fake_repeats` times per step:
+Players (a `diffdistill.method.Method` each): "fake_score" (updated first, `fake_repeats` times per step:
 DMD2's TTUR), "generator"; frozen input "teacher". The fake score learns by DSM on the
 generator's samples, which are a stop-gradient input there:
 
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import distances, dsm
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
@@ -149,7 +149,7 @@ def multi_step_generator(denoise: Apply, *, schedule: schedules_lib.Schedule,
 # ----------------------------------------------------------------------------------------------
 
 
-def _like(batch: Mapping[str, Array]) -> Array:
+def batch_like(batch: Mapping[str, Array]) -> Array:
   """The example shape of a batch: data samples 'x' or pairs' starts 'x_T'."""
   for key in ("x", "x_T"):
     if key in batch:
@@ -159,7 +159,7 @@ def _like(batch: Mapping[str, Array]) -> Array:
                    f"{sorted(batch)}.")
 
 
-def _noised(x: Array, rng: Array, *, schedule, sampler):
+def noised(x: Array, rng: Array, *, schedule, sampler):
   """x_t = alpha x + sigma eps at t ~ sampler; returns x_t, t [B], lambda [B]."""
   t_rng, e_rng = jax.random.split(rng)
   t = sampler.sample(t_rng, (x.shape[0],), schedule=schedule, dtype=x.dtype)
@@ -172,7 +172,7 @@ def _per_example(v: Array) -> Array:
   return v.reshape(v.shape[0], -1)
 
 
-def _mean_d(v: Array) -> Array:
+def mean_over_dims(v: Array) -> Array:
   return jnp.mean(_per_example(v), axis=1)  # [B]
 
 
@@ -180,12 +180,12 @@ def _bcast(w: Array, x: Array) -> Array:
   return w.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _pushed(x: Array, g: Array) -> Array:
+def pushed(x: Array, g: Array) -> Array:
   """[B] terms 0.5 mean_D (x - sg(x - g))^2: value 0.5 mean_D g^2, gradient g . dx/dtheta / D."""
-  return 0.5 * _mean_d(jnp.square(x - jax.lax.stop_gradient(x - g)))
+  return 0.5 * mean_over_dims(jnp.square(x - jax.lax.stop_gradient(x - g)))
 
 
-def _nonfinite(v: Array) -> Array:
+def nonfinite_count(v: Array) -> Array:
   return jnp.sum(~jnp.all(jnp.isfinite(_per_example(v)), axis=1))
 
 
@@ -206,15 +206,15 @@ def fake_score_loss(generator: Generator, fake: Apply, *, schedule: schedules_li
     (its 'x' or 'x_T'). aux: x0_mse (unweighted), nonfinite.
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, generator_params):
-    like = _like(batch)
+    like = batch_like(batch)
     z_rng, g_rng, n_rng = jax.random.split(rng, 3)
     x = jax.lax.stop_gradient(generator.train_sample(generator_params, generator.noise(z_rng, like),
                                                      g_rng))
-    x_t, t, lam = _noised(x, n_rng, schedule=schedule, sampler=sampler)
-    err = _mean_d(jnp.square(fake(params, x_t, t) - x))  # [B]
+    x_t, t, lam = noised(x, n_rng, schedule=schedule, sampler=sampler)
+    err = mean_over_dims(jnp.square(fake(params, x_t, t) - x))  # [B]
     terms = weight_fn(lam) * err
     return jnp.mean(terms), {"x0_mse": jnp.mean(err), "nonfinite": jnp.sum(~jnp.isfinite(terms))}
 
@@ -229,10 +229,10 @@ def _generator_terms(generator, teacher, fake, *, schedule, sampler, score_grad:
   """
 
   def terms(params, batch, rng, teacher_params, fake_params):
-    like = _like(batch)
+    like = batch_like(batch)
     z_rng, g_rng, n_rng = jax.random.split(rng, 3)
     x = generator.train_sample(params, generator.noise(z_rng, like), g_rng)
-    x_t, t, lam = _noised(x, n_rng, schedule=schedule, sampler=sampler)
+    x_t, t, lam = noised(x, n_rng, schedule=schedule, sampler=sampler)
     if not score_grad:
       x_t = jax.lax.stop_gradient(x_t)
     return x, teacher(teacher_params, x_t, t), fake(fake_params, x_t, t), lam
@@ -257,16 +257,16 @@ def diff_instruct_loss(generator: Generator, teacher: Apply, fake: Apply, *,
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
   terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=dsm._resolve_sampler(time_sampler, "time_sampler"),  # noqa: SLF001
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=False)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):
     x, d_real, d_fake, lam = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_fake - d_real
     g = jax.lax.stop_gradient(_bcast(weight_fn(lam), diff) * diff)
-    terms = _pushed(x, g)
-    return jnp.mean(terms), {"gap": jnp.mean(_mean_d(jnp.square(diff))),
-                             "nonfinite": _nonfinite(diff)}
+    terms = pushed(x, g)
+    return jnp.mean(terms), {"gap": jnp.mean(mean_over_dims(jnp.square(diff))),
+                             "nonfinite": nonfinite_count(diff)}
 
   return loss_fn
 
@@ -291,16 +291,16 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
     raise ValueError(f"regression_weight must be >= 0, got {regression_weight}.")
   dist = distances.get(distance, **distance_options)
   terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=dsm._resolve_sampler(time_sampler, "time_sampler"),  # noqa: SLF001
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=False)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):
     x, d_real, d_fake, _ = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_fake - d_real
-    norm = jax.lax.stop_gradient(_mean_d(jnp.abs(x - d_real))) + normalizer_eps  # [B]
+    norm = jax.lax.stop_gradient(mean_over_dims(jnp.abs(x - d_real))) + normalizer_eps  # [B]
     g = jax.lax.stop_gradient(diff / _bcast(norm, diff))
-    dm = jnp.mean(_pushed(x, g))
-    aux = {"dm": dm, "gap": jnp.mean(_mean_d(jnp.square(diff))), "nonfinite": _nonfinite(diff)}
+    dm = jnp.mean(pushed(x, g))
+    aux = {"dm": dm, "gap": jnp.mean(mean_over_dims(jnp.square(diff))), "nonfinite": nonfinite_count(diff)}
     loss = dm
     if regression_weight > 0:
       if "x_T" not in batch or "x" not in batch:
@@ -329,17 +329,17 @@ def sid_loss(generator: Generator, teacher: Apply, fake: Apply, *,
     loss_fn(params, batch, rng, *, teacher_params, fake_params) -> (loss, aux). aux: gap, nonfinite.
   """
   terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=dsm._resolve_sampler(time_sampler, "time_sampler"),  # noqa: SLF001
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=True)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):
     x, d_real, d_fake, _ = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_real - d_fake
-    w = 1.0 / (jax.lax.stop_gradient(_mean_d(jnp.abs(x - d_real))) + normalizer_eps)  # [B]
+    w = 1.0 / (jax.lax.stop_gradient(mean_over_dims(jnp.abs(x - d_real))) + normalizer_eps)  # [B]
     per = (1.0 - alpha) * jnp.square(diff) + diff * (d_fake - x)
-    terms = w * _mean_d(per)
-    return jnp.mean(terms), {"gap": jnp.mean(_mean_d(jnp.square(diff))),
-                             "nonfinite": _nonfinite(diff)}
+    terms = w * mean_over_dims(per)
+    return jnp.mean(terms), {"gap": jnp.mean(mean_over_dims(jnp.square(diff))),
+                             "nonfinite": nonfinite_count(diff)}
 
   return loss_fn
 
@@ -390,4 +390,5 @@ def sid(generator: Generator, teacher: Apply, fake: Apply, *, schedule, fake_rep
 
 __all__ = ["Generator", "one_step_generator", "multi_step_generator", "fake_score_loss",
            "diff_instruct_loss", "dmd_loss", "sid_loss", "two_player", "diff_instruct", "dmd",
-           "sid", "GENERATOR_INPUTS", "FAKE_INPUTS"]
+           "sid", "GENERATOR_INPUTS", "FAKE_INPUTS", "noised", "batch_like", "pushed",
+           "mean_over_dims", "nonfinite_count"]

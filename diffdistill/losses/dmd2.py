@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import dsm
 from diffdistill.losses import distribution_matching as dm
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Features = Callable[..., Array]  # features(fake_params, x_t, t) -> [B, F]
@@ -62,7 +61,7 @@ def discriminator_loss(generator: dm.Generator, features: Features, *,
     loss_fn(params, batch, rng, *, generator_params, fake_params) -> (loss, aux), batch = {'x':
     [B, ...] data samples}. aux: real_logit, fake_logit (means), accuracy, nonfinite.
   """
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, generator_params, fake_params):
     if "x" not in batch:
@@ -73,7 +72,7 @@ def discriminator_loss(generator: dm.Generator, features: Features, *,
         generator_params, generator.noise(z_rng, real), g_rng))
     logits = []
     for x, key in ((real, r_rng), (fake, f_rng)):
-      x_t, t, _ = dm._noised(x, key, schedule=schedule, sampler=sampler)  # noqa: SLF001
+      x_t, t, _ = dm.noised(x, key, schedule=schedule, sampler=sampler)
       logits.append(head(params, features(fake_params, x_t, t)))
     l_real, l_fake = logits
     terms = jax.nn.softplus(-l_real) + jax.nn.softplus(l_fake)  # [B]
@@ -103,14 +102,14 @@ def generator_loss(generator: dm.Generator, teacher: Callable, fake: Callable, *
                      **dmd_options)
   if gan_weight == 0:
     return base
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params, discriminator_params):
     loss, aux = base(params, batch, rng, teacher_params=teacher_params, fake_params=fake_params)
-    like = dm._like(batch)  # noqa: SLF001
+    like = dm.batch_like(batch)
     z_rng, g_rng, n_rng = jax.random.split(jax.random.fold_in(rng, 11), 3)
     x = generator.train_sample(params, generator.noise(z_rng, like), g_rng)
-    x_t, t, _ = dm._noised(x, n_rng, schedule=schedule, sampler=sampler)  # noqa: SLF001
+    x_t, t, _ = dm.noised(x, n_rng, schedule=schedule, sampler=sampler)
     gan = jnp.mean(jax.nn.softplus(-head(discriminator_params, features(fake_params, x_t, t))))
     aux = {**aux, "gan": gan}
     return loss + gan_weight * gan, aux

@@ -121,15 +121,6 @@ def output_to_x0_scale(t: Array, *, kind: str, schedule: schedules_lib.Schedule,
                                sigma_data=sigma_data)[:, 0]
 
 
-def _resolve_sampler(sampler, argname):
-  if isinstance(sampler, schedules_lib.TimeSampler):
-    return sampler
-  if isinstance(sampler, str):
-    return schedules_lib.get_time_sampler(sampler)
-  raise ValueError(f"{argname} must be a schedules.TimeSampler or one of "
-                   f"{sorted(schedules_lib.TIME_SAMPLERS)}, got {sampler!r}.")
-
-
 def _binned_mean(values: Array, lam: Array, edges: Array, valid: Array) -> tuple[Array, Array]:
   """Per-bin mean of values [B] over logSNR bins (0 where empty) and the bin counts, each [K],
   over the examples where `valid` [B] holds."""
@@ -187,8 +178,8 @@ def dsm_loss(apply: Callable[..., Array], *, schedule: schedules_lib.Schedule, k
   schedule = schedules_lib.resolve(schedule)
   sd = parametrization.resolve_sigma_data(schedule, sigma_data)
   weight_fn = x0_weighting(weighting, gamma=min_snr_gamma, sigma_data=sd)
-  sampler = _resolve_sampler(time_sampler, "time_sampler")
-  target = None if importance_target is None else _resolve_sampler(importance_target,
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
+  target = None if importance_target is None else schedules_lib.resolve_time_sampler(importance_target,
                                                                    "importance_target")
   if not 0.0 <= cond_drop_prob <= 1.0:
     raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}.")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from diffdistill import schedules as schedules_lib
 from diffdistill import solvers
 from diffdistill.losses import _common, distances, dsm
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
@@ -97,7 +97,7 @@ def copy_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedul
     x0_mse (unweighted mean squared gap to the teacher's denoiser), nonfinite.
   """
   weight_fn = dsm.x0_weighting(weighting)
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, teacher_params):
     x0 = _common.data(batch)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import _common
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]

@@ -39,7 +39,7 @@ from diffdistill import schedules as schedules_lib
 from diffdistill.losses import _common, dsm
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
@@ -135,7 +135,7 @@ def guided_copy_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.
   """
   weight_fn = dsm.x0_weighting(weighting)
   guidance = _check_guidance(guidance)
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, teacher_params):
     x0 = _common.data(batch)

@@ -35,8 +35,7 @@ import jax.numpy as jnp
 
 from diffdistill import parametrization
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import dsm
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 
@@ -61,7 +60,7 @@ def reflow_loss(apply: Callable[..., Array], *, kind: str = "flow",
   if not isinstance(schedule, schedules_lib.RectifiedFlow):
     raise ValueError(f"reflow_loss needs a RectifiedFlow schedule (straight lines), got {schedule}.")
   parametrization.check_kind(kind)
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch: Mapping[str, Array], rng: Array):
     if "x_T" not in batch or "x" not in batch:

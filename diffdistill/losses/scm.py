@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]
@@ -199,7 +199,6 @@ def consistency_function(flow_apply: Apply) -> Apply:
   return f
 
 
-T_MID_SCM = 1.1  # sCM's 2-step intermediate TrigFlow time (Lu & Song 2025, Sec. 6)
 
 __all__ = ["logvar_init", "logvar_apply", "teacher_velocity", "total_derivative", "scm_loss", "scm",
-           "consistency_function", "T_MID_SCM"]
+           "consistency_function"]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import distribution_matching as dm
 from diffdistill.losses import dsm
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 
@@ -53,17 +53,17 @@ def sds_loss(teacher: Callable, *, schedule: schedules_lib.Schedule, weighting: 
   teacher: the (guided: `parametrization.guided`) denoiser. aux: gap, nonfinite.
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
-  sampler = dsm._resolve_sampler(time_sampler, "time_sampler")  # noqa: SLF001
+  sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, teacher_params):
     del batch
     x = params
-    x_t, t, lam = dm._noised(jax.lax.stop_gradient(x), rng, schedule=schedule, sampler=sampler)  # noqa: SLF001
+    x_t, t, lam = dm.noised(jax.lax.stop_gradient(x), rng, schedule=schedule, sampler=sampler)
     diff = x - teacher(teacher_params, x_t, t)
-    g = jax.lax.stop_gradient(dm._bcast(weight_fn(lam), diff) * diff)  # noqa: SLF001
-    terms = dm._pushed(x, g)  # noqa: SLF001
-    return jnp.mean(terms), {"gap": jnp.mean(dm._mean_d(jnp.square(diff))),  # noqa: SLF001
-                             "nonfinite": dm._nonfinite(diff)}  # noqa: SLF001
+    g = jax.lax.stop_gradient(schedules_lib.broadcast_to(weight_fn(lam), diff) * diff)
+    terms = dm.pushed(x, g)
+    return jnp.mean(terms), {"gap": jnp.mean(dm.mean_over_dims(jnp.square(diff))),
+                             "nonfinite": dm.nonfinite_count(diff)}
 
   return loss_fn
 

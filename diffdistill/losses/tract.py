@@ -33,7 +33,7 @@ from diffdistill.losses import _common, dsm
 from diffdistill.losses.progressive import pd_target
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 Array = jax.Array
 Apply = Callable[..., Array]

@@ -17,6 +17,9 @@ built with `extra_cond=("r",)` takes the named extra scalar inputs as keywords, 
     params = nets.init_params(module, rng, x_example)
     apply = nets.make_apply(module)
     denoise = parametrization.as_denoiser(apply, kind="eps", schedule=schedule)
+
+or, as one object carrying the module, its output kind and its denoiser view, `nets.Net(module,
+kind="eps", schedule=schedule, example_shape=(d,))` (`net.apply`, `net.denoise`, `net.init`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
                                          time_embedding)
 from diffdistill.nets.mlp import ScoreMLP
+from diffdistill.nets.student import Net, trunk_features
 from diffdistill.nets.unet import PRESETS as UNET_PRESETS
 from diffdistill.nets.unet import UNet
 
@@ -133,6 +137,6 @@ def num_params(params: Any) -> int:
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-__all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
+__all__ = ["NETWORKS", "get_network", "Net", "trunk_features", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
            "UNET_PRESETS",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]

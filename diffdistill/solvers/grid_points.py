@@ -59,7 +59,7 @@ def grid_time(schedule: schedules_lib.Schedule, i, n, *, spacing: str = "logsnr"
   elif spacing == "time_quadratic":
     t = (math.sqrt(t_start) + u * (math.sqrt(t_end) - math.sqrt(t_start))) ** 2
   else:
-    lam_s, lam_e = grids._lam_range(schedule, t_start, t_end)  # noqa: SLF001 (the same capping)
+    lam_s, lam_e = grids.lam_range(schedule, t_start, t_end)  # (the same capping)
     if spacing == "logsnr":
       lam = lam_s + u * (lam_e - lam_s)
     else:

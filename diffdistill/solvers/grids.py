@@ -114,7 +114,7 @@ def resolve_range(schedule: schedules_lib.Schedule, t_start, t_end) -> tuple[flo
   return t_start, t_end
 
 
-def _lam_range(schedule, t_start, t_end):
+def lam_range(schedule, t_start, t_end):
   lam_s, lam_e = host_grid(schedule, np.array([t_start, t_end])).lam.tolist()
   if math.isinf(lam_s):
     lam_s = min(-math.log(SIGMA_HAT_CAP[1]), lam_e - 1.0)
@@ -153,12 +153,12 @@ def time_grid(schedule: schedules_lib.Schedule, num_steps: int, *, spacing="logs
   elif spacing == "time_quadratic":
     t = (math.sqrt(t_start) + u * (math.sqrt(t_end) - math.sqrt(t_start))) ** 2
   elif spacing == "logsnr":
-    lam_s, lam_e = _lam_range(schedule, t_start, t_end)
+    lam_s, lam_e = lam_range(schedule, t_start, t_end)
     t = t_from_lam(schedule, lam_s + u * (lam_e - lam_s))
   else:
     if rho <= 0:
       raise ValueError(f"rho must be > 0 for karras spacing, got {rho}.")
-    lam_s, lam_e = _lam_range(schedule, t_start, t_end)
+    lam_s, lam_e = lam_range(schedule, t_start, t_end)
     s_max, s_min = math.exp(-lam_s), math.exp(-lam_e)
     sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     t = t_from_lam(schedule, -np.log(sig))
@@ -202,4 +202,4 @@ def theta_substeps(schedule, t_s: float, t_t: float, n: int) -> np.ndarray:
 
 
 __all__ = ["SPACINGS", "SIGMA_HAT_CAP", "HostGrid", "host_grid", "time_grid", "check_user_grid",
-           "resolve_range", "t_from_lam", "theta_substeps"]
+           "resolve_range", "t_from_lam", "theta_substeps", "lam_range"]

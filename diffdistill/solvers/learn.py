@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

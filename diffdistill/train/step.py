@@ -1,6 +1,6 @@
 """The data-parallel train step of any method: `step(state, batch, frozen) -> (state, metrics)`.
 
-A method (`train.method.Method`) is a sequence of updates, each differentiating one player's
+A method (`diffdistill.method.Method`) is a sequence of updates, each differentiating one player's
 loss `loss_fn(params, batch, rng, **inputs)`; single-network training (DSM) is one update of one
 player (`make_train_step`). Data parallelism is `jax.jit` over a one-axis device mesh: the batch
 is sharded on the `data` axis, the state and `frozen` are replicated (or `frozen` gets its own
@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffdistill.train.method import Method, Update, resolve
+from diffdistill.method import Method, Update, resolve
 from diffdistill.train.state import TrainState
 
 Array = jax.Array
@@ -127,7 +127,7 @@ def make_step(method: Method, *, mesh: Mesh, accumulation_steps: int = 1,
   """The jitted `step(state, batch, frozen=None) -> (state, metrics)` of a method.
 
   Args:
-    method: the updates, their order, repeats and input sources (`train.method`).
+    method: the updates, their order, repeats and input sources (`diffdistill.method`).
     mesh: the device mesh; its only axis must be named `data`.
     accumulation_steps: k micro-batches per update, scanned in sequence (activation memory of
       B / k examples), their gradients, losses and aux averaged; one optimizer update.

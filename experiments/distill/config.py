@@ -3,13 +3,12 @@
 COMMAND (from the repository root):
   python -m experiments.distill.main --config=experiments/distill/config.py:pd_gmm64 --workdir=runs/pd_gmm64
 
-Methods: pd (progressive distillation), gpd (guided PD on a class-conditional split of the
-mixture, recipes/guided.py), kd (knowledge distillation), reflow (rectified flow),
-tract (transitive-closure time distillation), boot (data-free bootstrapping); consistency models
-and flow maps (recipes/consistency.py): cd, ct, ict, ect, scd (on a TrigFlow teacher), meanflow
-and shortcut (on a rectified-flow teacher); diff_instruct, dmd, dmd2, sid (distribution
-matching into a one-step generator; section `dm`); ctm (consistency trajectory models,
-ring2d and gmm64 only).
+Methods: every module of `diffdistill.methods` (`methods.names()`): pd, gpd, kd, reflow, tract,
+boot; cd, ct, ict, ect, scd, meanflow, shortcut, ctm; diff_instruct, dmd, dmd2, sid, sds, vsd.
+A method module declares its config sections with their defaults (CONFIG), what it requires of
+the rest of the config (SETTINGS: e.g. meanflow's rectified-flow teacher), its per-testbed
+overrides (TESTBEDS) and its smoke-test size (TINY); this file holds only what every method
+shares (teacher, student network, optimizer, the teacher copy, pairs, evaluation).
 Testbeds:
   ring2d  the exact 8-mode ring teacher (analytic.ring2d) under VP-linear, MLP students.
   gmm64   the exact 16-component 64-D mixture (analytic.mixture64) under VP-linear, MLP students;
@@ -24,9 +23,9 @@ quickstart's budget (`config.py:pd_ring2d,quick`).
 
 import ml_collections
 
-DM_METHODS = ("diff_instruct", "dmd", "dmd2", "sid", "sds", "vsd")
-CM_METHODS = ("cd", "ct", "ict", "ect", "scd", "meanflow", "shortcut", "ctm")
-METHODS = ("pd", "gpd", "kd", "reflow", "tract", "boot") + CM_METHODS + DM_METHODS
+from diffdistill import methods
+from diffdistill.methods import _common
+
 TESTBEDS = ("ring2d", "gmm64", "digits")
 
 
@@ -67,27 +66,7 @@ def _base() -> ml_collections.ConfigDict:
   c.copy = ml_collections.ConfigDict(dict(num_steps=3000, weighting="truncated_snr",
                                           time_sampler="logsnr_uniform", dir="",
                                           learning_rate=0.0))
-  c.pd = ml_collections.ConfigDict(dict(teacher_steps=64, steps_per_round=1500, spacing="logsnr",
-                                        weighting="truncated_snr", eval_steps=(8, 4, 2, 1)))
-  # guided PD (Meng et al. 2023) on the testbed's mixture split into classes (recipes/guided.py):
-  # component k is in class k mod num_classes unless `classes` lists each component's class;
-  # w in [w_min, w_max] (w = 1: the conditional teacher; Meng et al.'s w in [0, 4] is ours - 1)
-  c.gpd = ml_collections.ConfigDict(dict(num_classes=4, classes=(), w_min=1.0, w_max=5.0,
-                                         stage1_steps=3000, teacher_steps=32,
-                                         steps_per_round=1000, spacing="logsnr",
-                                         weighting="truncated_snr", time_sampler="logsnr_uniform",
-                                         eval_steps=(8, 4, 2, 1), eval_w=(1.0, 3.0)))
-  c.kd = ml_collections.ConfigDict(dict(nfes=(1, 2, 4), num_steps=2000, spacing="logsnr",
-                                        distance="l2"))
-  c.reflow = ml_collections.ConfigDict(dict(num_steps=3000, nfes=(1, 2, 4), s_min=1e-5,
-                                            pair_steps=64, kd_steps=2000, distance="l2",
-                                            straightness_steps=128))
-  c.tract = ml_collections.ConfigDict(dict(teacher_steps=64, segments=(8, 1), steps_per_phase=3000,
-                                           spacing="logsnr", weighting="truncated_snr",
-                                           self_teacher_decay=0.99))
-  c.boot = ml_collections.ConfigDict(dict(num_steps=6000, grid_steps=32, spacing="logsnr",
-                                          step="heun", weighting="uniform"))
-  _consistency_sections(c)
+  # offline teacher pairs (kd, reflow, dmd's regression)
   c.pairs = ml_collections.ConfigDict(dict(num_pairs=32768, chunk_size=4096, solver="adaptive",
                                            nfe=0, tol=1e-5))
 
@@ -101,33 +80,6 @@ def _base() -> ml_collections.ConfigDict:
       always=("dpm_solver_pp_2m",),
       teacher_nfes=()))  # more NFEs with teacher rows only (distribution matching: 10, 20, 50)
   return c
-
-
-def _consistency_sections(c):
-  """Consistency models and flow maps (recipes/consistency.py)."""
-  c.consistency = ml_collections.ConfigDict(dict(nfes=(1, 2), spacing="karras", mid_sigma=0.8))
-  c.cd = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
-                                        distance="l2"))
-  c.ct = ml_collections.ConfigDict(dict(num_steps=6000, s0=2, s1=150, mu0=0.9, distance="l2"))
-  c.ict = ml_collections.ConfigDict(dict(num_steps=6000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0))
-  c.ect = ml_collections.ConfigDict(dict(num_steps=4000, stage_steps=1000, p_mean=-1.1,
-                                         p_std=2.0, distance="l2"))
-  c.scd = ml_collections.ConfigDict(dict(num_steps=4000, p_mean=-1.0, p_std=1.4,
-                                         tangent_normalization=0.1, warmup_steps=1000,
-                                         logvar_features=16, t_mid=1.1))
-  c.meanflow = ml_collections.ConfigDict(dict(num_steps=5000, p_mean=-0.4, p_std=1.0,
-                                              ratio_r_neq_t=0.25, adaptive_p=1.0,
-                                              teacher_velocity=True, t_mid=0.5))
-  # shortcut models: the paper's M = 128 base steps, 1/4 of the batch on self-consistency targets
-  # from an EMA (0.999) copy; the flow-matching part regresses on the teacher's velocity
-  c.shortcut = ml_collections.ConfigDict(dict(num_steps=5000, bootstrap_fraction=0.25,
-                                              num_base_steps=128, ema=0.999,
-                                              teacher_velocity=True))
-  # CTM (Kim et al. 2024): max_solver_steps 0 = up to s; gamma of the sampler (0: deterministic)
-  # gan_weight > 0 adds the GAN term (a linear head on the frozen copy's trunk), from gan_start
-  c.ctm = ml_collections.ConfigDict(dict(num_steps=4000, num_intervals=32, solver="heun", mu=0.95,
-                                         distance="l2", dsm_weight=1.0, max_solver_steps=0,
-                                         gamma=0.0, gan_weight=0.0, gan_start=0))
 
 
 def _testbed(c, testbed):
@@ -146,9 +98,6 @@ def _testbed(c, testbed):
     c.student.kwargs = ml_collections.ConfigDict()
     c.batch_size = 64
     c.copy.num_steps = 0
-    c.pd.teacher_steps = 16
-    c.pd.steps_per_round = 500
-    c.pd.eval_steps = (8, 4)
     c.eval.num_samples = 256
     c.eval.ref_tol = 1e-3  # the U-Net's own adaptive solve (float32): tighter costs many minutes
     c.pairs.num_pairs = 4096
@@ -158,79 +107,28 @@ def _testbed(c, testbed):
     # at x0 MSE 3.1e-3 and limited every student (README); 2e-3 halves it
     c.copy.learning_rate = 2e-3
     c.copy.num_steps = 4000
-    c.pd.teacher_steps = 16
-    c.tract.teacher_steps = 16
-    c.tract.segments = (4, 1)
-    c.tract.steps_per_phase = 1500
-    c.boot.num_steps = 4000
   else:
     raise ValueError(f"Unknown testbed {testbed!r}; expected one of {TESTBEDS}.")
 
 
-def _method(c, method):
-  c.method = method
-  if method == "reflow":
-    if c.testbed == "digits":  # no budget for it: 4096 adaptive U-Net pairs alone take hours
-      raise ValueError("reflow_digits is not a variant: reflow's adaptive pairs of the U-Net "
-                       "teacher take hours on CPU; reflow runs on ring2d and gmm64.")
-    c.teacher.schedule = "rectified_flow"
-    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
-    c.student.kind = "flow"
-    c.copy.time_sampler = "uniform"  # logSNR is -inf at the pure-noise end
-  elif method == "scd":
-    c.teacher.schedule = "trigflow"
-    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(sigma_data=0.5))
-    c.student.kind = "flow"
-    # the tangent differentiates the net in t: the default positional scale 1000 makes du/dt
-    # (and ||g||) ~1e3 (Lu & Song 2025, Sec. 4.1: keep the time embedding's frequencies low)
-    c.student.kwargs.embedding_scale = 10.0
-  elif method in ("meanflow", "shortcut"):
-    c.teacher.schedule = "rectified_flow"
-    c.teacher.schedule_kwargs = ml_collections.ConfigDict(dict(t_min=1e-3, t_max=1.0))
-    c.student.kind = "flow"
-    c.copy.time_sampler = "uniform"  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
+def _method(c, name):
+  """The method module's sections, requirements and testbed overrides (diffdistill.methods)."""
+  module = methods.get(name)
+  c.method = name
+  refused = module.TESTBEDS.get(c.testbed)
+  if isinstance(refused, str):
+    raise ValueError(refused)
+  for section, defaults in module.CONFIG.items():
+    c[section] = ml_collections.ConfigDict(dict(defaults))
+  _common.apply_overrides(c, module.SETTINGS)
+  _common.apply_overrides(c, refused or {})
   if c.testbed == "digits" and c.teacher.schedule:  # rescheduled teacher: no weights to start from
     c.copy.num_steps = 1500
     c.copy.learning_rate = 1e-3
-  if c.testbed == "digits" and method in CM_METHODS:
-    # the U-Net costs ~0.3-1 s per step on 2 cores: short runs, and 1- and 2-call teacher rows
-    # from three solvers, timed once (each solver's jit is most of an image row's cost)
-    for name in CM_METHODS:
-      c[name].num_steps = 800
-    c.ect.stage_steps = 200
-    c.eval.solvers = ("dpm_solver_pp_2m", "unipc_2", "heun")
-    c.eval.repeats = 1
-  if method == "gpd":
-    c.student.kwargs.num_classes = c.gpd.num_classes
-  if method in DM_METHODS:
-    _dm(c, method)
-  elif method not in METHODS:
-    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+  return module
 
 
-def _dm(c, method):
-  """Distribution matching: generator and fake score both start from the teacher copy."""
-  c.dm = ml_collections.ConfigDict(dict(
-      num_steps=2000, fake_repeats=5 if method == "dmd2" else 1, generator_lr=1e-4,
-      fake_lr=2e-4, weighting="uniform", fake_weighting="uniform", time_sampler="uniform",
-      regression_weight=0.25 if method == "dmd" else 0.0, sid_alpha=1.2,
-      gan_weight=0.01 if method == "dmd2" else 0.0, schedule="constant",
-      init_from_copy=True, sigma_init=2.5,
-      generator_steps=1,  # > 1: a k-step generator (DMD2's backward simulation)
-      particle_lr=3e-2))  # SDS / VSD: the particles' Adam step (cosine decay)
-  if method == "dmd":  # the regression's pairs: 8192, by a 16-call DPM-Solver++(3M) (~1e-3 off)
-    c.pairs.num_pairs = 8192
-    c.pairs.solver, c.pairs.nfe = "dpm_solver_pp_3m", 16
-  if method == "dmd2":  # k = 5 fake-score updates per step: fewer steps in the same time
-    c.dm.num_steps = 1000
-  c.eval.teacher_nfes = (10, 20, 50)  # what a one-step generator is up against
-  if c.testbed == "digits":  # the U-Net teacher is the start; ~1 s per game step on 2 cores
-    c.dm.num_steps = 200 if method == "dmd2" else 600
-    c.eval.teacher_nfes = (10,)
-    c.eval.solvers = ("dpm_solver_pp_2m", "heun")
-
-
-def _tiny(c):
+def _tiny(c, module):
   c.batch_size = 64
   c.log_every = 10
   c.checkpoint_every = 20
@@ -238,38 +136,10 @@ def _tiny(c):
   if c.student.network == "mlp":  # (the digits U-Net keeps its preset)
     c.student.kwargs.update(dict(features=32, num_blocks=1, emb_dim=32))  # keeps a method's extras
   c.copy.num_steps = 40
-  c.pd.teacher_steps = 4
-  c.pd.steps_per_round = 20
-  c.pd.eval_steps = (2, 1)
-  c.kd.nfes = (1,)
-  c.kd.num_steps = 20
-  c.reflow.num_steps = 20
-  c.reflow.kd_steps = 20
-  c.reflow.nfes = (1,)
-  c.reflow.pair_steps = 4
-  c.reflow.straightness_steps = 8
-  c.gpd.stage1_steps = 20
-  c.gpd.teacher_steps = 4
-  c.gpd.steps_per_round = 20
-  c.gpd.eval_steps = (2, 1)
-  c.gpd.eval_w = (3.0,)
-  c.tract.teacher_steps = 4
-  c.tract.segments = (2, 1)
-  c.tract.steps_per_phase = 20
-  c.boot.num_steps = 20
-  c.boot.grid_steps = 4
   c.pairs.num_pairs = 128
   c.pairs.chunk_size = 64
   c.pairs.solver = "dpm_solver_pp_2m"
   c.pairs.nfe = 4
-  for name in ("cd", "ct", "ict", "ect", "scd", "meanflow"):
-    c[name].num_steps = 20
-  c.cd.num_intervals = 4
-  c.ect.stage_steps = 5
-  c.scd.warmup_steps = 5
-  c.shortcut.num_steps = 20
-  c.ctm.num_steps = 20
-  c.ctm.num_intervals = 4
   c.eval.num_samples = 128
   c.eval.repeats = 1
   c.eval.ref_tol = max(c.eval.ref_tol, 1e-6)  # looser, never tighter (digits: 1e-3)
@@ -277,21 +147,16 @@ def _tiny(c):
   c.eval.always = ()
   c.eval.copy_rows = False
   c.optim.warmup_steps = 0
-  if "dm" in c:
-    c.dm.num_steps = 20
-    c.eval.teacher_nfes = c.eval.teacher_nfes[:1]
+  _common.apply_overrides(c, module.TINY)
 
 
-def _quick(c):
+def _quick(c, module):
   """The quickstart's budget (about 2 minutes on 2 CPU cores for pd_ring2d)."""
   c.batch_size = 256
   c.progress = False
   c.copy.num_steps = 1500
-  c.pd.teacher_steps = 32
-  c.pd.steps_per_round = 600
-  c.pd.eval_steps = (4, 2, 1)
-  c.kd.num_steps = 1000
   c.eval.num_samples = 1024
+  _common.apply_overrides(c, getattr(module, "QUICK", {}))
 
 
 def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
@@ -299,14 +164,14 @@ def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
   method, _, testbed = variant.rpartition("_")
   if not method:
     raise ValueError(f"config variant must be <method>_<testbed>[,tiny], e.g. pd_gmm64; got {arg!r}. "
-                     f"Methods: {METHODS}; testbeds: {TESTBEDS}.")
+                     f"Methods: {methods.names()}; testbeds: {TESTBEDS}.")
   c = _base()
   _testbed(c, testbed)
-  _method(c, method)
+  module = _method(c, method)
   if option == "tiny":
-    _tiny(c)
+    _tiny(c, module)
   elif option == "quick":
-    _quick(c)
+    _quick(c, module)
   elif option:
     raise ValueError(f"Unknown config option {option!r}; expected 'tiny' or 'quick'.")
   return c

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdistill import analytic, metrics
-from experiments.distill import common, seeds
+from diffdistill.methods.plan import file_name
+from experiments.distill import seeds
 
 # (row label, sweep folder under --runs) per family
 DM_VARIANTS = (("Diff-Instruct", "diff_instruct"), ("DMD (+ regression 0.25)", "dmd"),
@@ -54,7 +55,7 @@ def lightest_mode_share(folder: str, mix: analytic.GaussianMixture, student: str
   samples of `student` at `nfe` (None: every student file but the network copy's)."""
   w = np.asarray(mix.weights)
   j = int(np.argmin(w))
-  name = common.sample_file_name(student) if student else "*"
+  name = file_name(student) if student else "*"
   shares = []
   for run in sorted(glob.glob(os.path.join(folder, "seed*"))):
     if not os.path.exists(os.path.join(run, "results.json")):

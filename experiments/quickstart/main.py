@@ -161,9 +161,9 @@ def distilled_methods(config, setup: Setup) -> list[Method]:
   """Trains the students of experiments/distill's `config.distill` variant on this teacher."""
   if not config.distill:
     return []
-  from experiments.distill import common as distill_common  # noqa: PLC0415
   from experiments.distill import config as distill_config  # noqa: PLC0415
   from experiments.distill import main as distill_main  # noqa: PLC0415
+  from experiments.distill import setup as distill_setup, stages as distill_stages  # noqa: PLC0415
   dconfig = distill_config.get_config(config.distill)
   dconfig.progress = False
   dconfig.eval.copy_rows = False
@@ -171,9 +171,9 @@ def distilled_methods(config, setup: Setup) -> list[Method]:
     raise ValueError(f"config.distill={config.distill!r} distils {dconfig.teacher.name} under "
                      f"{dconfig.teacher.schedule}, but the quickstart's teacher is "
                      f"{config.teacher} under {config.schedule}.")
-  dsetup = distill_common.make_setup(dconfig)
+  dsetup = distill_setup.make_setup(dconfig)
   plan = distill_main.build_plan(dconfig, dsetup)
-  results, _ = distill_common.run_stages(plan, dsetup, os.path.join(config.workdir, "distill"),
+  results, _ = distill_stages.run_stages(plan, dsetup, os.path.join(config.workdir, "distill"),
                                          progress=False)
   out = []
   for student in plan.students:

@@ -1,5 +1,9 @@
 """Guided progressive distillation (Meng et al. 2023) on a class-conditional analytic mixture.
 
+The config section's classes: component k is in class k mod num_classes unless `classes` lists
+each component's class; w in [w_min, w_max] (w = 1: the conditional teacher; Meng et al.'s w in
+[0, 4] is ours - 1).
+
 The teacher is exact: the testbed's mixture split into classes, each class a subset of its
 components (`config.gpd.classes[k]` is the class of component k), with classifier-free guidance
 D_w = D(x) + w (D(x | c) - D(x)) (`analytic.GuidedDenoiser`; w = 1 is the conditional teacher).
@@ -29,8 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdistill import analytic, metrics, solvers
+from diffdistill.data import MixtureBatches
 from diffdistill.losses import progressive
-from experiments.distill import common
+from diffdistill.methods import _common, pd, plan as plan_lib
+
+CONFIG = {"gpd": dict(num_classes=4, classes=(), w_min=1.0, w_max=5.0, stage1_steps=3000,
+                      teacher_steps=32, steps_per_round=1000, spacing="logsnr",
+                      weighting="truncated_snr", time_sampler="logsnr_uniform",
+                      eval_steps=(8, 4, 2, 1), eval_w=(1.0, 3.0))}
+SETTINGS = {"student.kwargs.num_classes": 4}  # = gpd.num_classes (checked in build)
+TESTBEDS = {"digits": "gpd needs an analytic (mixture) teacher: its classes are component subsets."}
+TINY = {"gpd.stage1_steps": 20, "gpd.teacher_steps": 4, "gpd.steps_per_round": 20,
+        "gpd.eval_steps": (2, 1), "gpd.eval_w": (3.0,)}
+EXTRA_COND = ("w",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +70,15 @@ def _classes(config, mix):
   return classes
 
 
-def build_gpd(config, setup) -> common.Plan:
+def sampler(net, *, t_start: float, t_end: float, spacing: str = "logsnr"):
+  """DDIM with exactly nfe steps on the student D_s(x, t, label, w): cond label [B], w [B]."""
+  return _common.ddim_sampler(net, t_start=t_start, t_end=t_end, spacing=spacing)
+
+
+def build(config, setup) -> plan_lib.Plan:
   """Stage 1 (w-conditioned copy of the guided exact teacher), then PD rounds of that student."""
   c = config.gpd
+  _common.check_positive(c, "gpd", ("stage1_steps", "steps_per_round"))
   teacher = setup.teacher
   if teacher.mixture is None:
     raise ValueError("gpd needs an analytic (mixture) teacher: its classes are component subsets.")
@@ -68,17 +89,17 @@ def build_gpd(config, setup) -> common.Plan:
                      f"{num_classes} (from gpd.classes).")
   mixtures = analytic.class_mixtures(teacher.mixture, classes)
   guided = analytic.GuidedDenoiser(teacher.schedule)
-  net = common.make_net(config, teacher.schedule, teacher.example_shape, extra_cond=("w",))
+  net = _common.make_net(config, teacher.schedule, teacher.example_shape, extra_cond=("w",))
   guidance = (float(c.w_min), float(c.w_max))
-  data = lambda seed: common.MixtureBatches(teacher.mixture, config.batch_size, seed,  # noqa: E731
+  data = lambda seed: MixtureBatches(teacher.mixture, config.batch_size, seed,  # noqa: E731
                                             classes=classes)
 
-  stages = [common.Stage(
+  stages = [plan_lib.Stage(
       name="guided", method=progressive.guided_distillation_stage1(
           net.denoise, guided, schedule=net.schedule, null_label=num_classes, guidance=guidance,
           weighting=c.weighting, time_sampler=c.time_sampler),
       num_steps=c.stage1_steps,
-      players=lambda r: {"student": common.make_player(
+      players=lambda r: {"student": plan_lib.make_player(
           config.optim, net.init(jax.random.key(config.seed)), num_steps=c.stage1_steps,
           ema={"eval": config.eval_ema})},
       frozen=lambda r: {"teacher": mixtures},
@@ -86,25 +107,30 @@ def build_gpd(config, setup) -> common.Plan:
   method = progressive.progressive_distillation(
       net.denoise, net.denoise, schedule=net.schedule, spacing=c.spacing, weighting=c.weighting,
       t_start=setup.t_start, t_end=setup.t_end, guidance=guidance)
-  if c.teacher_steps < 2 or c.teacher_steps & (c.teacher_steps - 1):
-    raise ValueError(f"gpd.teacher_steps must be a power of two >= 2, got {c.teacher_steps}.")
-  students, previous, n, index = [], "guided", c.teacher_steps // 2, 0
-  while n >= 1:
+  steps = pd.rounds(c.teacher_steps, "gpd")
+  bad = sorted(set(c.eval_steps) - set(steps))
+  if bad or not c.eval_steps:
+    raise ValueError(f"gpd.eval_steps must be a non-empty subset of the rounds' step counts "
+                     f"{steps} (gpd.teacher_steps={c.teacher_steps}), got {tuple(c.eval_steps)}.")
+  sample = sampler(net, t_start=setup.t_start, t_end=setup.t_end, spacing=c.spacing)
+  students, previous = [], "guided"
+  for index, n in enumerate(steps):
     name = f"round_{n}"
     source = lambda r, p=previous: r[p]["student"]  # noqa: E731
-    stages.append(common.Stage(
+    stages.append(plan_lib.Stage(
         name=name, method=method, num_steps=c.steps_per_round,
-        players=lambda r, source=source: {"student": common.make_player(
+        players=lambda r, source=source: {"student": plan_lib.make_player(
             config.optim, source(r), num_steps=c.steps_per_round, ema={"eval": config.eval_ema})},
         frozen=lambda r, source=source, n=n: {"teacher": source(r), "num_steps": jnp.int32(n)},
         data=lambda r, d, k=index: data(config.seed + 10 + k)))
     if n in c.eval_steps:
-      students.append(common.Student(name="guided PD", nfe=n,
-                                     params=lambda r, name=name: r[name]["student"], run=None))
-    previous, n, index = name, n // 2, index + 1
-  students.append(common.Student(name="stage-1 student + DDIM", nfe=max(c.eval_steps),
-                                 params=lambda r: r["guided"]["student"], run=None))
-  return common.Plan(stages=stages, students=students, table=table,
+      students.append(plan_lib.Student(name="guided PD", nfe=n,
+                                     params=lambda r, name=name: r[name]["student"],
+                                       sample=sample))
+    previous = name
+  students.append(plan_lib.Student(name="stage-1 student + DDIM", nfe=max(c.eval_steps),
+                                 params=lambda r: r["guided"]["student"], sample=sample))
+  return plan_lib.Plan(stages=stages, students=students, table=table,
                      evaluate=functools.partial(evaluate, net=net, mixtures=mixtures,
                                                 guided=guided, classes=classes))
 
@@ -157,7 +183,7 @@ def evaluate(plan, setup, results, workdir, *, net, mixtures, guided, classes,
           student.params(results), cond, jnp.asarray(x_start)))
       add(student.name, k, k, out)
       np.savez(os.path.join(workdir, "samples",
-                            f"{common.sample_file_name(student.name)}_w{w:g}_nfe{k}.npz"),
+                            f"{plan_lib.file_name(student.name)}_w{w:g}_nfe{k}.npz"),
                x_start=x_start, samples=out, label=labels, w=w, nfe=k)
     for k in sorted({s.nfe for s in plan.students}):
       for solver in ("ddim", "dpm_solver_pp_2m")[:1 if k < 2 else 2]:
@@ -179,6 +205,4 @@ def table(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
-RECIPES = {"gpd": build_gpd}
-
-__all__ = ["RECIPES", "build_gpd", "evaluate", "Conditioned", "class_accuracy"]
+__all__ = ["build", "sampler", "evaluate", "table", "Conditioned", "class_accuracy"]

@@ -1,6 +1,9 @@
 """What a training method declares: its players' updates, their order and ratio, and their inputs.
 
-A distillation method is one file in `losses/` that returns a `Method`: one `Update` per player
+This module depends on nothing else in the library (as optax keeps `GradientTransformation` in
+its `base.py`): the loss factories in `losses/` build `Method`s, the method modules in `methods/`
+compose them into stages, and `train.step.make_step` runs them, without `losses` importing
+`train`. A distillation method's losses return a `Method`: one `Update` per player
 loss, in the order the step runs them, each repeated `repeats` times per step (DMD2's k fake-score
 updates per generator update), and for each loss where its extra inputs come from:
 

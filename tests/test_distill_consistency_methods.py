@@ -1,4 +1,4 @@
-"""The consistency recipes of experiments/distill: every variant wires, its students run with their
+"""The consistency methods in experiments/distill: every variant wires, its students run with their
 NFE, and (slow) `cd_ring2d,tiny` and `ctm_ring2d,tiny` run end to end as their README commands do."""
 
 import jax
@@ -6,20 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.distill import common, config as config_lib, main
-from experiments.distill.recipes import RECIPES, consistency
+from diffdistill import methods
+from experiments.distill import config as config_lib, main, setup as setup_lib
+
+CONSISTENCY = ("cd", "ct", "ict", "ect", "scd", "meanflow", "shortcut", "ctm")
 
 # ct, ict and ect share cd's wiring (one player, consistency students), shortcut meanflow's (a flow
 # student with one extra input on the rectified-flow teacher): slow
 METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in ("ct", "ict", "ect", "shortcut") else m
-           for m in consistency.RECIPES]
+           for m in CONSISTENCY]
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_recipe_builds_and_students_run(method):
   config = config_lib.get_config(f"{method}_ring2d,tiny")
-  assert config.method in config_lib.METHODS and RECIPES[method] is consistency.RECIPES[method]
-  setup = common.make_setup(config)
+  assert config.method == method and method in methods.names()
+  setup = setup_lib.make_setup(config)
   plan = main.build_plan(config, setup)
   assert plan.stages[0].name == "copy" and plan.stages[-1].name == method
   assert sorted(s.nfe for s in plan.students) == [1, 2]
@@ -61,7 +63,7 @@ def test_ctm_tiny_runs_end_to_end(tmp_path):
 def test_ctm_gan_wiring():
   config = config_lib.get_config("ctm_ring2d,tiny")
   config.ctm.gan_weight = 0.1
-  setup = common.make_setup(config)
+  setup = setup_lib.make_setup(config)
   plan = main.build_plan(config, setup)
   copy = plan.stages[0].players({})["student"].params
   stage = plan.stages[-1]

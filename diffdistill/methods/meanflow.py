@@ -1,0 +1,59 @@
+"""MeanFlow (Geng et al. 2025) distilled from a rectified-flow teacher: the average velocity
+u(z, r, t) over [r, t], trained by the MeanFlow identity with a jvp, on the teacher's velocity.
+
+Loss: `losses.meanflow.meanflow`. The student is the copy's network with an extra input r
+(zero-initialized). Sampler: z <- z - (t - r) u(z, r, t) over 1 or 2 jumps.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from diffdistill import nets
+from diffdistill import schedules as schedules_lib
+from diffdistill.losses import meanflow as mf
+from diffdistill.methods import _common, _consistency, plan as plan_lib
+
+CONFIG = {**_consistency.SECTION,
+          "meanflow": dict(num_steps=5000, p_mean=-0.4, p_std=1.0, ratio_r_neq_t=0.25,
+                           adaptive_p=1.0, teacher_velocity=True, t_mid=0.5)}
+SETTINGS = {"teacher.schedule": "rectified_flow",
+            "teacher.schedule_kwargs": dict(t_min=1e-3, t_max=1.0),
+            "student.kind": "flow",
+            "copy.time_sampler": "uniform"}  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
+TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS}}
+TINY = {"meanflow.num_steps": 20}
+EXTRA_COND = ("r",)
+
+
+def sampler(net, *, t_start: float, t_end: float, t_mid: float = 0.5):
+  """k-jump MeanFlow sampling of u = net.apply(params, z, t, r=r): nfe 1 (t_start -> t_end) or
+  2 (through t_mid)."""
+  def sample(params, x, *, nfe, rng=None, **cond):
+    del rng  # deterministic
+    plan_lib.check_nfe("meanflow", nfe, (1, 2))
+    times = [t_start, t_end] if nfe == 1 else [t_start, t_mid, t_end]
+    return mf.meanflow_sample(net.apply, params, x, times=times, **cond)
+  return sample
+
+
+def build(config, setup):
+  c, cc = config.meanflow, config.consistency
+  _common.check_positive(c, "meanflow", ("num_steps",))
+  schedule = setup.teacher.schedule
+  if not isinstance(schedule, schedules_lib.RectifiedFlow) or config.student.kind != "flow":
+    raise ValueError("meanflow needs config.teacher.schedule='rectified_flow' and "
+                     "config.student.kind='flow'.")
+  net, stages, init = _consistency.setup_student(config, setup)
+  u_net = _common.make_net(config, schedule, setup.teacher.example_shape, extra_cond=EXTRA_COND)
+  fresh = u_net.init(jax.random.key(config.seed + 3))
+  method = mf.meanflow(u_net.apply, setup.teacher.apply if c.teacher_velocity else None,
+                       schedule=schedule, p_mean=c.p_mean, p_std=c.p_std,
+                       ratio_r_neq_t=c.ratio_r_neq_t, adaptive_p=c.adaptive_p)
+  stages.append(_common.single_stage(config, setup, "meanflow", method, c.num_steps, init,
+                                     params=lambda r: nets.init_from(fresh, init(r)),
+                                     frozen=c.teacher_velocity))
+  sample = sampler(u_net, t_start=setup.t_start, t_end=setup.t_end, t_mid=c.t_mid)
+  students = [plan_lib.Student(name="meanflow", nfe=k, params=lambda r: r["meanflow"]["student"],
+                               sample=sample) for k in cc.nfes]
+  return plan_lib.Plan(stages=stages, students=students)

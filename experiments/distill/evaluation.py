@@ -1,0 +1,169 @@
+"""Scores a plan's students: every student maps the same N samples x_start of the teacher's
+marginal at t_start to t_end with its NFE; each is scored against the exact probability-flow map
+of x_start (analytic teachers: `analytic.flow_map` of the exact denoiser, float64; trained
+teachers: the teacher's own adaptive solve, float32) and, as a distribution, against exact samples
+(sliced W2, MMD^2, mode weights and per-mode covariances, with their exact-vs-exact floors), next
+to the teacher's DDIM and its best training-free solver at the same NFE. Each student's samples go
+to `samples/<student>_nfe<k>.npz`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffdistill import analytic, metrics, solvers
+from diffdistill.methods.plan import Plan, Results, file_name
+from experiments.train_teacher import sampling
+
+
+def _time(fn, *args, repeats: int) -> tuple[np.ndarray, float]:
+  out = np.asarray(jax.block_until_ready(fn(*args)))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return out, 1e3 * statistics.median(times)
+
+
+def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
+  with jax.enable_x64(True):
+    err = metrics.per_sample_error(jnp.asarray(samples, jnp.float64), jnp.asarray(reference))
+  row = {"median": float(err["median"]), "rms": float(err["rms"]),
+         "nan": bool(np.any(~np.isfinite(samples)))}
+  if quality_ref.get("mixture") is not None:
+    q = sampling.sample_quality(samples.reshape(len(samples), -1), quality_ref["mixture"])
+    row.update(sliced_w2=q["sliced_w2"], sliced_w2_floor=q["sliced_w2_floor_mean"],
+               mmd2=q["mmd2"], mmd2_floor=q["mmd2_floor_mean"])
+    mix = quality_ref["mixture"]
+    modes = metrics.mode_stats(mix, jnp.asarray(samples.reshape(len(samples), -1), jnp.float32))
+    floor = _exact_mode_stats(mix, len(samples))
+    row.update(mode_weight_tv=float(modes["weight_tv"]), mode_weight_tv_floor=floor["weight_tv"],
+               mode_cov_error=float(modes["cov_error"]), mode_cov_error_floor=floor["cov_error"])
+  return row
+
+
+def _exact_mode_stats(mix, n: int) -> dict:
+  """`metrics.mode_stats` of n exact samples (a fixed draw): the floor of the mode-weight and
+  per-mode covariance errors at this sample size (they are not zero for exact samples)."""
+  key = (n, np.asarray(mix.means).tobytes(), np.asarray(mix.eigvals).tobytes())
+  if key not in _MODE_FLOORS:
+    x = analytic.sample(mix, jax.random.key(4242), n)
+    _MODE_FLOORS[key] = {k: float(v) for k, v in metrics.mode_stats(mix, x).items() if v.ndim == 0}
+  return _MODE_FLOORS[key]
+
+
+_MODE_FLOORS: dict = {}
+
+
+def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
+  """The teacher's best training-free solver at exactly `nfe` calls (lowest median error)."""
+  best = None
+  for name in setup.config.eval.solvers:
+    try:
+      solvers.steps_for_nfe(name, nfe)
+    except ValueError:
+      continue
+    out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=repeats)
+    row = {"method": f"teacher {name}", "nfe": nfe, "ms": ms, **score(out, reference, quality_ref)}
+    if best is None or row["median"] < best["median"]:
+      best = row
+  return best
+
+
+def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
+             progress: bool = True) -> list[dict]:
+  """Scores every student and the teacher's DDIM / best solver at the students' NFEs."""
+  import tqdm  # noqa: PLC0415
+  config = setup.config
+  x_start = setup.start_noise(jax.random.key(config.eval.seed), config.eval.num_samples)
+  reference = setup.exact_map(np.asarray(x_start))
+  quality_ref = {"mixture": setup.teacher.mixture}
+  s = setup.teacher.schedule
+  ends = {k: float(v) for k, v in (
+      ("alpha_start", s.alpha(jnp.float32(setup.t_start))), ("sigma_start", s.sigma(jnp.float32(setup.t_start))),
+      ("alpha_end", s.alpha(jnp.float32(setup.t_end))), ("sigma_end", s.sigma(jnp.float32(setup.t_end))))}
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  rows = []
+  # the teacher's rows at the students' NFEs and at eval.teacher_nfes (e.g. a one-step
+  # generator next to the teacher at 10 / 20 / 50 calls)
+  # (NFE 0: samples that need no sampler, e.g. SDS / VSD particles, get no teacher rows)
+  nfes = sorted({st.nfe for st in plan.students if st.nfe > 0}
+                | set(config.eval.get("teacher_nfes", ())))
+  for student in tqdm.tqdm(plan.students, desc="students", disable=not progress):
+    params = student.params(results)
+    run = jax.jit(student.run)
+    out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
+    rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
+                 **score(out, reference, quality_ref)})
+    name = f"{file_name(student.name)}_nfe{student.nfe}"
+    np.savez(os.path.join(workdir, "samples", f"{name}.npz"),
+             x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
+    _image_grid(workdir, name, out, f"{student.name}, NFE {student.nfe}")
+  _image_grid(workdir, "reference", reference, "the teacher's exact PF-ODE map")
+  panels = [("teacher, exact PF-ODE map", reference)]
+  for nfe in nfes:
+    out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
+    rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
+                 **score(out, reference, quality_ref)})
+    _image_grid(workdir, f"teacher_ddim_nfe{nfe}", out, f"teacher DDIM, NFE {nfe}")
+    panels += [(f"{st.name}, NFE {nfe}", np.load(os.path.join(
+        workdir, "samples", f"{file_name(st.name)}_nfe{nfe}.npz"))["samples"])
+               for st in plan.students if st.nfe == nfe]
+    panels.append((f"teacher DDIM, NFE {nfe}", out))
+    best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
+    if best is not None and best["method"] != "teacher ddim":
+      rows.append(best)
+    for name in config.eval.always:  # solvers reported at every NFE, best or not
+      if f"teacher {name}" in (r["method"] for r in rows if r["nfe"] == nfe):
+        continue
+      try:
+        solvers.steps_for_nfe(name, nfe)
+      except ValueError:
+        continue
+      out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=config.eval.repeats)
+      rows.append({"method": f"teacher {name}", "nfe": nfe, "ms": ms,
+                   **score(out, reference, quality_ref)})
+  _image_panels(os.path.join(workdir, "samples.png"), panels)
+  return rows
+
+
+def _image_grid(workdir: str, name: str, samples, title: str, num: int = 64) -> None:
+  """For image data, samples/<name>.png: a grid of the first `num` samples (same x_start each)."""
+  samples = np.asarray(samples)
+  if samples.ndim == 4:
+    sampling.save_figure(samples[:num], os.path.join(workdir, "samples", f"{name}.png"), title=title)
+
+
+def _image_panels(path: str, panels, num: int = 16) -> None:
+  """For image data, one figure: a row of grids (the first `num` samples of each panel, all from
+  the same x_start), e.g. the exact map, each student and the teacher's DDIM at its NFE."""
+  if not panels or np.asarray(panels[0][1]).ndim != 4:
+    return
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.5))
+  for ax, (title, images) in zip(np.atleast_1d(axes), panels):
+    images = np.clip((np.asarray(images[:num]) + 1) / 2, 0, 1)
+    cols = int(np.ceil(np.sqrt(len(images))))
+    h, w, c = images.shape[1:]
+    grid = np.ones((cols * (h + 1), cols * (w + 1), c), np.float32)
+    for i, img in enumerate(images):
+      r, q = divmod(i, cols)
+      grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = img
+    ax.imshow(grid.squeeze(-1) if c == 1 else grid, cmap="gray", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+__all__ = ["evaluate", "score", "best_solver_row"]

@@ -1,0 +1,51 @@
+"""The run's markdown table and its figure (coupling error against NFE)."""
+
+from __future__ import annotations
+
+import os
+
+def table(rows: list[dict]) -> str:
+  """Markdown: one line per (method, NFE); distribution and mode columns where they were scored."""
+  has_q = any("sliced_w2" in r for r in rows)
+  has_modes = any("mode_cov_error" in r for r in rows)
+  head = "| method | NFE | coupling error median | RMS |"
+  head += " sliced W2 (floor) | MMD² (floor) |" if has_q else ""
+  head += " mode weight TV (floor) | mode cov error (floor) |" if has_modes else ""
+  lines = [head + " ms |", "|---|---:|---:|---:|" + ("---:|---:|" if has_q else "")
+           + ("---:|---:|" if has_modes else "") + "---:|"]
+  for r in sorted(rows, key=lambda r: (r["nfe"], r["method"].startswith("teacher"), r["median"])):
+    line = f"| {r['method']} | {r['nfe']} | {r['median']:.2e} | {r['rms']:.2e} |"
+    if has_q:
+      line += (f" {r['sliced_w2']:.3f} ({r['sliced_w2_floor']:.3f}) | {r['mmd2']:.1e} "
+               f"({r['mmd2_floor']:.0e}) |")
+    if has_modes:
+      line += (f" {r['mode_weight_tv']:.3f} ({r['mode_weight_tv_floor']:.3f}) |"
+               f" {r['mode_cov_error']:.3f} ({r['mode_cov_error_floor']:.3f}) |")
+    lines.append(line + f" {r['ms']:.1f} |" + (" NaN!" if r.get("nan") else ""))
+  return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], workdir: str, title: str) -> None:
+  """Coupling error vs NFE for students and the teacher; for 2-D data, student samples too."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for name in dict.fromkeys(r["method"] for r in rows):
+    pts = sorted((r["nfe"], r["median"]) for r in rows if r["method"] == name and r["nfe"] > 0)
+    if not pts:
+      continue
+    teacher = name.startswith("teacher")
+    ax.loglog(*zip(*pts), marker="o" if not teacher else "s", ls="--" if teacher else "-",
+              label=name, ms=4)
+  ax.set_xlabel("NFE")
+  ax.set_ylabel("median per-sample error vs the exact flow map")
+  ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "distill.png"), dpi=110)
+  plt.close(fig)
+
+
+__all__ = ["table", "figure"]

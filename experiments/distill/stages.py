@@ -1,0 +1,82 @@
+"""Runs a method's plan: its stages in order, each in `WORKDIR/<stage name>/` with its own
+checkpoints. A killed run restarted with the same command skips the finished stages (restored from
+their last checkpoint) and resumes the interrupted one where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+
+from diffdistill.methods.plan import Plan, Results
+from diffdistill.train import checkpoint as ckpt_lib
+from diffdistill.train import loop, state as state_lib, step as step_lib
+
+
+def _result(state: state_lib.TrainState, eval_ema: str | None) -> dict[str, Any]:
+  out = {}
+  for name, p in state.players.items():
+    params = p.ema[eval_ema] if eval_ema and eval_ema in p.ema else p.params
+    out[name] = jax.device_get(params)
+  return out
+
+
+def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True) -> tuple[Results, dict]:
+  """Trains every stage in order (resuming finished and interrupted ones); returns the results
+  and per-stage stats {name: {steps, seconds, final metrics}}."""
+  config = setup.config
+  results: Results = {}
+  stats = {}
+  steps = {}  # one jitted step per method: the rounds of a method share its compilation
+  for index, stage in enumerate(plan.stages):
+    stage_dir = stage.directory or os.path.join(workdir, stage.name)
+    players = stage.players(results)
+    frozen = stage.frozen(results)
+    state = state_lib.TrainState.create(players=players,
+                                        rng=jax.random.fold_in(jax.random.key(config.seed), index))
+    stage.method.check(state.players, frozen)
+    rep = step_lib.replicated(setup.mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(lambda: state))
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=1)
+    data = stage.data(results, stage_dir)
+    try:
+      restored = checkpointer.restore_latest(abstract)
+      if restored is not None:
+        state, data_state = restored
+        data.set_state(data_state)
+      t0 = time.perf_counter()
+      start = int(state.step)
+      if start < stage.num_steps:
+        if id(stage.method) not in steps:
+          steps[id(stage.method)] = step_lib.make_step(stage.method, mesh=setup.mesh)
+        train_step = steps[id(stage.method)]
+        state = loop.run(state=state, train_step=train_step, data=data, mesh=setup.mesh,
+                         workdir=stage_dir, num_steps=stage.num_steps, checkpointer=checkpointer,
+                         log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+                         progress=progress, tensorboard=False, frozen=frozen)
+      seconds = time.perf_counter() - t0
+    finally:
+      checkpointer.close()
+      getattr(data, "close", lambda: None)()
+    results[stage.name] = _result(state, stage.eval_ema)
+    last = _last_metrics(stage_dir)
+    stats[stage.name] = {"steps": stage.num_steps, "trained_now": stage.num_steps - start,
+                         "seconds": seconds, "final": last}
+  return results, stats
+
+
+def _last_metrics(stage_dir: str) -> dict:
+  path = os.path.join(stage_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.read().strip().splitlines()
+  return json.loads(lines[-1]) if lines else {}
+
+
+__all__ = ["run_stages"]
