@@ -163,3 +163,69 @@ def test_dmd2_gradient_adds_the_non_saturating_gan_term():
   logit = 0.8 * x_t2 - 0.3
   gan = -1.0 / (1.0 + np.exp(logit)) * 0.8 * alpha2  # d softplus(-l) / dx = -sigmoid(-l) w alpha
   _check(got, _expect((d_f - d_d) / (np.abs(x - d_d) + 1e-6) + 0.5 * gan))
+
+
+# ------------------------------------------------------------------------------------------------
+# f-distill (Xu et al. 2025): h(r) = r^2 f''(r) times DMD's normalized score difference
+# ------------------------------------------------------------------------------------------------
+
+F_FUNCTIONS = {  # the divergences' generators f(r), differentiated twice by jax below
+    "reverse_kl": lambda r: -jnp.log(r),
+    "forward_kl": lambda r: r * jnp.log(r),
+    "js": lambda r: r * jnp.log(r) - (1 + r) * jnp.log((1 + r) / 2),
+    "hellinger": lambda r: (jnp.sqrt(r) - 1) ** 2,
+    "jeffreys": lambda r: (r - 1) * jnp.log(r),
+    "pearson": lambda r: (r - 1) ** 2,
+}
+
+
+@pytest.mark.parametrize("divergence", sorted(F_FUNCTIONS))
+def test_f_distill_weight_is_r_squared_f_second_derivative(x64, divergence):
+  from diffdistill.losses import f_distill  # noqa: PLC0415
+  r = jnp.array([0.05, 0.5, 1.0, 2.0, 7.0], jnp.float64)
+  f2 = jax.vmap(jax.grad(jax.grad(F_FUNCTIONS[divergence])))(r)
+  np.testing.assert_allclose(f_distill.weight(jnp.log(r), divergence=divergence), r * r * f2,
+                             rtol=1e-12)
+
+
+def _gaussian_log_ratio(disc_params, fake_params, x_t, t):
+  """The exact log p_t(x_t) / q_t(x_t) of the data N(m_d, s_d^2) and the generator N(b, a^2)."""
+  del disc_params
+  tb = schedules.broadcast_to(t, x_t)
+  alpha, sigma = SCHEDULE.alpha(tb), SCHEDULE.sigma(tb)
+
+  def log_n(m, s2):
+    v = alpha ** 2 * s2 + sigma ** 2
+    return -0.5 * jnp.log(2 * jnp.pi * v) - 0.5 * (x_t - alpha * m) ** 2 / v
+
+  return (log_n(DATA["m"], DATA["s2"]) - log_n(fake_params["m"], fake_params["s2"]))[:, 0]
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js", "hellinger"])
+def test_f_distill_gradient_weights_dmd_by_the_exact_density_ratio(divergence):
+  from diffdistill.losses import f_distill  # noqa: PLC0415
+  got, rec = _grad_and_record(lambda te, fa: f_distill.generator_loss(
+      GEN, te, fa, schedule=SCHEDULE, divergence=divergence, log_ratio=_gaussian_log_ratio,
+      time_sampler=FixedTimes()), discriminator_params={})
+  x_t, t = rec[0]
+  x, d_d, d_f, *_ = _np_terms(x_t, t)
+  log_r = np.asarray(_gaussian_log_ratio(None, FAKE, jnp.asarray(x_t, jnp.float32),
+                                         jnp.asarray(t, jnp.float32)), np.float64)
+  r = np.exp(log_r)
+  h = {"forward_kl": r, "js": r / (1 + r), "hellinger": 0.5 * np.sqrt(r)}[divergence]
+  assert np.std(h) / np.mean(h) > 0.1  # the weights differ across the batch: a real test
+  _check(got, _expect(h / np.mean(h) * (d_f - d_d) / (np.abs(x - d_d) + 1e-6)))
+
+
+def test_f_distill_with_reverse_kl_is_dmd():
+  from diffdistill.losses import f_distill  # noqa: PLC0415
+  got, _ = _grad_and_record(lambda te, fa: f_distill.generator_loss(
+      GEN, te, fa, schedule=SCHEDULE, divergence="reverse_kl", time_sampler=FixedTimes()))
+  want, _ = _grad_and_record(lambda te, fa: dm.dmd_loss(
+      GEN, te, fa, schedule=SCHEDULE, time_sampler=FixedTimes()))
+  for name in ("a", "b"):  # h = 1: the same numbers up to the order of one product
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
+  with pytest.raises(ValueError, match="divergence must be one of"):
+    f_distill.generator_loss(GEN, None, None, schedule=SCHEDULE, divergence="kl")
+  with pytest.raises(ValueError, match="give log_ratio"):
+    f_distill.generator_loss(GEN, None, None, schedule=SCHEDULE, divergence="js")

@@ -52,10 +52,10 @@ def test_every_method_declares_its_parts(name):
   assert m.__doc__ and len(m.__doc__) > 80  # the paper and the loss it uses
 
 
-GENERATORS = ("diff_instruct", "dmd", "dmd2", "sid")
+GENERATORS = ("diff_instruct", "dmd", "dmd2", "sid", "fdistill")
 # methods whose sampler is another's (the same function of _common / _consistency / _distribution
 # with another name): behind `slow`, the shared implementation runs in the default suite
-SHARED = ("kd", "tract", "ct", "ict", "ect", "diff_instruct", "dmd", "sid")
+SHARED = ("kd", "tract", "ct", "ict", "ect", "diff_instruct", "dmd", "sid", "fdistill")
 SAMPLED = [pytest.param(n, marks=pytest.mark.slow) if n in SHARED else n
            for n in methods.names() if methods.get(n).sampler is not None]
 

@@ -221,8 +221,10 @@ def fake_score_loss(generator: Generator, fake: Apply, *, schedule: schedules_li
   return loss_fn
 
 
-def _generator_terms(generator, teacher, fake, *, schedule, sampler, score_grad: bool):
-  """(params, batch, rng, teacher_params, fake_params) -> x, D_d(x_t), D_f(x_t), lambda.
+def generator_terms(generator, teacher, fake, *, schedule, sampler, score_grad: bool,
+                    with_x_t: bool = False):
+  """(params, batch, rng, teacher_params, fake_params) -> x, D_d(x_t), D_f(x_t), lambda (or, with
+  `with_x_t`, x, D_d(x_t), D_f(x_t), x_t, t).
 
   score_grad=False stops the gradient at x_t (Diff-Instruct, DMD: the score networks take none);
   True lets it flow through both networks' inputs (SiD).
@@ -235,7 +237,8 @@ def _generator_terms(generator, teacher, fake, *, schedule, sampler, score_grad:
     x_t, t, lam = noised(x, n_rng, schedule=schedule, sampler=sampler)
     if not score_grad:
       x_t = jax.lax.stop_gradient(x_t)
-    return x, teacher(teacher_params, x_t, t), fake(fake_params, x_t, t), lam
+    d_real, d_fake = teacher(teacher_params, x_t, t), fake(fake_params, x_t, t)
+    return (x, d_real, d_fake, x_t, t) if with_x_t else (x, d_real, d_fake, lam)
 
   return terms
 
@@ -256,7 +259,7 @@ def diff_instruct_loss(generator: Generator, teacher: Apply, fake: Apply, *,
     |D_f - D_d|^2, unweighted), nonfinite (examples with a non-finite score difference).
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
-  terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
+  terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
                               sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=False)
 
@@ -290,7 +293,7 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
   if regression_weight < 0:
     raise ValueError(f"regression_weight must be >= 0, got {regression_weight}.")
   dist = distances.get(distance, **distance_options)
-  terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
+  terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
                               sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=False)
 
@@ -328,7 +331,7 @@ def sid_loss(generator: Generator, teacher: Apply, fake: Apply, *,
   Returns:
     loss_fn(params, batch, rng, *, teacher_params, fake_params) -> (loss, aux). aux: gap, nonfinite.
   """
-  terms_fn = _generator_terms(generator, teacher, fake, schedule=schedule,
+  terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
                               sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
                               score_grad=True)
 
@@ -391,4 +394,4 @@ def sid(generator: Generator, teacher: Apply, fake: Apply, *, schedule, fake_rep
 __all__ = ["Generator", "one_step_generator", "multi_step_generator", "fake_score_loss",
            "diff_instruct_loss", "dmd_loss", "sid_loss", "two_player", "diff_instruct", "dmd",
            "sid", "GENERATOR_INPUTS", "FAKE_INPUTS", "noised", "batch_like", "pushed",
-           "mean_over_dims", "nonfinite_count"]
+           "mean_over_dims", "nonfinite_count", "generator_terms"]
