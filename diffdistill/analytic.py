@@ -216,11 +216,18 @@ def data_log_prob(mix: GaussianMixture, x: Array) -> Array:
   return jax.nn.logsumexp(mix.log_weights.astype(x.dtype) + log_n, axis=-1)
 
 
-def responsibilities(mix: GaussianMixture, x: Array) -> Array:
-  """p(component k | x0 = x), [B, K], under the clean data distribution."""
+def component_logits(mix: GaussianMixture, x: Array) -> Array:
+  """log pi_k + log N(x; mu_k, Sigma_k), [B, K]: the logits of the exact component classifier
+  of clean data (softmax gives `responsibilities`); a classifier `logits(params, x)` with the
+  mixture as its params."""
   _check_x(mix, x)
   log_n, _ = _component_terms(mix, x, jnp.ones((x.shape[0], 1), x.dtype), jnp.zeros((x.shape[0], 1), x.dtype))
-  return jax.nn.softmax(mix.log_weights.astype(x.dtype) + log_n, axis=-1)
+  return mix.log_weights.astype(x.dtype) + log_n
+
+
+def responsibilities(mix: GaussianMixture, x: Array) -> Array:
+  """p(component k | x0 = x), [B, K], under the clean data distribution."""
+  return jax.nn.softmax(component_logits(mix, x), axis=-1)
 
 
 def sample(mix: GaussianMixture, rng: Array, n: int, dtype=None) -> Array:
@@ -425,6 +432,6 @@ def get_mixture(name: str, **kwargs) -> GaussianMixture:
   return MIXTURES[name](**kwargs)
 
 
-__all__ = ["GaussianMixture", "denoise", "log_prob", "score", "data_log_prob", "responsibilities",
+__all__ = ["GaussianMixture", "denoise", "log_prob", "score", "data_log_prob", "component_logits", "responsibilities",
            "sample", "denoiser", "ExactDenoiser", "class_mixtures", "GuidedDenoiser", "gaussian_flow_map", "flow_map", "ring2d", "grid2d", "mixture64",
            "MIXTURES", "get_mixture"]

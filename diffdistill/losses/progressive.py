@@ -158,6 +158,26 @@ def guided_copy_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.
   return loss_fn
 
 
+def round_pair(teacher: Apply, teacher_params: Any, x0: Array, i_rng: Array, eps_rng: Array, *,
+               num_steps: Array, schedule: schedules_lib.Schedule, spacing: str = "logsnr",
+               t_start: float | None = None, t_end: float | None = None,
+               cond: Mapping[str, Array] | None = None) -> tuple[Array, Array, Array]:
+  """(x_t, t, x_tgt) of one progressive-distillation draw (module docstring): i ~ U{0..N-1},
+  x_t at t_i, and the data prediction x_tgt that makes one student DDIM step t_i -> t_{i+1} land
+  on the teacher's two steps through the 2N-grid's midpoint (stop-gradient)."""
+  b = x0.shape[0]
+  n = jnp.asarray(num_steps, jnp.int32)
+  i = jax.random.randint(i_rng, (b,), 0, n)
+  grid = lambda j, m: grid_time(schedule, j, m, spacing=spacing, t_start=t_start,  # noqa: E731
+                                t_end=t_end, dtype=x0.dtype)
+  t, t_mid, t_next = grid(i, n), grid(2 * i + 1, 2 * n), grid(i + 1, n)
+  x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
+  teach = lambda x, tt: teacher(teacher_params, x, tt, **dict(cond or {}))  # noqa: E731
+  z1 = ddim.ddim_step(teach, x_t, t, t_mid, schedule=schedule)
+  z2 = ddim.ddim_step(teach, z1, t_mid, t_next, schedule=schedule)
+  return x_t, t, jax.lax.stop_gradient(pd_target(x_t, z2, t, t_next, schedule=schedule))
+
+
 def progressive_distillation(student: Apply, teacher: Apply, **options) -> Method:
   """The method: one student update per step; frozen inputs `teacher` (params) and `num_steps`."""
   return Method(name="pd", updates=(Update(
@@ -172,5 +192,5 @@ def guided_distillation_stage1(student: Apply, teacher: Apply, **options) -> Met
       inputs={"teacher_params": "frozen/teacher"}),))
 
 
-__all__ = ["pd_target", "pd_loss", "guided_copy_loss", "progressive_distillation",
+__all__ = ["pd_target", "round_pair", "pd_loss", "guided_copy_loss", "progressive_distillation",
            "guided_distillation_stage1"]

@@ -41,37 +41,46 @@ def rounds(teacher_steps: int, name: str = "pd") -> list[int]:
 
 
 def build(config, setup) -> plan_lib.Plan:
-  c = config.pd
-  _common.check_positive(c, "pd", ("steps_per_round",))
-  steps = rounds(c.teacher_steps)
+  return build_rounds(config, setup, "pd", progressive.progressive_distillation)
+
+
+def build_rounds(config, setup, name: str, make_method, *, frozen=None) -> plan_lib.Plan:
+  """The rounds of config[name] (teacher_steps, steps_per_round, spacing, weighting,
+  eval_steps): make_method(student, teacher, **options) -> Method per round, with frozen inputs
+  teacher, num_steps and `frozen(results)`'s."""
+  c = config[name]
+  _common.check_positive(c, name, ("steps_per_round",))
+  steps = rounds(c.teacher_steps, name)
   bad = sorted(set(c.eval_steps) - set(steps))
   if bad or not c.eval_steps:
-    raise ValueError(f"pd.eval_steps must be a non-empty subset of the rounds' step counts "
-                     f"{steps} (pd.teacher_steps={c.teacher_steps}), got {tuple(c.eval_steps)}.")
+    raise ValueError(f"{name}.eval_steps must be a non-empty subset of the rounds' step counts "
+                     f"{steps} ({name}.teacher_steps={c.teacher_steps}), got {tuple(c.eval_steps)}.")
   net = _common.student_net(config, setup)
   stages: list[plan_lib.Stage] = []
   init = _common.initial_params(setup, stages, net)
   options = dict(schedule=net.schedule, spacing=c.spacing, weighting=c.weighting,
                  t_start=setup.t_start, t_end=setup.t_end)
   first_apply, first_params = _common.first_teacher(setup, net)
-  first_method = progressive.progressive_distillation(net.denoise, first_apply, **options)
-  method = progressive.progressive_distillation(net.denoise, net.denoise, **options)
+  first_method = make_method(net.denoise, first_apply, **options)
+  method = make_method(net.denoise, net.denoise, **options)
   sample = sampler(net, t_start=setup.t_start, t_end=setup.t_end, spacing=c.spacing)
+  extra = frozen or (lambda r: {})
   students, previous = [], None
   for round_index, n in enumerate(steps):
-    name = f"round_{n}"
+    stage = f"round_{n}"
     source = init if previous is None else (lambda r, p=previous: r[p]["student"])
     teacher = first_params if previous is None else source
     stages.append(plan_lib.Stage(
-        name=name, method=first_method if previous is None else method,
+        name=stage, method=first_method if previous is None else method,
         num_steps=c.steps_per_round,
         players=lambda r, source=source: {"student": plan_lib.make_player(
             config.optim, source(r), num_steps=c.steps_per_round, ema={"eval": config.eval_ema})},
-        frozen=lambda r, teacher=teacher, n=n: {"teacher": teacher(r), "num_steps": jnp.int32(n)},
+        frozen=lambda r, teacher=teacher, n=n: {"teacher": teacher(r), "num_steps": jnp.int32(n),
+                                                **extra(r)},
         data=lambda r, d, k=round_index: setup.data(config.seed + 10 + k)))
     if n in c.eval_steps:
-      students.append(plan_lib.Student(name="pd", nfe=n,
-                                       params=lambda r, name=name: r[name]["student"],
+      students.append(plan_lib.Student(name=name, nfe=n,
+                                       params=lambda r, stage=stage: r[stage]["student"],
                                        sample=sample))
-    previous = name
+    previous = stage
   return plan_lib.Plan(stages=stages, students=students)
