@@ -131,12 +131,23 @@ def dmd2(generator: dm.Generator, teacher: Callable, fake: Callable, *,
                             head=head, gan_weight=gan_weight, **options)
   if gan_weight == 0:
     return dm.two_player("dmd2", gen_loss, fake_loss, fake_repeats=fake_repeats)
+  return with_discriminator("dmd2", generator, gen_loss, fake_loss, features, schedule=schedule,
+                            head=head, fake_repeats=fake_repeats,
+                            time_sampler=options.get("time_sampler", "uniform"))
+
+
+def with_discriminator(name: str, generator: dm.Generator, gen_loss, fake_loss,
+                       features: Features, *, schedule: schedules_lib.Schedule,
+                       head: Callable = linear_head, fake_repeats: int = 1,
+                       time_sampler: schedules_lib.TimeSampler | str = "uniform") -> Method:
+  """fake_score (x fake_repeats), "discriminator" (`discriminator_loss` of a head on
+  features(fake_params, x_t, t)), then the generator, which reads discriminator_params too."""
   disc = Update(player="discriminator",
                 loss_fn=discriminator_loss(generator, features, schedule=schedule, head=head,
-                                           time_sampler=options.get("time_sampler", "uniform")),
+                                           time_sampler=time_sampler),
                 inputs={"generator_params": "players/generator/params",
                         "fake_params": "players/fake_score/params"})
-  return Method(name="dmd2", updates=(
+  return Method(name=name, updates=(
       Update(player="fake_score", loss_fn=fake_loss, inputs=dm.FAKE_INPUTS, repeats=fake_repeats),
       disc,
       Update(player="generator", loss_fn=gen_loss,
@@ -144,4 +155,5 @@ def dmd2(generator: dm.Generator, teacher: Callable, fake: Callable, *,
                      "discriminator_params": "players/discriminator/params"})))
 
 
-__all__ = ["linear_head", "init_linear_head", "discriminator_loss", "generator_loss", "dmd2"]
+__all__ = ["linear_head", "init_linear_head", "discriminator_loss", "generator_loss", "dmd2",
+           "with_discriminator"]

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import distribution_matching as dm
 from diffdistill.losses import dmd2
-from diffdistill.method import Method, Update
+from diffdistill.method import Method
 
 Array = jax.Array
 
@@ -135,17 +135,9 @@ def f_distill(generator: dm.Generator, teacher: Callable, fake: Callable, *,
 
   gen = generator_loss(generator, teacher, fake, schedule=schedule, divergence=divergence,
                        log_ratio=log_ratio, **options)
-  disc = Update(player="discriminator",
-                loss_fn=dmd2.discriminator_loss(generator, features, schedule=schedule, head=head,
-                                                time_sampler=time_sampler),
-                inputs={"generator_params": "players/generator/params",
-                        "fake_params": "players/fake_score/params"})
-  return Method(name="fdistill", updates=(
-      Update(player="fake_score", loss_fn=fake_loss, inputs=dm.FAKE_INPUTS, repeats=fake_repeats),
-      disc,
-      Update(player="generator", loss_fn=gen,
-             inputs={**dm.GENERATOR_INPUTS,
-                     "discriminator_params": "players/discriminator/params"})))
+  return dmd2.with_discriminator("fdistill", generator, gen, fake_loss, features,
+                                 schedule=schedule, head=head, fake_repeats=fake_repeats,
+                                 time_sampler=time_sampler)
 
 
 __all__ = ["WEIGHTS", "weight", "generator_loss", "f_distill"]
