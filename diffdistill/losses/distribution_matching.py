@@ -6,8 +6,8 @@ a "fake score" network fitted to the generator's own samples. With x_t = alpha x
 scores are s = (alpha D - x_t) / sigma^2, so s_f - s_d = alpha / sigma^2 (D_f - D_d): every
 method below is written with x0 predictions.
 
-Players (a `diffdistill.method.Method` each): "fake_score" (updated first, `fake_repeats` times per step:
-DMD2's TTUR), "generator"; frozen input "teacher". The fake score learns by DSM on the
+Players (a `diffdistill.method.Method` each): "fake_score" (updated first, `fake_repeats` times
+per step: DMD2's TTUR), "generator"; frozen input "teacher". The fake score learns by DSM on the
 generator's samples, which are a stop-gradient input there:
 
     L_f(psi) = E_t,z,eps w(lambda) mean_D (D_f(alpha sg(G(z)) + sigma eps, t) - sg(G(z)))^2.
@@ -176,10 +176,6 @@ def mean_over_dims(v: Array) -> Array:
   return jnp.mean(_per_example(v), axis=1)  # [B]
 
 
-def _bcast(w: Array, x: Array) -> Array:
-  return w.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
 def pushed(x: Array, g: Array) -> Array:
   """[B] terms 0.5 mean_D (x - sg(x - g))^2: value 0.5 mean_D g^2, gradient g . dx/dtheta / D."""
   return 0.5 * mean_over_dims(jnp.square(x - jax.lax.stop_gradient(x - g)))
@@ -260,13 +256,13 @@ def diff_instruct_loss(generator: Generator, teacher: Apply, fake: Apply, *,
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
   terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler),
                               score_grad=False)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):
     x, d_real, d_fake, lam = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_fake - d_real
-    g = jax.lax.stop_gradient(_bcast(weight_fn(lam), diff) * diff)
+    g = jax.lax.stop_gradient(schedules_lib.broadcast_to(weight_fn(lam), diff) * diff)
     terms = pushed(x, g)
     return jnp.mean(terms), {"gap": jnp.mean(mean_over_dims(jnp.square(diff))),
                              "nonfinite": nonfinite_count(diff)}
@@ -294,16 +290,17 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
     raise ValueError(f"regression_weight must be >= 0, got {regression_weight}.")
   dist = distances.get(distance, **distance_options)
   terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler),
                               score_grad=False)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):
     x, d_real, d_fake, _ = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_fake - d_real
     norm = jax.lax.stop_gradient(mean_over_dims(jnp.abs(x - d_real))) + normalizer_eps  # [B]
-    g = jax.lax.stop_gradient(diff / _bcast(norm, diff))
+    g = jax.lax.stop_gradient(diff / schedules_lib.broadcast_to(norm, diff))
     dm = jnp.mean(pushed(x, g))
-    aux = {"dm": dm, "gap": jnp.mean(mean_over_dims(jnp.square(diff))), "nonfinite": nonfinite_count(diff)}
+    aux = {"dm": dm, "gap": jnp.mean(mean_over_dims(jnp.square(diff))),
+           "nonfinite": nonfinite_count(diff)}
     loss = dm
     if regression_weight > 0:
       if "x_T" not in batch or "x" not in batch:
@@ -332,7 +329,7 @@ def sid_loss(generator: Generator, teacher: Apply, fake: Apply, *,
     loss_fn(params, batch, rng, *, teacher_params, fake_params) -> (loss, aux). aux: gap, nonfinite.
   """
   terms_fn = generator_terms(generator, teacher, fake, schedule=schedule,
-                              sampler=schedules_lib.resolve_time_sampler(time_sampler, "time_sampler"),
+                              sampler=schedules_lib.resolve_time_sampler(time_sampler),
                               score_grad=True)
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params):

@@ -40,10 +40,6 @@ Array = jax.Array
 Apply = Callable[..., Array]
 
 
-def _bcast(a, x):
-  return schedules_lib.broadcast_to(a, x)
-
-
 def sample_times(rng: Array, b: int, *, p_mean: float, p_std: float, ratio_r_neq_t: float,
                  t_min: float, t_max: float, dtype=jnp.float32) -> tuple[Array, Array]:
   """(t, r), each [B]: sorted logit-normal pairs, r = t for a fraction 1 - ratio_r_neq_t."""
@@ -92,14 +88,15 @@ def meanflow_loss(u_apply: Apply, teacher: Apply | None = None, *,
     t, r = sample_times(t_rng, b, p_mean=p_mean, p_std=p_std, ratio_r_neq_t=ratio_r_neq_t,
                         t_min=schedule.t_min, t_max=schedule.t_max, dtype=x.dtype)
     eps = jax.random.normal(e_rng, x.shape, x.dtype)
-    z = (1.0 - _bcast(t, x)) * x + _bcast(t, x) * eps
+    z = (1.0 - schedules_lib.broadcast_to(t, x)) * x + schedules_lib.broadcast_to(t, x) * eps
     if teacher is None:
       v = eps - x
     else:
-      v = jax.lax.stop_gradient((z - teacher(teacher_params, z, t, **cond)) / _bcast(t, x))
+      v = jax.lax.stop_gradient((z - teacher(teacher_params, z, t, **cond))
+                                / schedules_lib.broadcast_to(t, x))
     fn = lambda zz, rr, tt: u_apply(params, zz, tt, r=rr, **cond)  # noqa: E731
     u, dudt = jax.jvp(fn, (z, r, t), (v, jnp.zeros_like(r), jnp.ones_like(t)))
-    target = jax.lax.stop_gradient(v - _bcast(t - r, x) * dudt)
+    target = jax.lax.stop_gradient(v - schedules_lib.broadcast_to(t - r, x) * dudt)
     err = jnp.sum(jnp.square(u - target).reshape(b, -1), axis=1)  # [B]
     w = jax.lax.stop_gradient(1.0 / (err + adaptive_c) ** adaptive_p) if adaptive_p else 1.0
     terms = w * err

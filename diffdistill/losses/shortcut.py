@@ -51,10 +51,6 @@ Array = jax.Array
 Apply = Callable[..., Array]
 
 
-def _bcast(a, x):
-  return schedules_lib.broadcast_to(a, x)
-
-
 def _check_steps(num_base_steps: int, name: str = "num_base_steps") -> int:
   if (isinstance(num_base_steps, bool) or not isinstance(num_base_steps, int)
       or num_base_steps < 1 or num_base_steps & (num_base_steps - 1)):
@@ -130,11 +126,12 @@ def shortcut_loss(s_apply: Apply, teacher: Apply | None = None, *,
       x0, e = x[n_sc:], eps[n_sc:]
       c = jax.tree.map(lambda a: a[n_sc:], cond)
       t = jax.random.randint(t_rng, (b - n_sc,), 1, m + 1).astype(x.dtype) / m
-      xt = (1.0 - _bcast(t, x0)) * x0 + _bcast(t, x0) * e
+      xt = (1.0 - schedules_lib.broadcast_to(t, x0)) * x0 + schedules_lib.broadcast_to(t, x0) * e
       if teacher is None:
         v = e - x0
       else:
-        v = jax.lax.stop_gradient((xt - teacher(teacher_params, xt, t, **c)) / _bcast(t, x0))
+        v = jax.lax.stop_gradient((xt - teacher(teacher_params, xt, t, **c))
+                                  / schedules_lib.broadcast_to(t, x0))
       s = s_apply(params, xt, t, d=jnp.zeros_like(t), **c)
       err = jnp.sum(jnp.square(s - v).reshape(b - n_sc, -1), axis=1)  # [B - n_sc]
       errs.append(err)
@@ -145,9 +142,10 @@ def shortcut_loss(s_apply: Apply, teacher: Apply | None = None, *,
       c = jax.tree.map(lambda a: a[:n_sc], cond)
       t, big, d_query = sample_self_consistency(s_rng, n_sc, num_base_steps=m, dtype=x.dtype)
       d = big / 2
-      xt = (1.0 - _bcast(t, x0)) * x0 + _bcast(t, x0) * e
+      xt = (1.0 - schedules_lib.broadcast_to(t, x0)) * x0 + schedules_lib.broadcast_to(t, x0) * e
       s1 = s_apply(target_params, xt, t, d=d_query, **c)
-      x_mid = xt - _bcast(d, x0) * s1  # t runs downwards: the step to t - d subtracts d s
+      # t runs downwards: the step to t - d subtracts d s
+      x_mid = xt - schedules_lib.broadcast_to(d, x0) * s1
       s2 = s_apply(target_params, x_mid, t - d, d=d_query, **c)
       target = jax.lax.stop_gradient((s1 + s2) / 2)
       s = s_apply(params, xt, t, d=big, **c)
