@@ -34,6 +34,7 @@ from diffdistill.metrics.frechet import (StreamingMoments, _frechet_from_moments
                                          load_statistics, save_statistics)
 from diffdistill.metrics.image import (density_coverage, inception_score, kernel_inception_distance,
                                        precision_recall)
+from diffdistill.metrics.likelihood import pf_ode_bits_per_dim, pf_ode_nll
 
 Array = jax.Array
 
