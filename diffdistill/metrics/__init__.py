@@ -282,4 +282,8 @@ def _mode_cov_errors(mix: analytic.GaussianMixture, x: Array) -> Array:
 
 __all__ = ["sliced_wasserstein", "default_bandwidths", "mmd2", "energy_distance", "frechet_distance",
            "frechet_distance_from_moments", "gaussian_moments", "per_sample_error",
-           "mixture_log_likelihood", "mode_counts", "mode_stats"]
+           "mixture_log_likelihood", "mode_counts", "mode_stats",
+           # image metrics and the likelihood (submodules)
+           "StreamingMoments", "frechet_distance_float64", "load_statistics", "save_statistics",
+           "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",
+           "pf_ode_nll", "pf_ode_bits_per_dim"]

@@ -245,7 +245,8 @@ _preprocess = jax.jit(preprocess)
 
 def inception_features(variables: Any, images: Array) -> tuple[Array, Array]:
   """(pool3 [B, 2048], logits [B, 1008]) of images [B, H, W, 3] (uint8 in [0, 255] or float in
-  [-1, 1]; see `preprocess`), float32. `variables` from `load_inception`. Jitted per input shape."""
+  [-1, 1]; see `preprocess`), float32. `variables` from `load_inception`. The network compiles
+  once (at 299 x 299) for every input size; the resize compiles per input shape."""
   return _network(variables, _preprocess(_check_images(images)))
 
 
@@ -295,6 +296,24 @@ def variables_from_state_dict(state_dict: dict[str, np.ndarray]) -> Any:
                        f"network needs {tuple(shape)}.")
     put(collection, path, jnp.asarray(value))
   return out
+
+
+def state_dict_from_variables(variables: Any) -> dict[str, np.ndarray]:
+  """The inverse of `variables_from_state_dict`: pytorch-fid's keys and layouts as numpy arrays
+  (what `.npz` weight files hold; tests write random weights this way)."""
+  sd = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
+      *module, name = [k.key for k in path]
+      value = np.asarray(leaf, np.float32)
+      if module[-1] == "bn":
+        suffix = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[name]
+      else:
+        suffix = {"kernel": "weight", "bias": "bias"}[name]
+        if name == "kernel":
+          value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      sd[".".join(module + [suffix])] = value
+  return sd
 
 
 def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
