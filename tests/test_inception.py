@@ -100,9 +100,20 @@ def test_loader_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="github.com/mseitzer/pytorch-fid"):
     inception.load_inception(str(tmp_path / "missing.pth"))
   np.savez(tmp_path / "wrong.npz", a=np.zeros(3))
-  with pytest.raises(ValueError, match="Conv2d_1a_3x3.conv.weight"):
+  with pytest.raises(ValueError, match="The Inception weights lack .*pt_inception"):
     inception.load_inception(str(tmp_path / "wrong.npz"))
   with pytest.raises(ValueError, match=r"\[-1, 1\]"):
     inception.preprocess(jnp.full((1, 8, 8, 3), 2.0))
   with pytest.raises(ValueError, match="NHWC"):
     inception.preprocess(jnp.zeros((1, 3, 8, 8)))
+
+
+def test_state_dict_round_trip():
+  shapes = jax.eval_shape(inception.init_variables, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  sd = inception.state_dict_from_variables(variables)
+  assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)  # torch's [O, I, kh, kw]
+  assert sd["fc.weight"].shape == (1008, 2048)
+  assert "Mixed_7c.branch_pool.bn.running_var" in sd
+  jax.tree.map(np.testing.assert_array_equal, inception.variables_from_state_dict(sd), variables)
