@@ -14,8 +14,8 @@ Inputs:
                 the reference file has none; without either, only FID and IS are reported.
   --inception   pytorch-fid's pt_inception-2015-12-05-*.pth (needs torch) or its .npz conversion
                 (`python -m diffdistill.nets.inception IN.pth OUT.npz`); never downloaded.
-Runtime: the Inception forward dominates: ~8 images/s on 2 CPU cores (see bench/fid.py), thousands
-per second on one GPU. FID streams the moments (O(2048^2) memory); IS keeps the logits of every
+Runtime: the Inception forward dominates: 1.7 images/s measured on 2 CPU cores shared with other
+jobs (load 12; bench/fid.md), so 50k samples are a GPU/TPU job. FID streams the moments (O(2048^2) memory); IS keeps the logits of every
 sample and P/R / KID the pool3 features of the first --num_feature_samples samples of each set.
 
 Writes a JSON (default <samples>.evaluate.json, or evaluate.json inside a samples folder) with one
