@@ -27,6 +27,14 @@ import numpy as np
 
 from diffdistill import _validate
 from diffdistill import analytic
+# FID's Frechet distance, streaming moments and reference files, the other image metrics and the
+# PF-ODE likelihood live in submodules; their public names are metrics.<name> too.
+from diffdistill.metrics.frechet import (StreamingMoments, _frechet_from_moments,
+                                         frechet_distance_float64, frechet_distance_from_moments,
+                                         load_statistics, save_statistics)
+from diffdistill.metrics.image import (density_coverage, inception_score, kernel_inception_distance,
+                                       precision_recall)
+from diffdistill.metrics.likelihood import pf_ode_bits_per_dim, pf_ode_nll
 
 Array = jax.Array
 
@@ -162,54 +170,6 @@ def energy_distance(x: Array, y: Array, *, block: int = 512) -> Array:
   return 2.0 * exy - exx - eyy
 
 
-def _sqrtm_psd(c: Array) -> Array:
-  s, u = jnp.linalg.eigh(0.5 * (c + c.T))
-  return (u * jnp.sqrt(jnp.maximum(s, 0.0))) @ u.T
-
-
-def _check_moments(mu_x, cov_x, mu_y, cov_y) -> None:
-  mu_x, cov_x, mu_y, cov_y = (jnp.asarray(a) for a in (mu_x, cov_x, mu_y, cov_y))
-  d = mu_x.shape[-1] if mu_x.ndim == 1 else None
-  if d is None or mu_y.shape != (d,) or cov_x.shape != (d, d) or cov_y.shape != (d, d):
-    raise ValueError(f"Need mu_x, mu_y of shape [d] and cov_x, cov_y of shape [d, d]; got "
-                     f"{mu_x.shape}, {cov_x.shape}, {mu_y.shape}, {cov_y.shape}.")
-  for name, c in (("cov_x", cov_x), ("cov_y", cov_y)):
-    if not _validate.is_concrete(c):
-      continue
-    c = np.asarray(c, np.float64)
-    scale = max(float(np.max(np.abs(c))), 1e-30) if c.size else 1.0
-    if not np.all(np.isfinite(c)):
-      raise ValueError(f"{name} must be finite.")
-    if not np.allclose(c, c.T, rtol=0.0, atol=1e-4 * scale):
-      raise ValueError(f"{name} must be a symmetric covariance matrix; it is not symmetric.")
-    # Sample covariances in float32 have eigenvalues a little below 0 where they are singular.
-    smallest = float(np.linalg.eigvalsh(0.5 * (c + c.T)).min()) if c.size else 0.0
-    if smallest < -1e-4 * scale:
-      raise ValueError(f"{name} must be positive semi-definite (a covariance); its smallest "
-                       f"eigenvalue is {smallest:.3g}.")
-
-
-def frechet_distance_from_moments(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: Array) -> Array:
-  """Frechet distance between N(mu_x, cov_x) and N(mu_y, cov_y).
-
-  tr((S_x S_y)^1/2) is computed as sum sqrt(eig(S_x^1/2 S_y S_x^1/2)): symmetric PSD
-  eigenproblems only, so no complex parts or scipy round-trips (FID's usual failure modes).
-  cov_x and cov_y must be symmetric positive semi-definite: checked where concrete (a traced
-  indefinite matrix gives a meaningless number).
-  """
-  _check_moments(mu_x, cov_x, mu_y, cov_y)
-  return _frechet_from_moments(mu_x, cov_x, mu_y, cov_y)
-
-
-@jax.jit
-def _frechet_from_moments(mu_x, cov_x, mu_y, cov_y):
-  root = _sqrtm_psd(cov_x)
-  m = root @ cov_y @ root
-  tr_sqrt = jnp.sum(jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(0.5 * (m + m.T)), 0.0)))
-  diff = mu_x - mu_y
-  return diff @ diff + jnp.trace(cov_x) + jnp.trace(cov_y) - 2.0 * tr_sqrt
-
-
 def gaussian_moments(x: Array) -> tuple[Array, Array]:
   """Mean [d] and unbiased covariance [d, d] of samples x [N, d] (N >= 2)."""
   x = _samples("x", x, min_samples=2)
@@ -322,4 +282,8 @@ def _mode_cov_errors(mix: analytic.GaussianMixture, x: Array) -> Array:
 
 __all__ = ["sliced_wasserstein", "default_bandwidths", "mmd2", "energy_distance", "frechet_distance",
            "frechet_distance_from_moments", "gaussian_moments", "per_sample_error",
-           "mixture_log_likelihood", "mode_counts", "mode_stats"]
+           "mixture_log_likelihood", "mode_counts", "mode_stats",
+           # image metrics and the likelihood (submodules)
+           "StreamingMoments", "frechet_distance_float64", "load_statistics", "save_statistics",
+           "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",
+           "pf_ode_nll", "pf_ode_bits_per_dim"]

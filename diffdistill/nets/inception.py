@@ -1,0 +1,368 @@
+"""Inception-v3 for FID: TF's 2015-12-05 graph as pytorch-fid ports it, in Flax.
+
+The network is torchvision's Inception-v3 with pytorch-fid's FID blocks (`FIDInceptionA`, `C`,
+`E_1`, `E_2`): every 3x3 average pool inside a block excludes the zero padding from its count
+(TF's `AvgPool` with SAME padding), and the last block (Mixed_7c) pools its fourth branch with a
+3x3 *max* pool (a quirk of the 2015 graph). Every convolution is conv (no bias) -> batch norm
+(eps = 1e-3, running statistics) -> ReLU.
+
+    x [B, H, W, 3] -> preprocess -> [B, 299, 299, 3] in [-1, 1] -> ... -> Mixed_7c [B, 8, 8, 2048]
+    pool3 = mean_{h, w} Mixed_7c            [B, 2048]   (FID, precision/recall, KID)
+    logits = pool3 W_fc + b_fc              [B, 1008]   (Inception Score: softmax of these)
+
+Preprocessing (`preprocess`) is pytorch-fid's exactly: images scaled to [0, 1], resized to 299 x 299
+by bilinear interpolation with align_corners=False and no antialiasing (`F.interpolate`), then
+mapped to [-1, 1] by 2x - 1. Inputs are NHWC with 3 channels, either uint8 in [0, 255] (divided by
+255, as torchvision's ToTensor does for the PNGs pytorch-fid reads) or floating point in [-1, 1]
+(the library's image convention: mapped by (x + 1) / 2 first). A float input outside [-1, 1] is an
+error where concrete.
+
+Parameters are `{"params": ..., "batch_stats": ...}` with torch's module names (Mixed_5b/branch1x1/
+conv/kernel, .../bn/scale, .../bn/mean, ...). Weight files, none downloaded at run time:
+  * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a torch state dict; needs torch),
+    from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/;
+  * a `.npz` holding the same state dict as numpy arrays under the same keys (no torch needed):
+    `python -m diffdistill.nets.inception IN.pth OUT.npz` converts one.
+NVIDIA's TorchScript `inception-2015-12-05.pkl` (EDM's and StyleGAN's FID scripts) is a different
+port of the same graph with its own preprocessing: see docs/metrics.md for why it is not read here.
+
+References:
+  Szegedy et al., Rethinking the Inception Architecture for Computer Vision, CVPR 2016.
+  Heusel et al., GANs Trained by a Two Time-Scale Update Rule (FID), NeurIPS 2017.
+  Seitzer, pytorch-fid (https://github.com/mseitzer/pytorch-fid), inception.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+INPUT_SIZE = 299
+NUM_FEATURES = 2048
+NUM_LOGITS = 1008
+PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+
+
+class BasicConv(nn.Module):
+  """conv (no bias) -> batch norm with running statistics (eps 1e-3) -> ReLU."""
+
+  features: int
+  kernel: tuple[int, int]
+  stride: int = 1
+  padding: tuple[int, int] = (0, 0)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    (ph, pw) = self.padding
+    x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=((ph, ph), (pw, pw)),
+                use_bias=False, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+    return nn.relu(x)
+
+
+def _avg_pool_3x3(x: Array) -> Array:
+  """TF's 3x3/1 average pool with SAME padding: the padded zeros are not counted."""
+  return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool_3x3_s2(x: Array) -> Array:
+  return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
+
+
+class InceptionA(nn.Module):
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x):
+    b1 = BasicConv(64, (1, 1), name="branch1x1")(x)
+    b5 = BasicConv(48, (1, 1), name="branch5x5_1")(x)
+    b5 = BasicConv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+    b3 = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
+    bp = BasicConv(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    b3 = BasicConv(384, (3, 3), stride=2, name="branch3x3")(x)
+    bd = BasicConv(64, (1, 1), name="branch3x3dbl_1")(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+    bd = BasicConv(96, (3, 3), stride=2, name="branch3x3dbl_3")(bd)
+    return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x):
+    c7 = self.channels_7x7
+    b1 = BasicConv(192, (1, 1), name="branch1x1")(x)
+    b7 = BasicConv(c7, (1, 1), name="branch7x7_1")(x)
+    b7 = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
+    bd = BasicConv(c7, (1, 1), name="branch7x7dbl_1")(x)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
+    bd = BasicConv(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
+    bd = BasicConv(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
+    bd = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
+    bp = BasicConv(192, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    b3 = BasicConv(192, (1, 1), name="branch3x3_1")(x)
+    b3 = BasicConv(320, (3, 3), stride=2, name="branch3x3_2")(b3)
+    b7 = BasicConv(192, (1, 1), name="branch7x7x3_1")(x)
+    b7 = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+    b7 = BasicConv(192, (3, 3), stride=2, name="branch7x7x3_4")(b7)
+    return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+  """Mixed_7b (avg-pool branch, padding not counted) and Mixed_7c (max-pool branch)."""
+
+  max_pool_branch: bool
+
+  @nn.compact
+  def __call__(self, x):
+    b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
+    b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
+    b3 = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], -1)
+    bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
+    bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+    bd = jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                          BasicConv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], -1)
+    if self.max_pool_branch:
+      pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))  # pads with -inf
+    else:
+      pooled = _avg_pool_3x3(x)
+    bp = BasicConv(192, (1, 1), name="branch_pool")(pooled)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class FIDInceptionV3(nn.Module):
+  """x [B, 299, 299, 3] in [-1, 1] (already preprocessed) -> (pool3 [B, 2048], logits [B, 1008])."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    x = BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
+    x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
+    x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+    x = _max_pool_3x3_s2(x)
+    x = BasicConv(80, (1, 1), name="Conv2d_3b_1x1")(x)
+    x = BasicConv(192, (3, 3), name="Conv2d_4a_3x3")(x)
+    x = _max_pool_3x3_s2(x)
+    x = InceptionA(32, name="Mixed_5b")(x)
+    x = InceptionA(64, name="Mixed_5c")(x)
+    x = InceptionA(64, name="Mixed_5d")(x)
+    x = InceptionB(name="Mixed_6a")(x)
+    x = InceptionC(128, name="Mixed_6b")(x)
+    x = InceptionC(160, name="Mixed_6c")(x)
+    x = InceptionC(160, name="Mixed_6d")(x)
+    x = InceptionC(192, name="Mixed_6e")(x)
+    x = InceptionD(name="Mixed_7a")(x)
+    x = InceptionE(False, name="Mixed_7b")(x)
+    x = InceptionE(True, name="Mixed_7c")(x)  # [B, 8, 8, 2048] at 299 x 299
+    pool3 = jnp.mean(x, axis=(1, 2))
+    return pool3, nn.Dense(NUM_LOGITS, name="fc")(pool3)
+
+
+@functools.lru_cache(maxsize=16)
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch's bilinear interpolation, align_corners=False, no antialias:
+  source coordinate s = max((i + 0.5) n_in / n_out - 0.5, 0), neighbours floor(s) and floor(s) + 1
+  (clamped to n_in - 1), weights 1 - frac(s) and frac(s). Computed in float32 arithmetic as torch
+  does on CPU: in float64 the weights differ from torch's by up to 3e-5 at 400 pixels."""
+  f32 = np.float32
+  scale = f32(n_in) / f32(n_out)
+  s = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
+  i0 = np.minimum(s.astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  w1 = (s - i0.astype(f32)).astype(f32)
+  m = np.zeros((n_out, n_in), f32)
+  np.add.at(m, (np.arange(n_out), i0), f32(1.0) - w1)
+  np.add.at(m, (np.arange(n_out), i1), w1)
+  return m
+
+
+def _check_images(images) -> Array:
+  """images as an array: [B, H, W, 3], uint8 or float (in [-1, 1], checked where concrete)."""
+  images = jnp.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be NHWC RGB, [B, H, W, 3]; got shape {images.shape}.")
+  if images.dtype != jnp.uint8 and not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1]; got dtype "
+                     f"{images.dtype}.")
+  if (jnp.issubdtype(images.dtype, jnp.floating) and images.size
+      and not isinstance(images, jax.core.Tracer)):
+    lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+      raise ValueError(f"float images must lie in [-1, 1] (uint8 images in [0, 255]); got values "
+                       f"in [{lo:.4g}, {hi:.4g}].")
+  return images
+
+
+def preprocess(images: Array) -> Array:
+  """pytorch-fid's input pipeline: [B, H, W, 3] uint8 in [0, 255] or float in [-1, 1] ->
+  [B, 299, 299, 3] float32 in [-1, 1] (x01 = x / 255 or (x + 1) / 2; bilinear resize to 299 with
+  align_corners=False and no antialiasing; 2 x01 - 1)."""
+  images = _check_images(images)
+  if images.dtype == jnp.uint8:
+    x01 = images.astype(jnp.float32) / 255.0
+  else:
+    x01 = (images.astype(jnp.float32) + 1.0) / 2.0
+  h, w = images.shape[1:3]
+  if (h, w) != (INPUT_SIZE, INPUT_SIZE):  # torch's interpolation at equal size is the identity
+    mh = jnp.asarray(_bilinear_matrix(h, INPUT_SIZE), jnp.float32)
+    mw = jnp.asarray(_bilinear_matrix(w, INPUT_SIZE), jnp.float32)
+    x01 = jnp.einsum("oh,bhwc->bowc", mh, x01, precision="highest")
+    x01 = jnp.einsum("pw,bowc->bopc", mw, x01, precision="highest")
+  return 2.0 * x01 - 1.0
+
+
+_MODEL = FIDInceptionV3()
+_network = jax.jit(_MODEL.apply)  # one compilation at 299 x 299 serves every input size
+_preprocess = jax.jit(preprocess)
+
+
+def inception_features(variables: Any, images: Array) -> tuple[Array, Array]:
+  """(pool3 [B, 2048], logits [B, 1008]) of images [B, H, W, 3] (uint8 in [0, 255] or float in
+  [-1, 1]; see `preprocess`), float32. `variables` from `load_inception`. The network compiles
+  once (at 299 x 299) for every input size; the resize compiles per input shape."""
+  return _network(variables, _preprocess(_check_images(images)))
+
+
+def init_variables(rng: Array) -> Any:
+  """Randomly initialized variables (shapes for loaders and tests; not a trained network)."""
+  return jax.jit(_MODEL.init)(rng, jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
+
+
+def variables_from_state_dict(state_dict: dict[str, np.ndarray]) -> Any:
+  """Flax variables from pytorch-fid's state dict (torch names and layouts, as numpy arrays).
+
+  conv.weight [O, I, kh, kw] -> conv/kernel [kh, kw, I, O]; bn.weight/bias/running_mean/running_var
+  -> params bn/scale, bn/bias, batch_stats bn/mean, bn/var; fc.weight [1008, 2048] -> fc/kernel
+  [2048, 1008]. Every tensor of the network must be present with its shape (num_batches_tracked
+  and the unused AuxLogits are ignored).
+  """
+  shapes = jax.eval_shape(init_variables, jax.random.key(0))
+  out: dict[str, dict] = {"params": {}, "batch_stats": {}}
+
+  def put(collection, path, value):
+    node = out[collection]
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+
+  flat = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]:
+      flat[(collection,) + tuple(k.key for k in path)] = leaf.shape
+  for (collection, *path), shape in flat.items():
+    module, leaf = path[:-1], path[-1]
+    if module[-1] == "bn":
+      suffix = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]
+    else:
+      suffix = {"kernel": "weight", "bias": "bias"}[leaf]
+    key = ".".join(module + [suffix])
+    if key not in state_dict:
+      raise ValueError(f"The Inception weights lack {key!r} (is this pytorch-fid's FID Inception, "
+                       f"pt_inception-2015-12-05-*.pth?).")
+    value = np.asarray(state_dict[key], np.float32)
+    if leaf == "kernel" and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    elif leaf == "kernel":
+      value = value.T
+    if value.shape != tuple(shape):
+      raise ValueError(f"Inception weight {key!r} has shape {value.shape} after conversion; the "
+                       f"network needs {tuple(shape)}.")
+    put(collection, path, jnp.asarray(value))
+  return out
+
+
+def state_dict_from_variables(variables: Any) -> dict[str, np.ndarray]:
+  """The inverse of `variables_from_state_dict`: pytorch-fid's keys and layouts as numpy arrays
+  (what `.npz` weight files hold; tests write random weights this way)."""
+  sd = {}
+  for collection in ("params", "batch_stats"):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
+      *module, name = [k.key for k in path]
+      value = np.asarray(leaf, np.float32)
+      if module[-1] == "bn":
+        suffix = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[name]
+      else:
+        suffix = {"kernel": "weight", "bias": "bias"}[name]
+        if name == "kernel":
+          value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      sd[".".join(module + [suffix])] = value
+  return sd
+
+
+def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError(f"Reading {path} (a torch file) needs torch (pip install 'diffdistill[torch]'); "
+                      f"or convert it once elsewhere with `python -m diffdistill.nets.inception "
+                      f"{path} OUT.npz` and load the .npz.") from None
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(sd, dict):
+    raise ValueError(f"{path} is not a torch state dict (pytorch-fid's pt_inception-2015-12-05-*.pth "
+                     f"is one); got {type(sd).__name__}.")
+  return {k: v.detach().cpu().numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+
+
+def load_inception(path: str) -> Any:
+  """Flax variables of the FID Inception from pytorch-fid's `.pth` (needs torch) or its `.npz`
+  conversion (same keys; no torch). Nothing is downloaded: a missing file is an error saying where
+  pytorch-fid's file comes from."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"No Inception weight file at {path!r}. Download pytorch-fid's FID Inception weights from "
+        f"{PYTORCH_FID_URL} (and optionally convert them with `python -m diffdistill.nets.inception "
+        f"pt_inception-2015-12-05-6726825d.pth inception.npz`).")
+  if path.endswith(".npz"):
+    with np.load(path) as f:
+      sd = {k: f[k] for k in f.files}
+  elif path.endswith((".pth", ".pt")):
+    sd = _torch_state_dict(path)
+  elif path.endswith(".pkl"):
+    raise ValueError(f"{path}: NVIDIA's TorchScript inception-2015-12-05.pkl is not supported (a "
+                     f"different port with its own resize; docs/metrics.md). Use pytorch-fid's "
+                     f"weights: {PYTORCH_FID_URL}.")
+  else:
+    raise ValueError(f"Inception weight file {path!r} must end in .pth (pytorch-fid) or .npz "
+                     f"(converted).")
+  return variables_from_state_dict(sd)
+
+
+def convert_to_npz(src: str, dst: str) -> None:
+  """Writes pytorch-fid's `.pth` state dict as an `.npz` with the same keys (needs torch once)."""
+  sd = _torch_state_dict(src)
+  variables_from_state_dict(sd)  # refuse a file that is not the FID Inception
+  np.savez(dst, **sd)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 3:
+    sys.exit("usage: python -m diffdistill.nets.inception pt_inception-2015-12-05-*.pth OUT.npz")
+  convert_to_npz(sys.argv[1], sys.argv[2])

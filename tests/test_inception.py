@@ -1,0 +1,119 @@
+"""The Flax FID Inception against pytorch-fid's own torch code, with random weights written here.
+
+pytorch-fid's `fid_inception_v3()` builds the network (its FID blocks) and then loads the weight
+file it downloads; here its `load_state_dict` is skipped while building, every parameter and
+buffer is randomized, the state dict is saved to tmp_path (the format of pt_inception-*.pth), and
+pytorch-fid's `InceptionV3` wrapper (resize, normalisation, pool3) is built from that file.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from diffdistill.nets import inception
+
+
+def _relative(a, b):
+  return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory):
+  torch = pytest.importorskip("torch")
+  torchvision = pytest.importorskip("torchvision")
+  pfi = pytest.importorskip("pytorch_fid.inception")
+  mp = pytest.MonkeyPatch()
+  mp.setattr(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None)
+  mp.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: None)
+  net = pfi.fid_inception_v3()
+  mp.undo()
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      if name.endswith("conv.weight") or name == "fc.weight":
+        fan_in = int(np.prod(p.shape[1:]))  # He scale keeps activations O(1) through 94 convs
+        p.copy_(torch.randn(p.shape, generator=gen) * np.sqrt(2.0 / fan_in))
+      elif name.endswith("bn.weight"):
+        p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+      else:  # bn.bias, fc.bias
+        p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for name, b in net.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+      elif name.endswith("running_var"):
+        b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+  path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-random.pth"
+  torch.save(net.state_dict(), path)
+  mp.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: torch.load(path))
+  wrapper = pfi.InceptionV3([3]).eval()  # pytorch-fid's FID feature extractor
+  mp.undo()
+  net.eval()
+  return torch, wrapper, net, path
+
+
+@pytest.fixture(scope="module")
+def flax_variables(torch_reference):
+  return inception.load_inception(str(torch_reference[3]))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("size", [32, 64, 299])
+def test_pool3_and_logits_match_pytorch_fid(torch_reference, flax_variables, size):
+  torch, wrapper, net, _ = torch_reference
+  images = np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+  x01 = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+  with torch.no_grad():
+    ref_pool = wrapper(x01)[0][:, :, 0, 0]
+    ref_logits = net.fc(ref_pool).numpy()  # Inception3.forward's last layer (dropout is off)
+    ref_pool = ref_pool.numpy()
+  pool, logits = inception.inception_features(flax_variables, images)
+  assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+  assert np.std(ref_pool) > 1e-2  # the random network does not collapse
+  assert _relative(pool, ref_pool) < 1e-4
+  assert _relative(logits, ref_logits) < 1e-4
+  # The same images as floats in [-1, 1] give the same features.
+  pool_f, _ = inception.inception_features(flax_variables, images.astype(np.float32) / 127.5 - 1.0)
+  assert _relative(pool_f, ref_pool) < 1e-4
+
+
+@pytest.mark.torch
+def test_npz_conversion_gives_the_same_network(torch_reference, flax_variables, tmp_path):
+  npz = tmp_path / "inception.npz"
+  inception.convert_to_npz(str(torch_reference[3]), str(npz))
+  from_npz = inception.load_inception(str(npz))
+  jax.tree.map(np.testing.assert_array_equal, from_npz, flax_variables)
+
+
+@pytest.mark.torch
+def test_resize_matches_torch_interpolate(torch_reference):
+  torch = torch_reference[0]
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 37, 411, 3)).astype(np.float32)  # up and down
+  ref = torch.nn.functional.interpolate(torch.from_numpy((x.transpose(0, 3, 1, 2) + 1) / 2),
+                                        size=(299, 299), mode="bilinear", align_corners=False)
+  ours = inception.preprocess(jnp.asarray(x))
+  np.testing.assert_allclose(ours, 2 * ref.numpy().transpose(0, 2, 3, 1) - 1, atol=1e-5)
+
+
+def test_loader_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="github.com/mseitzer/pytorch-fid"):
+    inception.load_inception(str(tmp_path / "missing.pth"))
+  np.savez(tmp_path / "wrong.npz", a=np.zeros(3))
+  with pytest.raises(ValueError, match="The Inception weights lack .*pt_inception"):
+    inception.load_inception(str(tmp_path / "wrong.npz"))
+  with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+    inception.preprocess(jnp.full((1, 8, 8, 3), 2.0))
+  with pytest.raises(ValueError, match="NHWC"):
+    inception.preprocess(jnp.zeros((1, 3, 8, 8)))
+
+
+def test_state_dict_round_trip():
+  shapes = jax.eval_shape(inception.init_variables, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  sd = inception.state_dict_from_variables(variables)
+  assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)  # torch's [O, I, kh, kw]
+  assert sd["fc.weight"].shape == (1008, 2048)
+  assert "Mixed_7c.branch_pool.bn.running_var" in sd
+  jax.tree.map(np.testing.assert_array_equal, inception.variables_from_state_dict(sd), variables)
