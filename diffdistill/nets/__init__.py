@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill.nets.dit import PRESETS as DIT_PRESETS
+from diffdistill.nets.dit import DiT
 from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
                                          time_embedding)
 from diffdistill.nets.mlp import ScoreMLP
@@ -43,6 +45,8 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": ScoreMLP,
     "unet": UNet,
     **{f"unet_{name}": functools.partial(UNet, **kw) for name, kw in UNET_PRESETS.items()},
+    "dit": DiT,
+    **{f"dit_{name}": functools.partial(DiT, **kw) for name, kw in DIT_PRESETS.items()},
 }
 
 
@@ -134,5 +138,5 @@ def num_params(params: Any) -> int:
 
 
 __all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
-           "UNET_PRESETS",
+           "UNET_PRESETS", "DiT", "DIT_PRESETS",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]
