@@ -16,6 +16,8 @@ guidance: `parametrization.guided(teacher.apply, w, null_cond={"label": teacher.
 Formats (docs/teachers.md says where each file comes from and what was verified):
   * a diffusers `DiTTransformer2DModel` folder (config.json + safetensors), or a DiT pipeline
     folder holding one under transformer/: no torch needed;
+  * a diffusers `AutoencoderKL` folder (the SD-VAE of latent teachers), loaded as an
+    `Autoencoder` with encode / decode and the latent scaling: no torch needed;
   * an original DiT or SiT `.pt` state dict (facebookresearch/DiT, willisma/SiT key names; a
     training checkpoint's 'ema' entry): torch needed to read it (weights_only, no code runs).
     A file whose name starts with "SiT" is a SiT (linear interpolant, velocity); any other a DiT;
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 from diffdistill import schedules
 from diffdistill.interop import dit
+from diffdistill.interop.vae import Autoencoder, load_diffusers_vae
 
 FAMILIES = ("dit", "sit")
 
@@ -62,22 +65,26 @@ def _diffusers_folder(path):
   return None, None
 
 
-def load(path: str, *, family: str | None = None, num_heads: int | None = None) -> Teacher:
+def load(path: str, *, family: str | None = None,
+         num_heads: int | None = None) -> "Teacher | Autoencoder":
   """Loads a checkpoint file or folder as a `Teacher`.
 
   Args:
-    path: a diffusers model (or pipeline) folder, or a `.pt` / `.pth` state dict.
+    path: a diffusers model (or pipeline) folder, or a `.pt` / `.pth` state dict. A diffusers
+      AutoencoderKL folder gives an `Autoencoder` (interop.vae), not a Teacher.
     family: 'dit' or 'sit' for a `.pt` file (default: 'sit' iff the file name starts with "sit").
     num_heads: attention heads of a `.pt` DiT whose width is not a published size.
   Returns:
-    the Teacher (params as float32 numpy arrays).
+    the Teacher (params as float32 numpy arrays), or the Autoencoder of a VAE folder.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
     folder, class_name = _diffusers_folder(path)
+    if class_name == "AutoencoderKL":
+      return load_diffusers_vae(folder)
     if class_name != "DiTTransformer2DModel":
       raise ValueError(f"{path}: not a supported diffusers folder (config.json _class_name "
-                       f"{class_name!r}); supported: 'DiTTransformer2DModel'.")
+                       f"{class_name!r}); supported: 'DiTTransformer2DModel', 'AutoencoderKL'.")
     module, params, info = dit.load_diffusers(folder)
     raw, apply, schedule = dit.dit_functions(module, info, label_name="class_labels")
     return Teacher(params, apply, raw, schedule, "eps", "dit", info["num_classes"], module,
@@ -100,4 +107,4 @@ def load(path: str, *, family: str | None = None, num_heads: int | None = None) 
                    "DiTTransformer2DModel folder or an original DiT / SiT .pt / .pth file.")
 
 
-__all__ = ["load", "Teacher", "FAMILIES"]
+__all__ = ["load", "Teacher", "Autoencoder", "FAMILIES"]

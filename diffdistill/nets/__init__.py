@@ -37,6 +37,7 @@ from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, S
 from diffdistill.nets.mlp import ScoreMLP
 from diffdistill.nets.unet import PRESETS as UNET_PRESETS
 from diffdistill.nets.unet import UNet
+from diffdistill.nets.vae import AutoencoderKL
 
 Array = jax.Array
 
@@ -138,5 +139,5 @@ def num_params(params: Any) -> int:
 
 
 __all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
-           "UNET_PRESETS", "DiT", "DIT_PRESETS",
+           "UNET_PRESETS", "DiT", "DIT_PRESETS", "AutoencoderKL",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]
