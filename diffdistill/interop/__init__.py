@@ -16,6 +16,9 @@ guidance: `parametrization.guided(teacher.apply, w, null_cond={"label": teacher.
 Formats (docs/teachers.md says where each file comes from and what was verified):
   * a diffusers `DiTTransformer2DModel` folder (config.json + safetensors), or a DiT pipeline
     folder holding one under transformer/: no torch needed;
+  * a diffusers `UNet2DModel` folder or a pipeline folder holding one under unet/ (the DDPM
+    CIFAR-10 / CelebA-HQ / LSUN models), with the pipeline's scheduler betas and prediction type:
+    no torch needed;
   * a diffusers `AutoencoderKL` folder (the SD-VAE of latent teachers), loaded as an
     `Autoencoder` with encode / decode and the latent scaling: no torch needed;
   * an original DiT or SiT `.pt` state dict (facebookresearch/DiT, willisma/SiT key names; a
@@ -35,7 +38,7 @@ import os
 from typing import Any, Callable
 
 from diffdistill import schedules
-from diffdistill.interop import dit
+from diffdistill.interop import ddpm_unet, dit
 from diffdistill.interop.vae import Autoencoder, load_diffusers_vae
 
 FAMILIES = ("dit", "sit")
@@ -50,14 +53,14 @@ class Teacher:
   raw: Callable[..., Any]     # the checkpoint's network with its own argument conventions
   schedule: schedules.Schedule
   kind: str                   # raw output: "eps" (DiT); "flow" (SiT: velocity in time s = 1 - t)
-  family: str                 # 'dit' or 'sit'
-  num_classes: int            # labels 0..K-1; K is the null class (0: unconditional)
+  family: str                 # 'dit', 'sit' or 'ddpm' (a diffusers UNet2DModel)
+  num_classes: int            # DiT / SiT: labels 0..K-1, K the null class; 0: unconditional
   network: Any                # the Flax module (nets.DiT) holding `params`
   info: dict                  # what was read: in_channels, input_size, learn_sigma, format
 
 
 def _diffusers_folder(path):
-  for folder in (path, os.path.join(path, "transformer")):
+  for folder in (path, os.path.join(path, "transformer"), os.path.join(path, "unet")):
     config = os.path.join(folder, "config.json")
     if os.path.exists(config):
       with open(config) as f:
@@ -82,9 +85,13 @@ def load(path: str, *, family: str | None = None,
     folder, class_name = _diffusers_folder(path)
     if class_name == "AutoencoderKL":
       return load_diffusers_vae(folder)
+    if class_name == "UNet2DModel":
+      module, params, raw, apply, schedule, kind, info = ddpm_unet.load_diffusers_unet(folder, path)
+      return Teacher(params, apply, raw, schedule, kind, "ddpm", module.num_classes, module, info)
     if class_name != "DiTTransformer2DModel":
       raise ValueError(f"{path}: not a supported diffusers folder (config.json _class_name "
-                       f"{class_name!r}); supported: 'DiTTransformer2DModel', 'AutoencoderKL'.")
+                       f"{class_name!r}); supported: 'DiTTransformer2DModel', 'UNet2DModel', "
+                       "'AutoencoderKL'.")
     module, params, info = dit.load_diffusers(folder)
     raw, apply, schedule = dit.dit_functions(module, info, label_name="class_labels")
     return Teacher(params, apply, raw, schedule, "eps", "dit", info["num_classes"], module,

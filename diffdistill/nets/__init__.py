@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill.nets.ddpm_unet import DDPMUNet
 from diffdistill.nets.dit import PRESETS as DIT_PRESETS
 from diffdistill.nets.dit import DiT
 from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
@@ -46,6 +47,7 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": ScoreMLP,
     "unet": UNet,
     **{f"unet_{name}": functools.partial(UNet, **kw) for name, kw in UNET_PRESETS.items()},
+    "ddpm_unet": DDPMUNet,
     "dit": DiT,
     **{f"dit_{name}": functools.partial(DiT, **kw) for name, kw in DIT_PRESETS.items()},
 }
@@ -140,4 +142,5 @@ def num_params(params: Any) -> int:
 
 __all__ = ["NETWORKS", "get_network", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
            "UNET_PRESETS", "DiT", "DIT_PRESETS", "AutoencoderKL",
+           "DDPMUNet",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]
