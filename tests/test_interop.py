@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from diffdistill import interop
+from diffdistill import interop, parametrization, solvers
 from diffdistill.interop import dit as interop_dit
 from diffdistill.interop import vae as interop_vae
 
@@ -45,9 +45,16 @@ def test_diffusers_dit_folder_loads_without_torch(tmp_path, no_torch):
   teacher = interop.load(tmp_path)
   qkv = teacher.params["blocks_1"]["attn_qkv"]["kernel"]
   np.testing.assert_array_equal(qkv[:, 16:32], state["transformer_blocks.1.attn1.to_k.weight"].T)
-  x = jnp.ones((2, 8, 8, 4))
-  x0 = jax.jit(teacher.apply)(teacher.params, x, jnp.array([0.5, 1.0]), label=jnp.array([1, 5]))
-  assert x0.shape == x.shape and bool(jnp.all(jnp.isfinite(x0)))
+  # The teacher is a denoiser on its own schedule: guided sampling with a library solver.
+  guided = parametrization.guided(teacher.apply, 1.5, null_cond={"label": teacher.num_classes})
+
+  @jax.jit
+  def generate(params, x_T):
+    denoise = lambda x, t: guided(params, x, t, label=jnp.array([1, 3]))  # noqa: E731
+    return solvers.sample(denoise, x_T, schedule=teacher.schedule, solver="ddim", nfe=2)
+
+  x0 = generate(teacher.params, jax.random.normal(jax.random.key(0), (2, 8, 8, 4)))
+  assert x0.shape == (2, 8, 8, 4) and bool(jnp.all(jnp.isfinite(x0)))
   with pytest.raises(ImportError, match="needs torch"):
     (tmp_path / "model.pt").write_bytes(b"")
     interop.load(tmp_path / "model.pt")
