@@ -52,7 +52,8 @@ def _norm(path, key, c):
 def _resnet(path, key, c_in, c_out, emb_dim):
   leaves = _norm((*path, "norm1"), f"{key}.norm1", c_in) + _conv((*path, "conv1"), f"{key}.conv1", c_out, c_in)
   leaves += ckpt.linear((*path, "time_emb_proj"), f"{key}.time_emb_proj", c_out, emb_dim)
-  leaves += _norm((*path, "norm2"), f"{key}.norm2", c_out) + _conv((*path, "conv2"), f"{key}.conv2", c_out, c_out)
+  leaves += _norm((*path, "norm2"), f"{key}.norm2", c_out)
+  leaves += _conv((*path, "conv2"), f"{key}.conv2", c_out, c_out)
   if c_in != c_out:
     leaves += _conv((*path, "conv_shortcut"), f"{key}.conv_shortcut", c_out, c_in, k=1)
   return leaves
@@ -80,7 +81,8 @@ def unet_leaves(cfg, *, attention_names=ATTENTION_NAMES["current"]):
     for j in range(n):
       leaves += _resnet((f"down_{i}_resnets_{j}",), f"down_blocks.{i}.resnets.{j}", c, w, emb)
       if kind == "AttnDownBlock2D":
-        leaves += _attention((f"down_{i}_attentions_{j}",), f"down_blocks.{i}.attentions.{j}", w, attention_names)
+        leaves += _attention((f"down_{i}_attentions_{j}",), f"down_blocks.{i}.attentions.{j}", w,
+                             attention_names)
       c = w
       skips.append(w)
     if i < len(widths) - 1:

@@ -35,7 +35,8 @@ def _norm(path, key, c):
 
 def _resnet(path, key, c_in, c_out):
   leaves = _norm((*path, "norm1"), f"{key}.norm1", c_in) + _conv((*path, "conv1"), f"{key}.conv1", c_out, c_in)
-  leaves += _norm((*path, "norm2"), f"{key}.norm2", c_out) + _conv((*path, "conv2"), f"{key}.conv2", c_out, c_out)
+  leaves += _norm((*path, "norm2"), f"{key}.norm2", c_out)
+  leaves += _conv((*path, "conv2"), f"{key}.conv2", c_out, c_out)
   if c_in != c_out:
     leaves += _conv((*path, "conv_shortcut"), f"{key}.conv_shortcut", c_out, c_in, k=1)
   return leaves

@@ -86,7 +86,9 @@ class AttnBlock(nn.Module):
       raise ValueError(f"AttnBlock: {c} channels do not split into heads of width {self.head_dim}.")
     heads = c // self.head_dim
     a = _group_norm(self.groups, self.eps, self.dtype, "group_norm")(x).reshape(b, h * w, c)
-    split = lambda name: nn.Dense(c, dtype=self.dtype, name=name)(a).reshape(b, h * w, heads, self.head_dim)  # noqa: E731
+    def split(name):  # [B, HW, heads, head_dim]
+      return nn.Dense(c, dtype=self.dtype, name=name)(a).reshape(b, h * w, heads, self.head_dim)
+
     a = jax.nn.dot_product_attention(split("to_q"), split("to_k"), split("to_v"))  # [B, HW, heads, hd]
     a = nn.Dense(c, dtype=self.dtype, name="to_out")(a.reshape(b, h * w, c)).reshape(b, h, w, c)
     return (x + a) / self.output_scale
@@ -155,7 +157,8 @@ class DDPMUNet(nn.Module):
       raise ValueError(f"DDPMUNet: num_classes={self.num_classes} but label is "
                        f"{'missing' if label is None else 'given'}.")
     widths, g, eps = self.block_out_channels, self.norm_num_groups, self.norm_eps
-    res = lambda c, name, scale=1.0: ResBlock(c, g, eps, scale, self.dropout, self.dtype, name=name)  # noqa: E731
+    res = lambda c, name, scale=1.0: ResBlock(  # noqa: E731
+        c, g, eps, scale, self.dropout, self.dtype, name=name)
     attn = lambda c, name, groups=g, scale=1.0: AttnBlock(  # noqa: E731
         self.attention_head_dim or c, groups, eps, scale, self.dtype, name=name)
     det = dict(deterministic=deterministic)
