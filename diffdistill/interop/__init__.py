@@ -21,6 +21,8 @@ Formats (docs/teachers.md says where each file comes from and what was verified)
     no torch needed;
   * a diffusers `AutoencoderKL` folder (the SD-VAE of latent teachers), loaded as an
     `Autoencoder` with encode / decode and the latent scaling: no torch needed;
+  * an EDM snapshot pickle (`edm-*.pkl`: EDMPrecond around a DDPM++ SongUNet), read by a
+    restricted unpickler that never executes the source code EDM embeds in it; torch needed;
   * an original DiT or SiT `.pt` state dict (facebookresearch/DiT, willisma/SiT key names; a
     training checkpoint's 'ema' entry): torch needed to read it (weights_only, no code runs).
     A file whose name starts with "SiT" is a SiT (linear interpolant, velocity); any other a DiT;
@@ -38,7 +40,7 @@ import os
 from typing import Any, Callable
 
 from diffdistill import schedules
-from diffdistill.interop import ddpm_unet, dit
+from diffdistill.interop import ddpm_unet, dit, edm
 from diffdistill.interop.vae import Autoencoder, load_diffusers_vae
 
 FAMILIES = ("dit", "sit")
@@ -53,7 +55,7 @@ class Teacher:
   raw: Callable[..., Any]     # the checkpoint's network with its own argument conventions
   schedule: schedules.Schedule
   kind: str                   # raw output: "eps" (DiT); "flow" (SiT: velocity in time s = 1 - t)
-  family: str                 # 'dit', 'sit' or 'ddpm' (a diffusers UNet2DModel)
+  family: str                 # 'dit', 'sit', 'ddpm' (a diffusers UNet2DModel) or 'edm'
   num_classes: int            # DiT / SiT: labels 0..K-1, K the null class; 0: unconditional
   network: Any                # the Flax module (nets.DiT) holding `params`
   info: dict                  # what was read: in_channels, input_size, learn_sigma, format
@@ -110,8 +112,12 @@ def load(path: str, *, family: str | None = None,
       kind = "eps"
     return Teacher(params, apply, raw, schedule, kind, family, info["num_classes"], module,
                    dict(info, format="pt"))
-  raise ValueError(f"{path}: not a supported checkpoint; expected a diffusers "
-                   "DiTTransformer2DModel folder or an original DiT / SiT .pt / .pth file.")
+  if os.path.isfile(path) and path.endswith(".pkl"):
+    module, params, raw, apply, schedule, info = edm.load_edm(path)
+    return Teacher(params, apply, raw, schedule, "edm", "edm", info["label_dim"], module, info)
+  raise ValueError(f"{path}: not a supported checkpoint; expected a diffusers folder "
+                   "(DiTTransformer2DModel, UNet2DModel, AutoencoderKL), an original DiT / SiT "
+                   ".pt / .pth file or an EDM .pkl snapshot.")
 
 
 __all__ = ["load", "Teacher", "Autoencoder", "FAMILIES"]
