@@ -15,7 +15,8 @@ which is `parametrization`'s kind 'edm' on `schedules.EDM`. Supported: `EDMPreco
 `SongUNet` in that layout (the EDM CIFAR-10 and AFHQ / FFHQ 64x64 'ddpmpp' snapshots); other
 preconditioners and networks (VPPrecond, VEPrecond, DhariwalUNet, NCSN++'s Fourier / residual
 variants) are refused by name. EDM's class labels are one-hot vectors; the all-zero vector (no
-class) is the null class K of the library's label table.
+class) is the null class K of the library's label table. The augmentation-label embedding
+(`map_augment`, used only when training with EDM's augment pipe; absent at sampling) is dropped.
 
 References:
   Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, NeurIPS 2022.
@@ -63,6 +64,13 @@ class Persistent(Record):
     self.class_name, self.state, self.module_src = class_name, state, module_src
 
 
+class EasyDict(dict):
+  """dnnlib's EasyDict (a dict with attribute access) as a plain dict; its items are its state."""
+
+  def __setstate__(self, state):
+    del state
+
+
 def _reconstruct_persistent_obj(meta):
   return Persistent(meta["class_name"], meta["state"], meta.get("module_src"))
 
@@ -90,7 +98,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     if (module, name) in (("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset")):
       return {"object": object, "set": set, "frozenset": frozenset}[name]
     if name == "EasyDict":
-      return dict
+      return EasyDict
     return type(name, (Record,), {"__module__": f"pickled:{module}"})
 
 
