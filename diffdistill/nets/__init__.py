@@ -13,7 +13,7 @@ takes integer labels in [0, K], where K is the null label of classifier-free gui
 built with `extra_cond=("r",)` takes the named extra scalar inputs as keywords, `apply(p, x, t, r=r)`
 ([B] or scalar each), which is how distilled students are conditioned on more than (x, t).
 
-    module = nets.get_network("mlp", features=128)
+    module = nets.get_network("mlp", features=128)   # or "unet_digits8", "dit_S_2", "ddpm_unet", ...
     params = nets.init_params(module, rng, x_example)
     apply = nets.make_apply(module)
     denoise = parametrization.as_denoiser(apply, kind="eps", schedule=schedule)
