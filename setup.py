@@ -31,6 +31,8 @@ setup(
         "pillow",
         # TensorBoard event files without TensorFlow (imported lazily by train/writers.py).
         "tensorboardX>=2.6",
+        # diffusers checkpoint folders (interop) load without torch (imported lazily).
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],

@@ -13,7 +13,7 @@ takes integer labels in [0, K], where K is the null label of classifier-free gui
 built with `extra_cond=("r",)` takes the named extra scalar inputs as keywords, `apply(p, x, t, r=r)`
 ([B] or scalar each), which is how distilled students are conditioned on more than (x, t).
 
-    module = nets.get_network("mlp", features=128)
+    module = nets.get_network("mlp", features=128)   # or "unet_digits8", "dit_S_2", "ddpm_unet", ...
     params = nets.init_params(module, rng, x_example)
     apply = nets.make_apply(module)
     denoise = parametrization.as_denoiser(apply, kind="eps", schedule=schedule)
@@ -33,12 +33,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffdistill.nets.ddpm_unet import DDPMUNet
+from diffdistill.nets.dit import PRESETS as DIT_PRESETS
+from diffdistill.nets.dit import DiT
 from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, SinusoidalEmbedding,
                                          time_embedding)
 from diffdistill.nets.mlp import ScoreMLP
 from diffdistill.nets.student import Net, trunk_features
 from diffdistill.nets.unet import PRESETS as UNET_PRESETS
 from diffdistill.nets.unet import UNet
+from diffdistill.nets.vae import AutoencoderKL
 
 Array = jax.Array
 
@@ -47,6 +51,9 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": ScoreMLP,
     "unet": UNet,
     **{f"unet_{name}": functools.partial(UNet, **kw) for name, kw in UNET_PRESETS.items()},
+    "ddpm_unet": DDPMUNet,
+    "dit": DiT,
+    **{f"dit_{name}": functools.partial(DiT, **kw) for name, kw in DIT_PRESETS.items()},
 }
 
 
@@ -138,5 +145,6 @@ def num_params(params: Any) -> int:
 
 
 __all__ = ["NETWORKS", "get_network", "Net", "trunk_features", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
-           "UNET_PRESETS",
+           "UNET_PRESETS", "DiT", "DIT_PRESETS", "AutoencoderKL",
+           "DDPMUNet",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]

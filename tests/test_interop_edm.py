@@ -1,0 +1,287 @@
+"""EDM snapshot pickles against a torch reference on random weights (float32, <= 1e-4 relative).
+
+The reference is EDM's DDPM++ `SongUNet` inside `EDMPrecond`, written here from the architecture
+of NVlabs/edm (training/networks.py) with its module names, and pickled the way EDM's
+`torch_utils.persistence` writes a snapshot: each network as `_reconstruct_persistent_obj(meta)`
+with its module source embedded. The source embedded here would raise if it were ever executed.
+"""
+
+import math
+import os
+import pickle
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tnn, F = torch.nn, torch.nn.functional
+
+from diffdistill import interop, nets, schedules  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+RES, C = 8, 3
+ARCH = dict(model_channels=8, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4],
+            dropout=0.0, augment_dim=2)
+EMBEDDED_SOURCE = "open('EXECUTED', 'w').close()\nraise SystemExit('the embedded source ran')\n"
+
+
+def _fake_reconstruct(meta):  # stands for EDM's function at pickling time; never called on load
+  raise AssertionError("the loader must not call torch_utils.persistence")
+
+
+_fake_reconstruct.__module__ = "torch_utils.persistence"
+_fake_reconstruct.__qualname__ = _fake_reconstruct.__name__ = "_reconstruct_persistent_obj"
+
+
+class PersistentMixin:
+  """EDM's persistent_class.__reduce__: the object's state plus its module's source code."""
+
+  def __reduce__(self):
+    fields = list(super().__reduce__()) + [None] * 3
+    meta = dict(type="class", version=6, module_src=EMBEDDED_SOURCE, class_name=type(self).__name__,
+                state=fields[2])
+    return (_fake_reconstruct, (meta,), None)
+
+
+class Conv2d(PersistentMixin, tnn.Module):
+  def __init__(self, cin, cout, kernel, up=False, down=False):
+    super().__init__()
+    self.up, self.down = up, down
+    self.weight = tnn.Parameter(torch.randn(cout, cin, kernel, kernel)) if kernel else None
+    self.bias = tnn.Parameter(torch.randn(cout)) if kernel else None
+    f = torch.tensor([1.0, 1.0])
+    self.register_buffer("resample_filter", (f.ger(f)[None, None] / f.sum() ** 2) if up or down else None)
+
+  def forward(self, x):
+    f, c = self.resample_filter, x.shape[1]
+    if self.up:
+      x = F.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2)
+    if self.down:
+      x = F.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2)
+    if self.weight is not None:
+      x = F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2) + self.bias.reshape(1, -1, 1, 1)
+    return x
+
+
+class Linear(PersistentMixin, tnn.Module):
+  def __init__(self, cin, cout, bias=True):
+    super().__init__()
+    self.weight = tnn.Parameter(torch.randn(cout, cin))
+    self.bias = tnn.Parameter(torch.randn(cout)) if bias else None
+
+  def forward(self, x):
+    x = x @ self.weight.t()
+    return x + self.bias if self.bias is not None else x
+
+
+class GroupNorm(PersistentMixin, tnn.Module):
+  def __init__(self, c, eps=1e-5):
+    super().__init__()
+    self.groups, self.eps = min(32, c // 4), eps
+    self.weight, self.bias = tnn.Parameter(torch.ones(c)), tnn.Parameter(torch.zeros(c))
+
+  def forward(self, x):
+    return F.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+
+
+class PositionalEmbedding(PersistentMixin, tnn.Module):
+  def __init__(self, num_channels):
+    super().__init__()
+    self.num_channels = num_channels
+
+  def forward(self, x):
+    freqs = (1 / 10000) ** (torch.arange(self.num_channels // 2) / (self.num_channels // 2 - 1))
+    x = x.ger(freqs)
+    return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class UNetBlock(PersistentMixin, tnn.Module):
+  def __init__(self, cin, cout, emb, up=False, down=False, attention=False):
+    super().__init__()
+    self.in_channels, self.attention = cin, attention
+    self.norm0 = GroupNorm(cin, eps=1e-6)
+    self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+    self.affine = Linear(emb, cout)
+    self.norm1 = GroupNorm(cout, eps=1e-6)
+    self.conv1 = Conv2d(cout, cout, 3)
+    self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+    if attention:
+      self.norm2 = GroupNorm(cout, eps=1e-6)
+      self.qkv = Conv2d(cout, 3 * cout, 1)
+      self.proj = Conv2d(cout, cout, 1)
+
+  def forward(self, x, emb):
+    orig = x
+    x = self.conv0(F.silu(self.norm0(x)))
+    x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None]))
+    x = (self.conv1(x) + (self.skip(orig) if self.skip is not None else orig)) * math.sqrt(0.5)
+    if self.attention:
+      q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0], x.shape[1], 3, -1).unbind(2)
+      w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k / math.sqrt(q.shape[1])), dim=2)
+      x = (self.proj(torch.einsum("nqk,nck->ncq", w, v).reshape(*x.shape)) + x) * math.sqrt(0.5)
+    return x
+
+
+class SongUNet(PersistentMixin, tnn.Module):
+  """DDPM++ (standard encoder / decoder, positional embedding), EDM's module names."""
+
+  def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+               model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
+               attn_resolutions=(16,), dropout=0.1):
+    super().__init__()
+    self._init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
+                             out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                             model_channels=model_channels, channel_mult=channel_mult,
+                             channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                             attn_resolutions=attn_resolutions, dropout=dropout)
+    emb, noise = model_channels * channel_mult_emb, model_channels
+    self.map_noise = PositionalEmbedding(noise)
+    self.map_label = Linear(label_dim, noise) if label_dim else None
+    self.map_augment = Linear(augment_dim, noise, bias=False) if augment_dim else None
+    self.map_layer0, self.map_layer1 = Linear(noise, emb), Linear(emb, emb)
+    self.enc, self.dec = tnn.ModuleDict(), tnn.ModuleDict()
+    cout = in_channels
+    for level, mult in enumerate(channel_mult):
+      res = img_resolution >> level
+      if level == 0:
+        cin, cout = cout, model_channels
+        self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
+      else:
+        self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, emb, down=True)
+      for idx in range(num_blocks):
+        cin, cout = cout, model_channels * mult
+        self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
+    skips = [b.weight.shape[0] if isinstance(b, Conv2d) else b.conv1.weight.shape[0] for b in self.enc.values()]
+    for level, mult in reversed(list(enumerate(channel_mult))):
+      res = img_resolution >> level
+      if level == len(channel_mult) - 1:
+        self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, emb, attention=True)
+        self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, emb)
+      else:
+        self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, emb, up=True)
+      for idx in range(num_blocks + 1):
+        cin, cout = cout + skips.pop(), model_channels * mult
+        self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+            cin, cout, emb, attention=idx == num_blocks and res in attn_resolutions)
+    self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+    self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3)
+
+  def forward(self, x, noise_labels, class_labels):
+    emb = self.map_noise(noise_labels)
+    emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [sin, cos]
+    if self.map_label is not None:
+      emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+    emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+    skips = []
+    for block in self.enc.values():
+      x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+      skips.append(x)
+    tmp = None
+    for name, block in self.dec.items():
+      if "aux_norm" in name:
+        tmp = block(x)
+      elif "aux_conv" in name:
+        return block(F.silu(tmp))
+      else:
+        if x.shape[1] != block.in_channels:
+          x = torch.cat([x, skips.pop()], dim=1)
+        x = block(x, emb)
+
+
+class EDMPrecond(PersistentMixin, tnn.Module):
+  def __init__(self, label_dim=0, sigma_data=0.5, **arch):
+    super().__init__()
+    self.label_dim, self.sigma_data, self.sigma_min, self.sigma_max = label_dim, sigma_data, 0, float("inf")
+    self.model = SongUNet(RES, C, C, label_dim=label_dim, **arch)
+
+  def forward(self, x, sigma, class_labels=None):
+    sigma, sd = sigma.reshape(-1, 1, 1, 1), self.sigma_data
+    if self.label_dim:
+      class_labels = torch.zeros([1, self.label_dim]) if class_labels is None else class_labels
+    c_skip, c_out = sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    c_in, c_noise = 1 / (sd ** 2 + sigma ** 2).sqrt(), sigma.log() / 4
+    return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)
+
+
+def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="edm-tiny.pkl"):
+  persistence = types.ModuleType("torch_utils.persistence")
+  persistence._reconstruct_persistent_obj = _fake_reconstruct
+  monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+  monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
+  torch.manual_seed(seed)
+  net = EDMPrecond(label_dim=label_dim, sigma_data=0.5, **ARCH)
+  with torch.no_grad():  # N(0, 1/fan_in) kernels, N(0, 0.5^2) norms and biases
+    for p in net.parameters():
+      p.copy_(torch.randn(p.shape) * (1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.5))
+  data = dict(ema=net.eval(), loss_fn=None, augment_pipe=None,
+              dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", extra=extra))
+  path = tmp_path / name
+  with open(path, "wb") as f:
+    pickle.dump(data, f)
+  return net, str(path)
+
+
+def _rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("label_dim", [0, 4])
+def test_edm_pickle_matches_the_reference(tmp_path, monkeypatch, label_dim):
+  net, path = _snapshot(tmp_path, monkeypatch, label_dim=label_dim)
+  monkeypatch.chdir(tmp_path)
+  teacher = interop.load(path)
+  assert not os.path.exists(tmp_path / "EXECUTED")
+  assert teacher.kind == "edm" and isinstance(teacher.schedule, schedules.EDM)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, RES, RES, C)).astype(np.float32)
+  sigma = np.array([0.002, 1.0, 80.0], np.float32)
+  onehot = np.eye(label_dim, dtype=np.float32)[[0, 3]] if label_dim else None
+  if label_dim:
+    onehot = np.concatenate([onehot, np.zeros((1, label_dim), np.float32)])  # no class: the null label
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma),
+              None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
+  cond = {} if onehot is None else dict(class_labels=jnp.asarray(onehot))
+  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **cond)
+  assert _rel_err(out, ref) <= 1e-4, _rel_err(out, ref)
+  # The network alone (D at sigma = 0.002 is c_skip x up to 0.4%): F(c_in x, log(sigma) / 4).
+  c_in = (1 / np.sqrt(sigma ** 2 + 0.25))[:, None, None, None]
+  with torch.no_grad():
+    ref_f = net.model(torch.from_numpy((c_in * x).transpose(0, 3, 1, 2)), torch.from_numpy(np.log(sigma) / 4),
+                      None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
+  label = {} if onehot is None else dict(label=jnp.array([0, 3, label_dim]))
+  f = jax.jit(nets.make_apply(teacher.network))(teacher.params, jnp.asarray(c_in * x),
+                                                 jnp.asarray(np.log(sigma) / 4), **label)
+  assert _rel_err(f, ref_f) <= 1e-4, _rel_err(f, ref_f)
+  x0 = jax.jit(teacher.apply)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **label)
+  assert _rel_err(x0, ref) <= 1e-4
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("touch EVIL",))
+
+
+def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  _, path = _snapshot(tmp_path, monkeypatch, extra=_Evil())
+  interop.load(path)
+  assert not os.path.exists(tmp_path / "EVIL") and not os.path.exists(tmp_path / "EXECUTED")
+  net, _ = _snapshot(tmp_path, monkeypatch)
+  net.__class__ = type("VPPrecond", (EDMPrecond,), {})
+  with open(tmp_path / "vp.pkl", "wb") as f:
+    pickle.dump(dict(ema=net), f)
+  with pytest.raises(ValueError, match="found 'VPPrecond'"):
+    interop.load(str(tmp_path / "vp.pkl"))
+  net.__class__ = EDMPrecond
+  del net.model.dec["4x4_in1"]
+  with open(tmp_path / "bad.pkl", "wb") as f:
+    pickle.dump(dict(ema=net), f)
+  with pytest.raises(ValueError, match=r"missing key 'model\.dec\.4x4_in1\.norm0\.weight'"):
+    interop.load(str(tmp_path / "bad.pkl"))
