@@ -17,8 +17,10 @@ Non-finite steps are skipped inside the step (`train.step`); when `max_nonfinite
 consecutive steps were skipped the loop raises `NonFiniteError` naming the step. The count is
 read one step late, so the device keeps a step queued.
 
-Ctrl-C (KeyboardInterrupt) stops the loop after the pending checkpoint saves finish, and raises
-`Interrupted`, whose message says which step was saved last and that the same command resumes.
+Ctrl-C (KeyboardInterrupt, or a stop requested through `train.interrupt.defer()`, checked before
+every step and after the hooks) stops the loop after the pending checkpoint saves finish, and
+raises `Interrupted`, whose message says which step was saved last and that the same command
+resumes.
 
 Only process 0 writes (metrics, TensorBoard, figures); every process runs the steps, the hooks
 (which may run sharded computations) and the checkpoint saves (an orbax collective).
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 import tqdm
 
-from diffdistill.train import distributed, step as step_lib, writers
+from diffdistill.train import distributed, interrupt, step as step_lib, writers
 from diffdistill.train.checkpoint import Checkpointer
 from diffdistill.train.state import TrainState
 
@@ -113,6 +115,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
   last_log = (start, time.perf_counter())
   try:
     for s in range(start + 1, num_steps + 1):
+      interrupt.check()
       batch = step_lib.global_batch(next(data), mesh=mesh)
       state, metrics = train_step(state, batch, frozen)
       done = s
@@ -123,6 +126,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
       for hook in hooks:
         if (hook.every and s % hook.every == 0) or (hook.at_end and s == num_steps):
           record.update({f"{hook.name}/{k}": v for k, v in (hook.fn(state, s) or {}).items()})
+          interrupt.check()
       if record or s % log_every == 0:  # one line per step: the step's metrics + hook outputs
         host = jax.device_get(metrics)
         now = time.perf_counter()
