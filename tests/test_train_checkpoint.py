@@ -1,8 +1,13 @@
 """train.checkpoint: exact round trip, keep-last-N, another model's checkpoint, damaged steps."""
 
+import asyncio
+import gc
 import logging
 import os
 import shutil
+import sys
+import time
+import traceback
 
 import chex
 import jax
@@ -97,3 +102,65 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
   ckpt.save(20, state, data)  # the step number is free again
   ckpt.close()
   assert ckpt_lib.Checkpointer(d).all_steps() == [10, 20]
+
+
+def test_latest_step_without_its_metadata_falls_back_to_the_last_intact_one(tmp_path, caplog):
+  # before: orbax read the step as an empty tree, and restore refused with "holds a checkpoint
+  # of a different model"
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10, 20, 30])
+  for root, _, files in os.walk(os.path.join(d, "30")):
+    for f in files:
+      if f in ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA"):
+        os.remove(os.path.join(root, f))
+  with caplog.at_level(logging.WARNING):
+    state, data = ckpt_lib.Checkpointer(d).restore_latest(abstract(make_state()))
+  assert int(state.step) == 20 and data["position"] == 20
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1 and "step 30" in messages[0] and "_METADATA" in messages[0] \
+      and "trying step 20" in messages[0], messages  # orbax's own warnings held back
+  assert os.path.isdir(os.path.join(d + ".corrupt", "30"))
+
+
+class Unraisable:
+  """Raises in `__del__`, so Python reports the error to `sys.unraisablehook`, as TensorStore
+  does for the callback of a read still in flight when a restore failed (a closed loop's
+  `call_soon_threadsafe`)."""
+
+  def __init__(self, closed_loop: bool):
+    self.loop = asyncio.new_event_loop() if closed_loop else None
+    if self.loop is not None:
+      self.loop.close()
+
+  def __del__(self):
+    if self.loop is None:
+      raise ZeroDivisionError("another error")
+    self.loop.call_soon_threadsafe(print)
+
+
+def test_reads_of_a_failed_restore_print_no_event_loop_is_closed_tracebacks(tmp_path):
+  # before: one "RuntimeError: Event loop is closed" traceback per array still being read
+  # (174 when the teacher trainer resumed from truncated data, 0-28 here depending on timing)
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10, 20])
+  for root, _, files in os.walk(os.path.join(d, "20", "state")):  # truncate the array data
+    for f in files:
+      if os.path.basename(root) == "d":
+        path = os.path.join(root, f)
+        with open(path, "r+b") as fh:
+          fh.truncate(os.path.getsize(path) // 2)
+  previous, reported = sys.unraisablehook, []
+  sys.unraisablehook = reported.append
+  try:
+    # reads left in flight by an earlier test's failed restore may still report here, to this
+    # hook that replaced the filter: they are let finish first
+    time.sleep(0.5)
+    reported.clear()
+    state, _ = ckpt_lib.Checkpointer(d).restore_latest(abstract(make_state()))
+    Unraisable(closed_loop=True)
+    Unraisable(closed_loop=False)
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  assert int(state.step) == 10
+  assert [type(u.exc_value).__name__ for u in reported] == ["ZeroDivisionError"], [(str(u.exc_value), traceback.format_tb(u.exc_traceback)) for u in reported][:2]
