@@ -140,3 +140,15 @@ def test_ctrl_c_in_a_gc_callback_is_not_lost_once_deferred(tmp_path):
   finally:
     interrupt.restore()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_nan_in_the_frozen_inputs_is_an_error_naming_the_leaf_before_any_step(tmp_path):
+  # before: NaN losses, every update skipped, until max_nonfinite_in_row stopped the run
+  mesh, state, train_step = setup()
+  teacher = {"dense": {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  teacher["dense"]["bias"][1] = np.nan
+  with pytest.raises(ValueError, match=r"frozen\['teacher'\]\['dense'\]\['bias'\] holds 1 "
+                     r"non-finite value\(s\) \(NaN or inf\) of 3"):
+    loop.run(state=state, train_step=train_step, data=Data(), mesh=mesh, workdir=str(tmp_path),
+             num_steps=5, progress=False, frozen={"teacher": teacher, "num_steps": np.int32(4)})
+  assert not os.path.exists(os.path.join(tmp_path, writers.METRICS_FILE))
