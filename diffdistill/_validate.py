@@ -27,7 +27,7 @@ def nonfinite_rows(x: Any) -> np.ndarray | None:
   if not is_concrete(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
     return None
   arr = np.asarray(x)
-  arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+  arr = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))) if arr.ndim > 1 else arr.reshape(-1, 1)
   return np.flatnonzero(~np.isfinite(arr).all(axis=1))
 
 

@@ -206,3 +206,14 @@ def test_ctrl_c_at_any_moment_exits_130_cleanly_and_the_run_resumes(tmp_path, da
                            env=env(), check=True, capture_output=True, text=True)
   assert f"Resuming from the checkpoint of step {last}" in restart.stderr
   assert losses(workdir)[0][-1] == last + 10
+
+
+# generates a dataset and compiles a step: 15-60 s on 2 cores
+@pytest.mark.slow
+def test_progress_false_also_silences_tfds_while_it_generates_the_dataset(tmp_path, capfd):
+  # before: TFDS's "Generating splits... / Shuffling ..." bars printed with progress=False
+  main_lib.train(as_config(tiny(str(tmp_path / "tfds"), num_steps=1, checkpoint_every=0,
+                                **{"dataset.num_examples": 200})), str(tmp_path / "run"))
+  err = capfd.readouterr().err
+  assert os.path.isdir(tmp_path / "tfds" / "toy2d")  # generated here, by this run
+  assert "examples/s" not in err and "Generating" not in err, err[-2000:]

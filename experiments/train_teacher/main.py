@@ -33,6 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import ml_collections  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 from diffdistill import _validate  # noqa: E402
 from diffdistill.train import checkpoint as ckpt_lib  # noqa: E402
@@ -71,6 +72,8 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   _validate.check_writable_dir("workdir", workdir)
+  if not config.progress:  # TFDS draws its own bars while it generates a dataset
+    tfds.disable_progress_bar()
   setup = build(config)
   interrupt.check()
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
