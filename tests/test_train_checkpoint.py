@@ -160,3 +160,18 @@ def test_reads_of_a_failed_restore_print_no_event_loop_is_closed_tracebacks(tmp_
   assert int(state.step) == 10
   # (an earlier test's reads may report here too, late: only these two objects are looked at)
   assert other in reported and closed_loop not in reported
+
+
+def test_unretrieved_reads_of_a_failed_restore_are_not_logged(tmp_path, caplog):
+  # before: asyncio logged "Task exception was never retrieved" with a long TensorStore error
+  # for reads of the damaged step that were still pending
+  d = str(tmp_path / "ckpt")
+  save_steps(d, [10])
+  ckpt_lib.Checkpointer(d).restore_latest(abstract(make_state()))
+  log = logging.getLogger("asyncio")
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    log.error("Task exception was never retrieved\nfuture: <Task finished name='Task-542' "
+              "coro=<async_deserialize() done, defined at .../serialization.py:394>>")
+    log.error("Task exception was never retrieved\nfuture: <Task coro=<something_else()>>")
+  assert [r.getMessage()[-30:] for r in caplog.records] == [
+      "re: <Task coro=<something_else()>>"[-30:]]

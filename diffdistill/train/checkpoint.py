@@ -18,9 +18,10 @@ Steps 1-2 read metadata only: no compilation, nothing written. Orbax's own warni
 damaged step (absl, "Metadata file does not exist", ...) are held back while steps are tried:
 the one line per damaged step above says it. When a restore fails, TensorStore reads still in
 flight finish after orbax's event loop closed, and each one's callback raises "Event loop is
-closed" (a traceback per array, 174 for the teacher trainer): from the first restore on,
-exactly these reports are dropped (`sys.unraisablehook`); they only ever concern a step whose
-restore already failed. Orbax writes each save into a
+closed" (a traceback per array, 174 for the teacher trainer), and asyncio logs each read's
+"Task exception was never retrieved": from the first look at the steps on, exactly these
+reports are dropped (`sys.unraisablehook`, a filter on the asyncio logger); they only ever
+concern a step whose read already failed. Orbax writes each save into a
 temporary folder renamed on completion, so a save killed midway never appears as a step.
 """
 
@@ -102,18 +103,30 @@ def _is_closed_loop_callback(unraisable) -> bool:
   return any(f.name == "call_soon_threadsafe" for f in frames)
 
 
-def _drop_closed_loop_callbacks() -> None:
-  """Installs (once) a `sys.unraisablehook` that drops `_is_closed_loop_callback` reports."""
+def _is_unretrieved_restore(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" for an orbax array read of a failed restore."""
+  message = record.getMessage()
+  return message.startswith("Task exception was never retrieved") and "deserialize" in message
+
+
+def _quiet_failed_reads() -> None:
+  """Installs (once) a `sys.unraisablehook` that drops `_is_closed_loop_callback` reports and a
+  filter on the asyncio logger that drops `_is_unretrieved_restore` records."""
   previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_callbacks", False):
-    return
+  if not getattr(previous, "drops_closed_loop_callbacks", False):
+    def hook(unraisable):
+      if not _is_closed_loop_callback(unraisable):
+        previous(unraisable)
 
-  def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
-      previous(unraisable)
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+  asyncio_logger = logging.getLogger("asyncio")
+  if _keep_record not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_keep_record)
 
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
+
+def _keep_record(record: logging.LogRecord) -> bool:
+  return not _is_unretrieved_restore(record)
 
 
 @contextlib.contextmanager
@@ -167,6 +180,8 @@ class Checkpointer:
   def check_compatible(self, abstract_state: PyTree) -> None:
     """Raises CheckpointMismatchError if the newest readable checkpoint is of another model."""
     manager = self._open(create=False)
+    if self.all_steps():  # before any read (metadata reads fail on truncated data too): the
+      _quiet_failed_reads()  # reports start as orbax's loop closes, before the error returns
     for step in reversed(self.all_steps()):
       try:
         metadata = manager.item_metadata(step)["state"]
@@ -198,8 +213,6 @@ class Checkpointer:
     self.check_compatible(abstract_state)
     manager = self._open(create=False)
     steps = list(reversed(self.all_steps()))
-    if steps:  # installed before, not after, a failure: the callbacks start as the loop closes
-      _drop_closed_loop_callbacks()
     for i, step in enumerate(steps):
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
