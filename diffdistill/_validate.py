@@ -22,6 +22,26 @@ def is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def nonfinite_rows(x: Any) -> np.ndarray | None:
+  """The indices of the rows (first axis) of a concrete floating `x` holding a NaN or inf; None
+  for a traced or non-floating x."""
+  if not is_concrete(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    return None
+  arr = np.asarray(x)
+  arr = arr.reshape(arr.shape[0], int(np.prod(arr.shape[1:]))) if arr.ndim > 1 else arr.reshape(-1, 1)
+  return np.flatnonzero(~np.isfinite(arr).all(axis=1))
+
+
+def check_finite(name: str, x: Any) -> None:
+  """Raises ValueError if a concrete `x` holds a NaN or inf (the rows counted, the first named);
+  a traced x is not checked."""
+  rows = nonfinite_rows(x)
+  if rows is not None and rows.size:
+    raise ValueError(f"{name} holds non-finite values (NaN or inf) in {rows.size} of "
+                     f"{np.shape(x)[0] if np.ndim(x) else 1} rows (the first: row {rows[0]}); "
+                     "it must be finite.")
+
+
 def check_int(name: str, value: Any, *, min: int | None = None, max: int | None = None) -> int:
   """`value` as a Python int: Python and NumPy integers are accepted, bools and floats are not
   (2.0 would hide a computed size that should have been an integer)."""

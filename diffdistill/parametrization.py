@@ -34,8 +34,9 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from diffdistill import schedules as schedules_lib
+from diffdistill import _validate, schedules as schedules_lib
 
 Array = jax.Array
 KINDS = ("x0", "eps", "v", "flow", "score", "edm")
@@ -75,6 +76,9 @@ def _coeffs(x, t, schedule):
   return schedule.alpha(tb), schedule.sigma(tb), tb
 
 
+_DIVIDE_BY_ALPHA = ("eps", "score", "edm")  # x0 = (...) / alpha: undefined where alpha = 0
+
+
 def to_x0(out: Array, x: Array, t: Array, *, kind: str, schedule: schedules_lib.Schedule,
           sigma_data: float | None = None) -> Array:
   """Converts a network output of `kind` at (x, t) to the data prediction x0 (formulas above).
@@ -87,11 +91,18 @@ def to_x0(out: Array, x: Array, t: Array, *, kind: str, schedule: schedules_lib.
     schedule: the forward process (or its registry name).
     sigma_data: EDM's data scale, used by kind 'edm' only (default: resolve_sigma_data).
   Returns:
-    x0_hat, [B, ...], the dtype of x.
+    x0_hat, [B, ...], the dtype of x. Kinds 'eps', 'score' and 'edm' divide by alpha: where
+    alpha(t) = 0 (a flow or TrigFlow schedule's noise end) a concrete t is a ValueError; a traced
+    one gives inf/NaN there (keep t < t_max, or use 'x0', 'v' or 'flow').
   """
   check_kind(kind)
   schedule = schedules_lib.resolve(schedule)
   alpha, sigma, tb = _coeffs(x, t, schedule)
+  if kind in _DIVIDE_BY_ALPHA and _validate.is_concrete(alpha) and np.any(np.asarray(alpha) == 0):
+    t_bad = np.asarray(tb)[np.asarray(alpha) == 0].reshape(-1)[0]
+    raise ValueError(f"kind={kind!r} cannot give x0 where alpha(t) = 0 (t = {t_bad} is the "
+                     f"pure-noise end of {type(schedule).__name__}: x_t holds no data there); use "
+                     f"kind 'x0', 'v' or 'flow', or times with alpha(t) > 0.")
   if kind == "x0":
     x0 = out
   elif kind == "eps":

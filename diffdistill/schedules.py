@@ -264,6 +264,12 @@ def _named_betas(kind: str, num_steps: int) -> np.ndarray:
                    "expected one of 'linear', 'scaled_linear', 'cosine'.")
 
 
+def _float_dtype(x):
+  """x's dtype if floating, else the default float (an integer time 1 gives float32)."""
+  dtype = jnp.asarray(x).dtype
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+
+
 @dataclasses.dataclass(frozen=True)
 class VPDiscrete(Schedule):
   """A DDPM teacher's discrete betas, made continuous as DPM-Solver does.
@@ -303,26 +309,31 @@ class VPDiscrete(Schedule):
     ts = np.linspace(0.0, 1.0, b.size + 1)
     return ts, log_alpha
 
+  # The knot table in bfloat16 would merge neighbouring knots (1000 of them in [0, 1]): the
+  # interpolation runs in at least float32 and only its result takes the input's dtype.
   def _log_alpha(self, t):
     ts, la = self._knots()
     t = jnp.asarray(t)
-    return jnp.interp(t, jnp.asarray(ts, t.dtype), jnp.asarray(la, t.dtype))
+    ct = jnp.promote_types(_float_dtype(t), jnp.float32)
+    return jnp.interp(t.astype(ct), jnp.asarray(ts, ct), jnp.asarray(la, ct))
 
   def alpha(self, t):
-    return jnp.exp(self._log_alpha(t))
+    return jnp.exp(self._log_alpha(t)).astype(_float_dtype(t))
 
   def sigma(self, t):
-    return jnp.sqrt(-jnp.expm1(2.0 * self._log_alpha(t)))
+    return jnp.sqrt(-jnp.expm1(2.0 * self._log_alpha(t))).astype(_float_dtype(t))
 
   def logsnr(self, t):
-    return _vp_logsnr_from_m(-2.0 * self._log_alpha(t))
+    return _vp_logsnr_from_m(-2.0 * self._log_alpha(t)).astype(_float_dtype(t))
 
   def t_from_logsnr(self, lam):
     ts, la = self._knots()
     lam = jnp.asarray(lam)
-    log_alpha = -0.5 * _softplus(-lam)
+    ct = jnp.promote_types(_float_dtype(lam), jnp.float32)
+    log_alpha = -0.5 * _softplus(-lam.astype(ct))
     # log alpha decreases with t: interpolate on the reversed (increasing) table.
-    return jnp.interp(log_alpha, jnp.asarray(la[::-1], lam.dtype), jnp.asarray(ts[::-1], lam.dtype))
+    return jnp.interp(log_alpha, jnp.asarray(la[::-1], ct),
+                      jnp.asarray(ts[::-1], ct)).astype(_float_dtype(lam))
 
 
 @dataclasses.dataclass(frozen=True)

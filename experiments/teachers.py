@@ -54,9 +54,16 @@ def save_mixture(path: str, mix: analytic.GaussianMixture) -> None:
 
 
 def load_mixture(path: str) -> analytic.GaussianMixture:
-  """Reads a mixture file; ValueError naming what is missing or misshapen."""
+  """Reads a mixture file; ValueError naming what is missing or misshapen, or that it is not an
+  .npz."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"No mixture file at {path!r}.")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"PK\x03\x04":  # an .npz is a zip archive; np.load would try a pickle
+    raise ValueError(f"Mixture file {path!r} is not an .npz archive (it starts with {magic!r}); "
+                     "write one with experiments.teachers.save_mixture(path, mix) or "
+                     "np.savez(path, weights=[K], means=[K, d], covs=[K, d, d]).")
   with np.load(path) as f:
     missing = {"weights", "means", "covs"} - set(f.files)
     if missing:

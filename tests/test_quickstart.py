@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -107,3 +108,28 @@ def test_unusable_workdir_fails_before_the_reference(tmp_path, no_reference):
   blocker.write_text("")
   with pytest.raises(ValueError, match="workdir=.* is a file"):
     quickstart.run(parse_config(), str(blocker / "run"), progress=False)
+
+
+def test_figure_is_readable_and_shows_the_learned_grid(tmp_path, monkeypatch):
+  # before: 21 legend entries at font 6, ticks at every NFE met (18, 19, 20 ran together), and no
+  # sample panel for the learned grid (the best row at NFE 4)
+  config = quickstart_config.get_config("ring2d")
+  rs = np.random.RandomState(0)
+  ref = rs.randn(256, 2)
+  rows = [dict(name=n, family="solver", nfe=nfe + (i % 3 == 0), nfe_asked=nfe, median=1.0 / nfe,
+               samples=ref) for i, n in enumerate(quickstart.deterministic_solvers())
+          for nfe in config.nfe]
+  rows += [dict(name="unipc_2 + learned grid", family="learned", nfe=nfe, nfe_asked=nfe,
+                median=0.1 / nfe, samples=ref) for nfe in config.nfe]
+  rows += [dict(name="pd student", family="distilled", nfe=n, nfe_asked=n, median=0.05,
+                samples=ref) for n in (1, 2, 4)]
+  figures = []
+  monkeypatch.setattr(quickstart.plt, "close", figures.append)
+  quickstart.figure(rows, types.SimpleNamespace(reference=ref), config, str(tmp_path / "q.png"))
+  main_ax, *panels = figures[0].axes
+  assert [t.get_text() for t in main_ax.get_xticklabels()] == [str(n) for n in config.nfe]
+  labels = [t.get_text() for t in main_ax.get_legend().get_texts()]
+  assert len(labels) <= 7 and labels[-1].startswith("the other") and min(
+      t.get_fontsize() for t in main_ax.get_legend().get_texts()) >= 9
+  titles = [p.get_title().split("\n")[0] for p in panels]
+  assert titles == ["exact flow map", *config.scatter_methods, "unipc_2 + learned grid"]

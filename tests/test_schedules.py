@@ -211,9 +211,8 @@ def test_concrete_times_outside_the_range_are_an_error(name):
     for bad in (below, above, jnp.array([s.t_min, above])):
       with pytest.raises(ValueError, match=r"t must lie in \[t_min, t_max\]"):
         getattr(s, method)(bad)
-  # The ends themselves, also rounded to float32 or bfloat16, are fine (jnp.interp, which
-  # VPDiscrete uses, does not take bfloat16).
-  for dtype in (jnp.float32,) + ((jnp.bfloat16,) if name != "vp_discrete" else ()):
+  # The ends themselves, also rounded to float32 or bfloat16, are fine.
+  for dtype in (jnp.float32, jnp.bfloat16):
     ends = jnp.array([s.t_min, s.t_max], dtype)
     assert s.sigma(ends).shape == (2,)
 
@@ -246,3 +245,18 @@ def test_vp_cosine_float32_keeps_relative_accuracy_near_t_1():
     t64 = jnp.float64(float(t32))  # the same time, evaluated in float64
     ref = np.array([s.alpha(t64), s.logsnr(t64)], np.float64)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_vp_discrete_in_bfloat16_is_float32_rounded_once():
+  # before: the 1000-knot table itself was cast to bfloat16, merging neighbouring knots
+  s = schedules.VPDiscrete.from_name("linear", 1000)
+  t16 = jnp.linspace(s.t_min, s.t_max, 997).astype(jnp.bfloat16)
+  t32 = t16.astype(jnp.float32)  # the same times, exactly
+  for method in ("alpha", "sigma", "logsnr"):
+    got, want = getattr(s, method)(t16), getattr(s, method)(t32)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2.0 ** -8, atol=1e-6,
+                               err_msg=method)
+  lam = jnp.linspace(-8.0, 8.0, 33).astype(jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(s.t_from_logsnr(lam), np.float32),
+                             s.t_from_logsnr(lam.astype(jnp.float32)), rtol=2.0 ** -8)

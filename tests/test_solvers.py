@@ -3,6 +3,7 @@ test_solvers_orders.py, exact NFE in test_solvers_nfe.py, the public single step
 engine in test_solvers_steps.py, the shared PF-ODE in test_solvers_pf_ode.py."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffdistill import analytic, parametrization, schedules, solvers
+from diffdistill.solvers import grids
 from solver_testing import ALL_SCHEDULES, STOCHASTIC, counting, feasible_nfe, mixture, noise
 
 
@@ -208,3 +210,24 @@ def test_final_step_to_sigma_zero_is_first_order_and_finite(name):
   near = solvers.sample(d, x, schedule=sch, solver=name, nfe=nfe, t_end=1e-4)
   assert bool(jnp.all(jnp.isfinite(out))), name
   assert float(jnp.max(jnp.abs(out - near))) < 0.25, name  # different grids, same limit
+
+
+def test_sample_is_the_function_and_its_module_is_sampling():
+  # before: the module was solvers/sample.py, so `import diffdistill.solvers.sample as m` gave
+  # the function (the package attribute shadows the submodule) and the module had no name
+  from diffdistill.solvers import sample  # noqa: PLC0415 (the import is what is tested)
+  module = importlib.import_module("diffdistill.solvers.sampling")
+  assert sample is solvers.sample is module.sample and callable(sample)
+  with pytest.raises(ModuleNotFoundError):
+    importlib.import_module("diffdistill.solvers.sample")
+
+
+def test_host_grids_are_float64_without_x64():
+  # before: computed in float32 and cast (alpha off by 3e-7 relative on VP-linear)
+  s = schedules.VPLinear()
+  t = np.linspace(s.t_min, s.t_max, 11)
+  m = s.beta_min * t + 0.5 * (s.beta_max - s.beta_min) * t * t
+  g = grids.host_grid(s, t)
+  assert not jax.config.jax_enable_x64 and g.alpha.dtype == np.float64
+  np.testing.assert_allclose(g.alpha, np.exp(-0.5 * m), rtol=1e-13)
+  np.testing.assert_allclose(g.lam, 0.5 * (-m - np.log(-np.expm1(-m))), rtol=1e-12)

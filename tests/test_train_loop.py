@@ -1,15 +1,17 @@
 """train.loop and train.writers: metrics lines, TensorBoard events, hooks, the non-finite stop."""
 
+import gc
 import glob
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffdistill.train import loop, optim, state as state_lib, step as step_lib, writers
+from diffdistill.train import interrupt, loop, optim, state as state_lib, step as step_lib, writers
 
 
 def loss_fn(params, batch, rng):
@@ -109,3 +111,44 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
              progress=False)
   ckpt.close()
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps()[-1] == 20
+
+
+class CollectingGarbage(Data):
+  """Ctrl-C arrives while Python runs a garbage-collection callback, as it did inside jax's
+  `_xla_gc_callback` (there the default handler's KeyboardInterrupt is printed as "Exception
+  ignored" and lost, and the run went on to the end)."""
+
+  def __next__(self):
+    if self.position == 24:
+      def on_gc(phase, info):
+        del info
+        if phase == "start":
+          gc.callbacks.remove(on_gc)
+          signal.raise_signal(signal.SIGINT)
+      gc.callbacks.append(on_gc)
+      gc.collect()
+    return super().__next__()
+
+
+def test_ctrl_c_in_a_gc_callback_is_not_lost_once_deferred(tmp_path):
+  mesh, state, train_step = setup()
+  interrupt.defer()
+  try:
+    with pytest.raises(loop.Interrupted, match=r"Interrupted after step 25: this run keeps no checkpoints"):
+      loop.run(state=state, train_step=train_step, data=CollectingGarbage(), mesh=mesh,
+               workdir=str(tmp_path), num_steps=60, progress=False, checkpointer=None)
+  finally:
+    interrupt.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_nan_in_the_frozen_inputs_is_an_error_naming_the_leaf_before_any_step(tmp_path):
+  # before: NaN losses, every update skipped, until max_nonfinite_in_row stopped the run
+  mesh, state, train_step = setup()
+  teacher = {"dense": {"kernel": np.ones((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  teacher["dense"]["bias"][1] = np.nan
+  with pytest.raises(ValueError, match=r"frozen\['teacher'\]\['dense'\]\['bias'\] holds 1 "
+                     r"non-finite value\(s\) \(NaN or inf\) of 3"):
+    loop.run(state=state, train_step=train_step, data=Data(), mesh=mesh, workdir=str(tmp_path),
+             num_steps=5, progress=False, frozen={"teacher": teacher, "num_steps": np.int32(4)})
+  assert not os.path.exists(os.path.join(tmp_path, writers.METRICS_FILE))

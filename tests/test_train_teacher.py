@@ -165,3 +165,55 @@ def test_unusable_workdir_is_an_error_before_compiling(tmp_path, data_dir, caplo
     with pytest.raises(ValueError, match="workdir=.* is a file"):
       main_lib.train(as_config(tiny(data_dir)), str(blocker / "run"))
   assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def _ctrl_c_when(proc, ready, timeout=120):
+  deadline = time.time() + timeout
+  while not ready():
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGINT)
+  return proc.communicate()[1].decode()
+
+
+# ~40 s (four processes). Before train.interrupt, 4 of 11 Ctrl-Cs during start-up segfaulted
+# (exit -11), one was lost in jax's gc callback (the run went on, status 0), others left a
+# KeyboardInterrupt traceback from inside jax's compiler (exit -2).
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_exits_130_cleanly_and_the_run_resumes(tmp_path, data_dir):
+  values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10)
+  start = time.time()
+  moments = {"imports": lambda: time.time() > start + 0.3,
+             "start-up": lambda: time.time() > start + 3.0,
+             "training": lambda: os.path.isdir(os.path.join(tmp_path / "training", "checkpoints",
+                                                            "50"))}
+  for name, ready in moments.items():
+    workdir = str(tmp_path / name)
+    start = time.time()
+    proc = subprocess.Popen(command(workdir, values), cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = _ctrl_c_when(proc, ready)
+    assert proc.returncode == 130, (name, stderr[-3000:])
+    for bad in ("Traceback", "Exception ignored", "Fatal Python error"):
+      assert bad not in stderr, (name, stderr[-3000:])
+    written = [f for _, _, fs in os.walk(workdir) for f in fs] if os.path.isdir(workdir) else []
+    assert not [f for f in written if f.endswith(".tmp")], (name, written)
+  workdir = str(tmp_path / "training")
+  steps, _ = losses(workdir)
+  assert 50 <= max(steps) < NUM_STEPS
+  last = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  restart = subprocess.run(command(workdir, {**values, "num_steps": last + 10}), cwd=ROOT,
+                           env=env(), check=True, capture_output=True, text=True)
+  assert f"Resuming from the checkpoint of step {last}" in restart.stderr
+  assert losses(workdir)[0][-1] == last + 10
+
+
+# generates a dataset and compiles a step: 15-60 s on 2 cores
+@pytest.mark.slow
+def test_progress_false_also_silences_tfds_while_it_generates_the_dataset(tmp_path, capfd):
+  # before: TFDS's "Generating splits... / Shuffling ..." bars printed with progress=False
+  main_lib.train(as_config(tiny(str(tmp_path / "tfds"), num_steps=1, checkpoint_every=0,
+                                **{"dataset.num_examples": 200})), str(tmp_path / "run"))
+  err = capfd.readouterr().err
+  assert os.path.isdir(tmp_path / "tfds" / "toy2d")  # generated here, by this run
+  assert "examples/s" not in err and "Generating" not in err, err[-2000:]

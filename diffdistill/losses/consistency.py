@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import erf
 
-from diffdistill import parametrization
+from diffdistill import _validate, parametrization
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import _common, distances
 from diffdistill.solvers import ddim
@@ -233,7 +233,7 @@ def cd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     teacher: the teacher denoiser apply(params, x, t, **cond).
     schedule: the forward process of both.
     solver_step: a public single step `step(denoise, x, t_s, t_t, *, schedule)` (DDIM, Heun, ...).
-    num_steps: N, the grid's intervals (the paper's N - 1; N = 18 points for CIFAR-10).
+    num_steps: N >= 1, the grid's intervals (the paper's N - 1; N = 18 points for CIFAR-10).
     spacing: the grid (grids.SPACINGS; 'karras' is the paper's).
     distance: 'l2', 'l1', 'pseudo_huber' or a callable fn(x, y) -> [B]; distance_options go to it.
     weighting: 'uniform' or 'inverse_delta_sigma' (1 / (sh_t - sh_t')).
@@ -245,6 +245,10 @@ def cd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     {"x": [B, ...] (, "label")}. target_params: the EMA copy, or the student's own params
     (mu = 0; only `params` is differentiated). aux: l2, num_intervals, nonfinite.
   """
+  if not callable(solver_step):
+    raise ValueError(f"solver_step must be a single-step function step(denoise, x, t_s, t_t, *, "
+                     f"schedule), e.g. solvers.ddim_step or solvers.heun_step; got {solver_step!r}.")
+  _validate.check_int("num_steps", num_steps, min=1)
   dist = distances.get(distance, **distance_options)
   _check_weighting(weighting)
   pair = _pair_loss(student, schedule, dist, weighting, dropout)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from diffdistill import schedules as schedules_lib
+from diffdistill import _validate, schedules as schedules_lib
 from diffdistill.losses import _common, dsm
 from diffdistill.solvers import ddim
 from diffdistill.solvers.grid_points import grid_time
@@ -93,14 +93,19 @@ def pd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
 
   Returns:
     loss_fn(params, batch, rng, *, teacher_params, num_steps) -> (loss, aux), batch = {"x": [B, ...]
-    (, "label": [B])}; num_steps is the student's N (an int32 scalar: a frozen input). aux: x0_mse
-    (unweighted), target_norm (RMS of x_tgt), nonfinite.
+    (, "label": [B])}; num_steps is the student's N (an int32 scalar: a frozen input), >= 1: a
+    concrete N < 1 is a ValueError, a traced one gives a NaN loss (the step is skipped, and the
+    loop's max_nonfinite_in_row stops the run). aux: x0_mse (unweighted), target_norm (RMS of
+    x_tgt), nonfinite.
   """
   weight_fn = dsm.x0_weighting(weighting)
   guidance = _check_guidance(guidance)
 
   def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array, *, teacher_params: Any,
               num_steps: Array) -> tuple[Array, dict]:
+    if _validate.is_concrete(num_steps) and not int(num_steps) >= 1:
+      raise ValueError(f"num_steps (the student's step count N) must be an integer >= 1, got "
+                       f"{num_steps!r}.")
     x0 = _common.data(batch)
     b = x0.shape[0]
     i_rng, eps_rng, w_rng = jax.random.split(rng, 3)
@@ -119,7 +124,8 @@ def pd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     terms = weight_fn(schedule.logsnr(t)) * err  # [B]
     aux = {"x0_mse": jnp.mean(err), "target_norm": jnp.sqrt(jnp.mean(jnp.square(target))),
            "nonfinite": jnp.sum(~jnp.isfinite(terms))}
-    return jnp.mean(terms), aux
+    # a traced N < 1 has no grid: NaN, so the step is skipped and the loop stops naming it
+    return jnp.where(n >= 1, jnp.mean(terms), jnp.nan), aux
 
   return loss_fn
 

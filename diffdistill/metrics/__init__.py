@@ -124,13 +124,16 @@ def mmd2(x: Array, y: Array, *, bandwidths: Array | None = None, block: int = 51
   """Unbiased MMD^2 with k(a, b) = sum_h exp(-|a - b|^2 / h) (h: squared bandwidths).
 
   Args:
-    x: [N, d]; y: [M, d].
+    x: [N, d]; y: [M, d], finite (a NaN or inf is a ValueError where concrete; under jit it
+      makes the estimate NaN).
     bandwidths: squared scales h > 0, [H]; default `default_bandwidths(x, y)`. Checked where
       concrete; a traced h <= 0 gives a meaningless number.
     block: rows per chunk of the pairwise kernel sums (>= 1).
   Returns:
     The U-statistic estimate (can be slightly negative when the distributions agree).
   """
+  _validate.check_finite("x", x)
+  _validate.check_finite("y", y)
   if bandwidths is not None and _validate.is_concrete(bandwidths):
     h = np.asarray(bandwidths, np.float64)
     if h.ndim > 1 or h.size == 0 or not np.all(np.isfinite(h) & (h > 0)):

@@ -14,6 +14,10 @@ them costs one call per step. Each step equals its solver's engine in `sample` o
 (tests/test_solvers_steps.py).
 
 See docs/solvers.md for each family's update equation, its paper and what the tests verify.
+
+`solvers.sample` (also `from diffdistill.solvers import sample`) is the sampling function; its
+module is `diffdistill.solvers.sampling` (named apart, so that no import of the name `sample`
+can mean the module).
 """
 
 from diffdistill.solvers.adaptive import adaptive_sample
@@ -26,7 +30,7 @@ from diffdistill.solvers.learn import fit as fit_learned, learn_grid, load_grid
 from diffdistill.solvers.heun import edm_stochastic_step, euler_step, heun_step
 from diffdistill.solvers.pndm import pndm_prk_step
 from diffdistill.solvers.thresholding import dynamic_thresholding
-from diffdistill.solvers.sample import SOLVERS, SolverInfo, make_sampler, sample, steps_for_nfe
+from diffdistill.solvers.sampling import SOLVERS, SolverInfo, make_sampler, sample, steps_for_nfe
 
 __all__ = ["sample", "make_sampler", "steps_for_nfe", "SOLVERS", "SolverInfo", "time_grid",
            "SPACINGS", "ddim_step", "ddim_eta_step", "euler_maruyama_step", "euler_step",

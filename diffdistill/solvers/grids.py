@@ -38,9 +38,10 @@ SIGMA_HAT_CAP = (0.002, 80.0)
 
 
 def _eval(fn, t: np.ndarray) -> np.ndarray:
-  """Evaluates a schedule method on concrete times, also while a jit trace is open."""
-  with jax.ensure_compile_time_eval():
-    return np.array(fn(jnp.asarray(t)), np.float64)
+  """Evaluates a schedule method on concrete times in float64 (x64 on for the call, whatever the
+  global setting), also while a jit trace is open."""
+  with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+    return np.array(fn(jnp.asarray(t, jnp.float64)), np.float64)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -151,7 +151,7 @@ def per_sample_distance(x, ref):
 
 
 def _steps(solver, nfe, options):
-  from diffdistill.solvers.sample import steps_for_nfe  # sample.py imports this module
+  from diffdistill.solvers.sampling import steps_for_nfe  # sampling.py imports this module
   steps, _ = steps_for_nfe(solver, nfe, **options)
   return steps
 

@@ -6,23 +6,34 @@ rng, counters) and `<directory>/<step>/data` (JSON: every process's data-iterato
 so the caller may donate them right after) and only the last `max_to_keep` are kept.
 
 Resume order (`Checkpointer.restore_latest`), newest step first:
-  1. read the step's metadata; unreadable -> warn and try the next older step;
+  1. read the step's metadata; unreadable or empty (`_METADATA` deleted) -> try the next older
+     step (step 3 then reports it as damaged);
   2. compare its leaf names, shapes and dtypes with the abstract state of the model being
      built; any difference -> `CheckpointMismatchError` (another model's checkpoint is a
      configuration error, never "corruption", so it is not skipped);
   3. restore arrays and data position; failure (truncated or half-written files) -> warn,
      move the step to `<directory>.corrupt/<step>` so a later save can reuse the number, and
      try the next older step.
-Steps 1-2 read metadata only: no compilation, nothing written. Orbax writes each save into a
+Steps 1-2 read metadata only: no compilation, nothing written. Orbax's own warnings about a
+damaged step (absl, "Metadata file does not exist", ...) are held back while steps are tried:
+the one line per damaged step above says it. When a restore fails, TensorStore reads still in
+flight finish after orbax's event loop closed, and each one's callback raises "Event loop is
+closed" (a traceback per array, 174 for the teacher trainer), and asyncio logs each read's
+"Task exception was never retrieved": from the first look at the steps on, exactly these
+reports are dropped (`sys.unraisablehook`, a filter on the asyncio logger); they only ever
+concern a step whose read already failed. Orbax writes each save into a
 temporary folder renamed on completion, so a save killed midway never appears as a step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -83,6 +94,52 @@ def _gather_json(obj) -> dict[str, Any]:
   return {f"process_{i}": json.loads(bytes(r).rstrip(b"\0").decode()) for i, r in enumerate(rows)}
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """A callback scheduled on a closed asyncio loop (`call_soon_threadsafe` -> "Event loop is
+  closed"): what TensorStore reports for each read of a failed restore that was still in flight."""
+  if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return any(f.name == "call_soon_threadsafe" for f in frames)
+
+
+def _is_unretrieved_restore(record: logging.LogRecord) -> bool:
+  """asyncio's "Task exception was never retrieved" for an orbax array read of a failed restore."""
+  message = record.getMessage()
+  return message.startswith("Task exception was never retrieved") and "deserialize" in message
+
+
+def _quiet_failed_reads() -> None:
+  """Installs (once) a `sys.unraisablehook` that drops `_is_closed_loop_callback` reports and a
+  filter on the asyncio logger that drops `_is_unretrieved_restore` records."""
+  previous = sys.unraisablehook
+  if not getattr(previous, "drops_closed_loop_callbacks", False):
+    def hook(unraisable):
+      if not _is_closed_loop_callback(unraisable):
+        previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+  asyncio_logger = logging.getLogger("asyncio")
+  if _keep_record not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_keep_record)
+
+
+def _keep_record(record: logging.LogRecord) -> bool:
+  return not _is_unretrieved_restore(record)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_held_back():
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
 class Checkpointer:
   """One workdir's checkpoints: `restore_latest`, `save`, `wait`, `close`.
 
@@ -123,10 +180,14 @@ class Checkpointer:
   def check_compatible(self, abstract_state: PyTree) -> None:
     """Raises CheckpointMismatchError if the newest readable checkpoint is of another model."""
     manager = self._open(create=False)
+    if self.all_steps():  # before any read (metadata reads fail on truncated data too): the
+      _quiet_failed_reads()  # reports start as orbax's loop closes, before the error returns
     for step in reversed(self.all_steps()):
       try:
         metadata = manager.item_metadata(step)["state"]
         saved = _signature(metadata)
+        if not saved:  # orbax reads a step whose _METADATA is gone as an empty tree
+          raise FileNotFoundError("no array metadata (_METADATA missing)")
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged step)
         # restore_latest reports this step as damaged (one line) when it tries it
         logging.debug("checkpoint %s/%d: unreadable metadata (%s).", self.directory, step,
@@ -145,6 +206,10 @@ class Checkpointer:
     `abstract_state` is `jax.eval_shape` of the state (leaves may carry `.sharding`, which
     the restored arrays then get).
     """
+    with _orbax_warnings_held_back():
+      return self._restore_latest(abstract_state)
+
+  def _restore_latest(self, abstract_state: PyTree) -> tuple[PyTree, dict] | None:
     self.check_compatible(abstract_state)
     manager = self._open(create=False)
     steps = list(reversed(self.all_steps()))

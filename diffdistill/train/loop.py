@@ -17,8 +17,10 @@ Non-finite steps are skipped inside the step (`train.step`); when `max_nonfinite
 consecutive steps were skipped the loop raises `NonFiniteError` naming the step. The count is
 read one step late, so the device keeps a step queued.
 
-Ctrl-C (KeyboardInterrupt) stops the loop after the pending checkpoint saves finish, and raises
-`Interrupted`, whose message says which step was saved last and that the same command resumes.
+Ctrl-C (KeyboardInterrupt, or a stop requested through `train.interrupt.defer()`, checked before
+every step and after the hooks) stops the loop after the pending checkpoint saves finish, and
+raises `Interrupted`, whose message says which step was saved last and that the same command
+resumes.
 
 Only process 0 writes (metrics, TensorBoard, figures); every process runs the steps, the hooks
 (which may run sharded computations) and the checkpoint saves (an orbax collective).
@@ -31,10 +33,11 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from diffdistill.train import distributed, step as step_lib, writers
+from diffdistill.train import distributed, interrupt, step as step_lib, writers
 from diffdistill.train.checkpoint import Checkpointer
 from diffdistill.train.state import TrainState
 
@@ -75,6 +78,20 @@ def _check_nonfinite(metrics, step: int, limit: int) -> None:
         f"(limit max_nonfinite_in_row={limit}); last loss {_loss_summary(metrics)}.")
 
 
+def _check_frozen_finite(frozen) -> None:
+  """Raises ValueError naming the first floating leaf of `frozen` with a NaN or inf: in the step
+  it would give a non-finite loss at every step, each update skipped until
+  `max_nonfinite_in_row` stops the run. Checked once, here, not in the jitted step."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]:
+    if not jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), np.inexact):
+      continue
+    bad = int(jax.device_get(jnp.size(leaf) - jnp.sum(jnp.isfinite(leaf))))
+    if bad:
+      raise ValueError(f"frozen{jax.tree_util.keystr(path)} holds {bad} non-finite value(s) (NaN "
+                       f"or inf) of {np.size(leaf)}: the frozen inputs (teacher params, round "
+                       "constants) must be finite; check the teacher's checkpoint.")
+
+
 def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, np.ndarray]],
         mesh: jax.sharding.Mesh, workdir: str, num_steps: int,
         checkpointer: Checkpointer | None = None, log_every: int = 100,
@@ -96,10 +113,13 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
     max_nonfinite_in_row: raise after this many consecutive skipped steps (0: never).
     progress: show a tqdm bar on process 0.
     tensorboard: also write TensorBoard scalars (metrics.jsonl is always written).
-    frozen: the step's frozen inputs (teacher params, round constants), passed to every step.
+    frozen: the step's frozen inputs (teacher params, round constants), passed to every step;
+      checked once, here, to be finite (ValueError naming the leaf).
   """
   if log_every < 1:
     raise ValueError(f"log_every must be >= 1, got {log_every}.")
+  if frozen is not None:
+    _check_frozen_finite(frozen)
   start = int(state.step)
   writer = writers.MetricsWriter(workdir, enabled=distributed.is_writer(), tensorboard=tensorboard)
   writer.truncate_after(start)
@@ -113,6 +133,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
   last_log = (start, time.perf_counter())
   try:
     for s in range(start + 1, num_steps + 1):
+      interrupt.check()
       batch = step_lib.global_batch(next(data), mesh=mesh)
       state, metrics = train_step(state, batch, frozen)
       done = s
@@ -123,6 +144,7 @@ def run(*, state: TrainState, train_step: Callable, data: Iterator[Mapping[str, 
       for hook in hooks:
         if (hook.every and s % hook.every == 0) or (hook.at_end and s == num_steps):
           record.update({f"{hook.name}/{k}": v for k, v in (hook.fn(state, s) or {}).items()})
+          interrupt.check()
       if record or s % log_every == 0:  # one line per step: the step's metrics + hook outputs
         host = jax.device_get(metrics)
         now = time.perf_counter()

@@ -26,7 +26,8 @@ from diffdistill import analytic, metrics, schedules  # noqa: E402
 FLAGS = flags.DEFINE_string("workdir", "runs/analytic_demo", "Where the figure goes.")
 MIXTURE = flags.DEFINE_enum("mixture", "ring2d", ["ring2d", "grid2d"], "The 2-D data distribution.")
 SCHEDULE = flags.DEFINE_enum("schedule", "vp_linear", sorted(schedules.SCHEDULES), "The forward process.")
-NUM = flags.DEFINE_integer("num_samples", 4000, "Samples for the metrics.")
+NUM = flags.DEFINE_integer("num_samples", 4000, "Samples for the metrics (>= 2: their unbiased "
+                           "estimates need two).", lower_bound=2)
 
 
 def sample_metrics(mix, x, ref):

@@ -281,47 +281,72 @@ def table(rows: list[dict], config) -> str:
   return head + "\n".join(lines) + "\n"
 
 
+def _scatter_rows(rows: list[dict], config) -> list[dict]:
+  """The sample panels: each of config.scatter_methods and each learned-grid method, at the NFE
+  nearest config.scatter_nfe."""
+  names = list(config.scatter_methods) + [r["name"] for r in rows if r["family"] == "learned"]
+  out = []
+  for name in dict.fromkeys(names):
+    own = [r for r in rows if r["name"] == name]
+    if own:
+      out.append(min(own, key=lambda r: abs(r["nfe"] - config.scatter_nfe)))
+  return out
+
+
 def figure(rows: list[dict], setup: Setup, config, path: str) -> None:
-  """Error vs NFE for every method; for 2-D teachers, samples at config.scatter_nfe too."""
+  """Error vs NFE (the scatter methods, the learned grids and the students in colour, every other
+  solver in grey); for 2-D teachers, samples at config.scatter_nfe, two rows of panels.
+
+  Sized to be read where a README shows it (~900 px wide): one legend entry per coloured line,
+  NFE ticks only at the budgets asked for.
+  """
   two_d = setup.reference.shape[-1] == 2
-  scatter = []
-  if two_d:
-    for name in config.scatter_methods:
-      own = [r for r in rows if r["name"] == name]
-      if own:
-        scatter.append(min(own, key=lambda r: abs(r["nfe"] - config.scatter_nfe)))
-  ncols = 1 + (1 + len(scatter) if two_d else 0)
-  fig, axes = plt.subplots(1, ncols, figsize=(7.5 + 3.4 * (ncols - 1), 5.0), squeeze=False,
-                           gridspec_kw={"width_ratios": [2.0] + [1.0] * (ncols - 1)})
-  ax = axes[0, 0]
+  scatter = _scatter_rows(rows, config) if two_d else []
+  panels = [("exact flow map", setup.reference)] if two_d else []
+  panels += [(f"{r['name']}\nNFE {r['nfe']}, median err {r['median']:.1e}", r["samples"])
+             for r in scatter]
+  pcols = -(-len(panels) // 2)
+  fig = plt.figure(figsize=(7.0 + 2.6 * pcols, 6.0))
+  grid = fig.add_gridspec(2, 1 + pcols, width_ratios=[2.6] + [1.0] * pcols)
+  ax = fig.add_subplot(grid[:, 0])
   names = list(dict.fromkeys(r["name"] for r in rows))
-  cmap = plt.get_cmap("tab20")
-  for i, name in enumerate(names):
+  highlighted = [n for n in names if n in config.scatter_methods
+                 or any(r["family"] != "solver" for r in rows if r["name"] == n)]
+  colours = dict(zip(highlighted, plt.get_cmap("tab10").colors))
+  others = 0
+  for name in names:
     pts = sorted((r["nfe"], r["median"]) for r in rows if r["name"] == name)
-    ax.loglog(*zip(*pts), marker="o", ms=3, lw=1, color=cmap(i % 20),
-              ls="-" if i < 20 else "--", label=name)
-  ticks = sorted({r["nfe"] for r in rows})
+    if name in colours:
+      ax.loglog(*zip(*pts), marker="o", ms=5, lw=2.2, color=colours[name], label=name, zorder=3)
+    else:
+      others += 1
+      ax.loglog(*zip(*pts), lw=0.8, color="0.7", zorder=1,
+                label=f"the other {sum(n not in colours for n in names)} solvers (results.md)"
+                if others == 1 else None)
+  ticks = sorted(set(config.nfe) | {r["nfe"] for r in rows if r["family"] == "distilled"})
   ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
   ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(n) for n in ticks]))
   ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-  ax.tick_params(axis="x", labelsize=7)
-  ax.set_xlabel("NFE")
-  ax.set_ylabel("median per-sample error vs exact flow map")
-  ax.set_title(f"{config.teacher}, {config.schedule}, {config.spacing} grid")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=6, ncol=2)
-  if two_d:
-    panels = [("exact flow map", setup.reference)]
-    panels += [(f"{r['name']}, NFE {r['nfe']}", r["samples"]) for r in scatter]
+  ax.tick_params(labelsize=10)
+  ax.set_xlabel("NFE (denoiser calls)", fontsize=11)
+  ax.set_ylabel("median per-sample error vs the exact flow map", fontsize=11)
+  ax.set_title(f"{config.teacher}, {config.schedule}, {config.spacing} grid", fontsize=12)
+  ax.grid(True, which="major", alpha=0.3)
+  handles, labels = ax.get_legend_handles_labels()
+  order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("the other"))
+  ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=9,
+            loc="lower left", framealpha=0.9)
+  if panels:
     lim = 1.2 * float(np.abs(setup.reference).max())
-    for ax, (title, x) in zip(axes[0, 1:], panels):
-      ax.scatter(x[:2000, 0], x[:2000, 1], s=1, c="k", alpha=0.5)
-      ax.set_title(title, fontsize=9)
-      ax.set_xlim(-lim, lim)
-      ax.set_ylim(-lim, lim)
-      ax.set_aspect("equal")
-      ax.set_xticks([])
-      ax.set_yticks([])
+    for k, (title, x) in enumerate(panels):
+      pax = fig.add_subplot(grid[k // pcols, 1 + k % pcols])
+      pax.scatter(x[:2000, 0], x[:2000, 1], s=1, c="k", alpha=0.5)
+      pax.set_title(title, fontsize=9.5)
+      pax.set_xlim(-lim, lim)
+      pax.set_ylim(-lim, lim)
+      pax.set_aspect("equal")
+      pax.set_xticks([])
+      pax.set_yticks([])
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

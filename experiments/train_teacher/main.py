@@ -14,24 +14,32 @@ anything is written to the workdir:
      damaged checkpoints being skipped with a warning;
   4. only then: initialize (if fresh), write config.json, compile and train.
 A killed run restarted with the same command resumes from its last checkpoint and produces the
-losses an uninterrupted run would have.
+losses an uninterrupted run would have. Ctrl-C at any moment, the imports included, ends the run
+with status 130 at the next safe point (`diffdistill.train.interrupt`): between start-up phases
+or steps, after the pending checkpoint saves; config.json is written whole or not at all.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Callable
+from diffdistill.train import interrupt
 
-from absl import app, flags, logging
-import jax
-from ml_collections import config_flags
-import ml_collections
+if __name__ == "__main__":  # before the imports below, which take seconds
+  interrupt.defer()
 
-from diffdistill import _validate
-from diffdistill.train import checkpoint as ckpt_lib
-from diffdistill.train import distributed, loop, state as state_lib, step as step_lib
-from experiments.train_teacher import sampling
-from experiments.train_teacher.teacher import LossBatches, Setup, abstract_state, build
+import os  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import ml_collections  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from diffdistill import _validate  # noqa: E402
+from diffdistill.train import checkpoint as ckpt_lib  # noqa: E402
+from diffdistill.train import distributed, loop, state as state_lib, step as step_lib  # noqa: E402
+from experiments.train_teacher import sampling  # noqa: E402
+from experiments.train_teacher.teacher import LossBatches, Setup, abstract_state, build  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (config.py:VARIANT).",
                                           lock_config=True)
@@ -64,7 +72,10 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   _validate.check_writable_dir("workdir", workdir)
+  if not config.progress:  # TFDS draws its own bars while it generates a dataset
+    tfds.disable_progress_bar()
   setup = build(config)
+  interrupt.check()
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints)
   try:
@@ -77,10 +88,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
       state, data_state = restored
       setup.data.set_state(data_state)
       logging.warning("Resuming from the checkpoint of step %d.", int(state.step))
+    interrupt.check()
     if distributed.is_writer():
       os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
+      path = os.path.join(workdir, "config.json")
+      with open(path + ".tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2))
+      os.replace(path + ".tmp", path)
     train_step = step_lib.make_train_step(setup.loss_fn, mesh=setup.mesh,
                                           accumulation_steps=config.optim.accumulation_steps)
     hooks = [loop.Hook(every=config.sample_every, at_end=config.sample_at_end,
@@ -104,8 +118,13 @@ def main(argv):
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     train(_CONFIG.value, _WORKDIR.value)
+    interrupt.check()
   except loop.Interrupted as e:
     print(e)
+    raise SystemExit(130) from None
+  except KeyboardInterrupt:
+    print("Interrupted (Ctrl-C) before the first step or after the last: no step was lost; "
+          "run the same command to start or resume.")
     raise SystemExit(130) from None
 
 

@@ -242,6 +242,13 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   Returns:
     [B, ...] in x_T's dtype; for solver="adaptive" with return_nfe=True, (x, nfe).
 
+  Non-finite values: called eagerly (concrete x_T), a NaN or inf in x_T is a ValueError naming
+  x_T, and a non-finite sample (the denoiser returned NaN or inf at some grid time) a ValueError
+  naming denoise; both are host-side checks after the fact, so none costs anything under jit.
+  Under the caller's jit (`make_sampler`) nothing is checked: with a fixed-step solver a
+  non-finite row of x_T gives a non-finite row of the result and leaves the other rows as they
+  would be; a denoiser's NaN spreads to the rows it is returned for.
+
   solver="learned:<path>" runs learned coefficients saved by `learn.save` on their own grid
   (spacing does not apply; see docs/learned_sampling.md).
   The adaptive solver takes nfe=None and the options rtol, atol, method ("tsit5"/"dopri5"),
@@ -255,6 +262,7 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
     raise ValueError(f"x_T must have a batch axis, [B, ...]; got shape {x_T.shape}.")
   if not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise ValueError(f"x_T must be a floating array, got dtype {x_T.dtype}.")
+  _validate.check_finite("x_T", x_T)
   if rng is not None:
     rng = _validate.check_key("rng", rng)
   # Each output checked where it is made, at trace time: one of shape [B, 1] would broadcast
@@ -271,6 +279,7 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
       x = multistep.call(denoise, x, grids.resolve_range(schedule, t_start, t_end)[1],
                          multistep.compute_dtype(x_T.dtype), x_T.dtype).astype(x_T.dtype)
       used = used + 1
+    _check_finite_result(x)
     return (x, used) if return_nfe else x
   if info.stochastic and rng is None:
     raise ValueError(f"Solver {solver!r} is stochastic: pass rng=jax.random.key(...).")
@@ -293,7 +302,18 @@ def sample(denoise: Callable[[Array, Array], Array], x_T: Array, *,
   x = info.run(denoise, x_T, grid, schedule=schedule, rng=rng, in_dtype=in_dtype, **opts)
   if final_denoise:
     x = multistep.call(denoise, x, t[-1], multistep.compute_dtype(in_dtype), in_dtype)
+  _check_finite_result(x)
   return x.astype(in_dtype)
+
+
+def _check_finite_result(x: Array) -> None:
+  """Where x is concrete (not under the caller's jit): a non-finite sample from a finite x_T
+  means the denoiser returned NaN or inf at some time of the grid."""
+  rows = _validate.nonfinite_rows(x)
+  if rows is not None and rows.size:
+    raise ValueError(f"denoise(x, t) returned NaN or inf at some time of the grid: {rows.size} of "
+                     f"{x.shape[0]} samples are non-finite (the first: row {rows[0]}) although "
+                     "x_T is finite. Check the denoiser over [t_end, t_start].")
 
 
 def make_sampler(apply: Callable, *, schedule: schedules_lib.Schedule, solver: str, nfe: int,

@@ -1,0 +1,44 @@
+"""Unclear errors of the experiments found by issue 19, now named with the accepted values."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffdistill import analytic
+from experiments import teachers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("content", [b"not an npz", None], ids=["text", "npy"])
+def test_a_mixture_file_that_is_not_an_npz_is_named(tmp_path, content):
+  # before: numpy's "This file contains pickled (object) data ... allow_pickle=" message
+  path = str(tmp_path / "mix.npz")
+  if content is None:
+    with open(path, "wb") as f:
+      np.save(f, np.ones(3))
+  else:
+    with open(path, "wb") as f:
+      f.write(content)
+  with pytest.raises(ValueError, match=r"Mixture file .*mix.npz' is not an .npz archive .*"
+                     r"teachers.save_mixture\(path, mix\) or np.savez\(path, weights=\[K\]"):
+    teachers.load_mixture(path)
+  teachers.save_mixture(path, analytic.ring2d())  # a real one still loads
+  assert teachers.load_mixture(path).means.shape == analytic.ring2d().means.shape
+
+
+# a process of its own (its flags would collide with other mains' in this one): the imports
+# take 5-20 s on 2 cores
+@pytest.mark.slow
+def test_analytic_demo_num_samples_below_two_names_the_flag(tmp_path):
+  # before: an error from inside the metrics that did not name --num_samples
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "experiments.analytic_demo.main",
+                         f"--workdir={tmp_path / 'demo'}", "--num_samples=1"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "flag --num_samples=1: 1 is not integer >= 2" in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "demo")
