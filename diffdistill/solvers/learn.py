@@ -51,6 +51,7 @@ from diffdistill import schedules as schedules_lib
 from diffdistill.solvers import adaptive
 from diffdistill.solvers import grids
 from diffdistill.solvers import multistep
+from diffdistill.solvers import table
 from diffdistill.solvers import traceable
 
 Array = jax.Array
@@ -151,8 +152,7 @@ def per_sample_distance(x, ref):
 
 
 def _steps(solver, nfe, options):
-  from diffdistill.solvers.sampling import steps_for_nfe  # sampling.py imports this module
-  steps, _ = steps_for_nfe(solver, nfe, **options)
+  steps, _ = table.steps_for(table.SOLVERS[solver], nfe, **options)
   return steps
 
 
