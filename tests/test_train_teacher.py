@@ -168,6 +168,9 @@ def test_unusable_workdir_is_an_error_before_compiling(tmp_path, data_dir, caplo
   assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 
+# three runs (~25 s of CPU); the default suite keeps the step equality (test_train_sharding) and
+# the sharded checkpoint restored onto another mesh (test_train_checkpoint)
+@pytest.mark.slow
 def test_fsdp_run_and_resume_on_another_mesh_shape_match_data_parallel(tmp_path, data_dir):
   """--config.mesh.fsdp=8 on the 8 devices, killed after step 3 and resumed as 2 data x 4 fsdp:
   the losses of the data-parallel run, and the state really is split."""
