@@ -1,10 +1,12 @@
-"""The data-parallel train step of any method: `step(state, batch, frozen) -> (state, metrics)`.
+"""The sharded train step of any method: `step(state, batch, frozen) -> (state, metrics)`.
 
 A method (`train.method.Method`) is a sequence of updates, each differentiating one player's
 loss `loss_fn(params, batch, rng, **inputs)`; single-network training (DSM) is one update of one
-player (`make_train_step`). Data parallelism is `jax.jit` over a one-axis device mesh: the batch
-is sharded on the `data` axis, the state and `frozen` are replicated (or `frozen` gets its own
-sharding, for large teachers), and XLA inserts the gradient all-reduce. The state's buffers are
+player (`make_train_step`). The step is `jax.jit` over a (data, fsdp[, tensor]) device mesh
+(`train.sharding`): the batch is split over data x fsdp; by default the state and `frozen` are
+replicated and XLA inserts the gradient all-reduce (data parallelism); with `state_sharding` /
+`frozen_sharding` from the path rules, large leaves are split over fsdp (ZeRO-3: gathered where
+a loss reads them, gradients reduce-scattered onto the shards). The state's buffers are
 donated, so a step updates them in place; `frozen` (teacher params, a previous round's student,
 round constants) is an argument, never donated, never differentiated, never a constant of the
 graph, so a new teacher or a new round compiles nothing. One step:
@@ -22,13 +24,14 @@ graph, so a new teacher or a new round compiles nothing. One step:
 Why the numbers do not depend on the device count: under `jit` every array is global, so a
 `jax.random` draw of shape [B, ...] inside `loss_fn` yields the same values for example b however
 the batch is laid over devices (the draw is a function of the key, the shape and b alone), and
-the reductions are over the global batch. `tests/test_train_step.py` checks 8 devices against 1.
+the reductions are over the global batch. `tests/test_train_step.py` checks 8 devices against 1,
+`tests/test_train_sharding.py` the FSDP step against the data-parallel one.
 The randomness does depend on `accumulation_steps` (micro-batch i gets its own fold), as does
 the float summation order; results are reproducible for a fixed configuration.
 
 Micro-batch i takes examples i, i + k, i + 2k, ... of the global batch (k = accumulation_steps),
 so every device holds an equal part of every micro-batch; the global batch must therefore be
-divisible by k * (number of devices).
+divisible by k * (data x fsdp devices).
 
 References:
   Xu et al., GSPMD, 2021 (sharding annotations in jit); big_vision `train.py` (the step layout).
