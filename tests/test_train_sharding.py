@@ -170,3 +170,15 @@ def test_accumulation_that_does_not_divide_the_batch_names_both_arguments():
   batch = step_lib.global_batch({"x": np.zeros((64, D), np.float32)}, mesh=mesh)
   with pytest.raises(ValueError, match=r"batch_size=64 .* accumulation_steps=3"):
     step(state, batch)
+
+
+@pytest.mark.slow
+def test_tensor_axis_step_equals_the_replicated_one():
+  """2 data x 2 fsdp x 2 tensor: W1 [8, 32] held as [4, 16] per device, same numbers."""
+  ref_state, ref_losses = train("dsm", step_lib.make_mesh())
+  state, losses = train("dsm", step_lib.make_mesh(data=2, fsdp=2, tensor=2))
+  w1 = state.players["student"].params["w1"]
+  assert w1.sharding.spec == P("tensor", "fsdp") and w1.addressable_shards[0].data.shape == (4, 16)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=1e-7)
+  errs = relative_errors(state.players, ref_state.players)
+  assert max(errs.values()) <= 1e-6, errs
