@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from diffdistill.train import checkpoint as ckpt_lib
@@ -217,3 +218,35 @@ def test_progress_false_also_silences_tfds_while_it_generates_the_dataset(tmp_pa
   err = capfd.readouterr().err
   assert os.path.isdir(tmp_path / "tfds" / "toy2d")  # generated here, by this run
   assert "examples/s" not in err and "Generating" not in err, err[-2000:]
+
+
+# three runs (~25 s of CPU); the default suite keeps the step equality (test_train_sharding) and
+# the sharded checkpoint restored onto another mesh (test_train_checkpoint)
+@pytest.mark.slow
+def test_fsdp_run_and_resume_on_another_mesh_shape_match_data_parallel(tmp_path, data_dir):
+  """--config.mesh.fsdp=8 on the 8 devices, killed after step 3 and resumed as 2 data x 4 fsdp:
+  the losses of the data-parallel run, and the state really is split."""
+  # decay_steps fixed: the first fsdp run stops at step 3 with the 6-step run's learning rates
+  values = tiny(data_dir, num_steps=6, checkpoint_every=3,
+                **{"optim.warmup_steps": 0, "optim.decay_steps": 6})
+  ref = main_lib.train(as_config(values), str(tmp_path / "dp"))
+  workdir = str(tmp_path / "fsdp")
+  sharded = {"mesh.fsdp": 8, "mesh.min_size": 0}
+  first = main_lib.train(as_config({**values, **sharded, "num_steps": 3}), workdir)
+  kernel = first.params["Dense_0"]["kernel"]  # [2, 16]: 16 split over the 8 devices
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert kernel.addressable_shards[0].data.shape == (2, 2)
+  resumed = main_lib.train(as_config({**values, **sharded, "mesh.fsdp": 4}), workdir)
+  assert dict(resumed.params["Dense_0"]["kernel"].sharding.mesh.shape) == {"data": 2, "fsdp": 4}
+  _, ref_losses = losses(str(tmp_path / "dp"))
+  steps, fsdp_losses = losses(workdir)
+  assert steps == list(range(1, 7))
+  np.testing.assert_allclose(fsdp_losses, ref_losses, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_clear_error(tmp_path, data_dir):
+  with pytest.raises(ValueError, match=r"config.mesh .*fsdp=3.*must divide the device count 8"):
+    main_lib.train(as_config(tiny(data_dir, **{"mesh.fsdp": 3})), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")

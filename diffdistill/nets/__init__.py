@@ -40,6 +40,8 @@ from diffdistill.nets.embeddings import (ConditionEmbedding, FourierEmbedding, S
                                          time_embedding)
 from diffdistill.nets.mlp import ScoreMLP
 from diffdistill.nets.student import Net, trunk_features
+from diffdistill.nets.precision import POLICIES, Policy, with_precision
+from diffdistill.nets.remat import REMAT_POLICIES
 from diffdistill.nets.unet import PRESETS as UNET_PRESETS
 from diffdistill.nets.unet import UNet
 from diffdistill.nets.vae import AutoencoderKL
@@ -91,14 +93,22 @@ def make_apply(module: nn.Module) -> Callable[..., Array]:
   """
   names = tuple(getattr(module, "extra_cond", ()))
 
+  full_remat = getattr(module, "remat", "none") == "full"
+
+  def run(params, x, t, label, extra, dropout_rng):
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    return module.apply({"params": params}, x, t, label, extra=extra or None,
+                        deterministic=dropout_rng is None, rngs=rngs)
+
+  if full_remat:  # nets.remat: only the inputs are stored for the backward pass
+    run = jax.checkpoint(run)
+
   def apply(params, x, t, *, label=None, dropout_rng=None, **extra):
     if set(extra) != set(names):
       raise ValueError(f"{type(module).__name__} takes the extra inputs {sorted(names)} "
                        f"(extra_cond), got {sorted(extra)}.")
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     extra = {k: _batch_times(x, v) for k, v in extra.items()}
-    return module.apply({"params": params}, x, _batch_times(x, t), label, extra=extra or None,
-                        deterministic=dropout_rng is None, rngs=rngs)
+    return run(params, x, _batch_times(x, t), label, extra, dropout_rng)
 
   return apply
 
@@ -145,6 +155,6 @@ def num_params(params: Any) -> int:
 
 
 __all__ = ["NETWORKS", "get_network", "Net", "trunk_features", "make_apply", "init_params", "init_from", "num_params", "ScoreMLP", "UNet",
-           "UNET_PRESETS", "DiT", "DIT_PRESETS", "AutoencoderKL",
-           "DDPMUNet",
+           "UNET_PRESETS", "DiT", "DIT_PRESETS", "AutoencoderKL", "DDPMUNet", "POLICIES", "Policy",
+           "with_precision", "REMAT_POLICIES",
            "SinusoidalEmbedding", "FourierEmbedding", "ConditionEmbedding", "time_embedding"]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill.nets.embeddings import ConditionEmbedding
+from diffdistill.nets.remat import check_remat
 
 Array = jax.Array
 
@@ -34,7 +35,7 @@ class MLPBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h: Array, emb: Array, *, deterministic: bool) -> Array:
+  def __call__(self, h: Array, emb: Array, deterministic: bool = True) -> Array:
     r = nn.Dense(self.features, dtype=self.dtype)(nn.silu(nn.LayerNorm(dtype=self.dtype)(h)))
     r = r + nn.Dense(self.features, dtype=self.dtype)(emb)
     r = nn.silu(nn.LayerNorm(dtype=self.dtype)(r))
@@ -55,6 +56,7 @@ class ScoreMLP(nn.Module):
     dropout: dropout rate inside the blocks (active only when `make_apply` gets a dropout_rng).
     dtype: computation dtype (params stay float32).
     extra_cond: names of extra scalar inputs (e.g. ("r",) for MeanFlow; nets.embeddings).
+    remat: rematerialisation (`nets.remat`): "none", "block" or "full".
   """
 
   features: int = 256
@@ -66,17 +68,20 @@ class ScoreMLP(nn.Module):
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   extra_cond: tuple[str, ...] = ()
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
                extra: dict[str, Array] | None = None, deterministic: bool = True) -> Array:
+    check_remat(self.remat)
     if x.ndim != 2:
       raise ValueError(f"ScoreMLP: x must have shape [B, d], got {x.shape}.")
     emb = ConditionEmbedding(self.emb_dim, self.emb_dim, self.embedding, self.embedding_scale,
                              self.num_classes, self.dtype, self.extra_cond)(t, label, extra)
     h = nn.Dense(self.features, dtype=self.dtype)(x)  # [B, features]
-    for _ in range(self.num_blocks):
-      h = MLPBlock(self.features, self.dropout, self.dtype)(h, emb, deterministic=deterministic)
+    cls = nn.remat(MLPBlock, static_argnums=(3,)) if self.remat == "block" else MLPBlock
+    for i in range(self.num_blocks):  # explicit names: remat must not rename the params
+      h = cls(self.features, self.dropout, self.dtype, name=f"MLPBlock_{i}")(h, emb, deterministic)
     h = nn.silu(nn.LayerNorm(dtype=self.dtype)(h))
     out = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
     return out.astype(x.dtype)  # [B, d]

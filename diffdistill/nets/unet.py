@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill.nets.embeddings import ConditionEmbedding
+from diffdistill.nets.remat import check_remat
 
 Array = jax.Array
 
@@ -95,7 +96,7 @@ class UNetBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, emb: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, emb: Array, deterministic: bool = True) -> Array:
     resample = _upsample if self.up else (_downsample if self.down else (lambda a: a))
     c_in, c_out = x.shape[-1], self.out_channels
     h = nn.silu(_group_norm(c_in, self.dtype)(x))
@@ -127,8 +128,10 @@ class UNet(nn.Module):
     embedding / embedding_scale: the time embedding ('positional' or 'fourier'; nets.embeddings).
     num_classes: K > 0 makes it class-conditional (labels 0..K-1, null label K).
     num_heads: attention heads (EDM's DDPM++: 1).
-    dtype: computation dtype (params stay float32).
+    dtype: computation dtype (params stay float32; `nets.precision`).
     extra_cond: names of extra scalar inputs (e.g. ("w",) for guided distillation).
+    remat: rematerialisation (`nets.remat`): "none", "block" (each residual block's activations
+      are recomputed in the backward pass) or "full" (the whole network's, by `make_apply`).
   """
 
   model_channels: int = 128
@@ -143,46 +146,51 @@ class UNet(nn.Module):
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
   extra_cond: tuple[str, ...] = ()
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
                extra: dict[str, Array] | None = None, deterministic: bool = True) -> Array:
+    check_remat(self.remat)
     if x.ndim != 4:
       raise ValueError(f"UNet: x must be NHWC images [B, H, W, C], got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"UNet: H and W must be divisible by 2^(len(channel_mult) - 1) = {factor}, "
                        f"got {x.shape[1:3]}.")
-    block = lambda c, **kw: UNetBlock(c, num_heads=self.num_heads, dropout=self.dropout,  # noqa: E731
-                                      dtype=self.dtype, **kw)
+    cls = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat == "block" else UNetBlock
+    count = iter(range(10 ** 6))
+    # explicit names: the remat'd class would otherwise rename every block's params
+    block = lambda c, **kw: cls(c, num_heads=self.num_heads, dropout=self.dropout,  # noqa: E731
+                                dtype=self.dtype, name=f"UNetBlock_{next(count)}", **kw)
     emb = ConditionEmbedding(self.model_channels, self.model_channels * self.channel_mult_emb,
                              self.embedding, self.embedding_scale, self.num_classes,
                              self.dtype, self.extra_cond)(t, label, extra)  # [B, E]
-    det = dict(deterministic=deterministic)
+    det = (deterministic,)
 
     h = nn.Conv(self.model_channels, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(x)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       res = x.shape[1] >> level
       if level > 0:
-        h = block(h.shape[-1], down=True)(h, emb, **det)
+        h = block(h.shape[-1], down=True)(h, emb, *det)
         skips.append(h)
       for _ in range(self.num_blocks):
-        h = block(self.model_channels * mult, attention=res in self.attn_resolutions)(h, emb, **det)
+        h = block(self.model_channels * mult, attention=res in self.attn_resolutions)(h, emb, *det)
         skips.append(h)
 
     last = len(self.channel_mult) - 1
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = x.shape[1] >> level
       if level == last:
-        h = block(h.shape[-1], attention=True)(h, emb, **det)
-        h = block(h.shape[-1])(h, emb, **det)
+        h = block(h.shape[-1], attention=True)(h, emb, *det)
+        h = block(h.shape[-1])(h, emb, *det)
       else:
-        h = block(h.shape[-1], up=True)(h, emb, **det)
+        h = block(h.shape[-1], up=True)(h, emb, *det)
       for idx in range(self.num_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         attention = idx == self.num_blocks and res in self.attn_resolutions
-        h = block(self.model_channels * mult, attention=attention)(h, emb, **det)
+        h = block(self.model_channels * mult, attention=attention)(h, emb, *det)
 
     h = nn.silu(_group_norm(h.shape[-1], self.dtype)(h))
     out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, kernel_init=_ZERO)(h)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def _from_env(value, name, cast):
@@ -52,6 +53,14 @@ def local_batch_size(global_batch_size: int) -> int:
     raise ValueError(f"batch_size={global_batch_size} must be divisible by the process count "
                      f"({count}).")
   return global_batch_size // count
+
+
+def to_host(tree):
+  """A pytree of global arrays as numpy arrays on every process (a collective when some leaf is
+  split over several processes' devices, e.g. FSDP params; a `jax.device_get` otherwise)."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_writer() -> bool:

@@ -32,6 +32,9 @@ Variants (`--config=experiments/train_teacher/config.py:VARIANT`):
 Overrides: `--config.num_steps=80 --config.log_every=1 --config.checkpoint_every=20`;
 schedule keywords by name, e.g. `--config.schedule.kwargs.t_max=0.9` (every keyword of every
 schedule is declared, None meaning that schedule's default).
+Mesh: `--config.mesh.fsdp=8` splits the params, Adam moments and EMAs of every leaf with at
+least `mesh.min_size` elements over 8 devices (FSDP, docs/scaling.md); `--config.mesh.data`
+defaults to the devices left; fsdp = 1 is pure data parallelism (the default).
 Multi-host: add `--distributed` (and `--coordinator_address/--num_processes/--process_id`
 where the cluster does not provide them).
 """
@@ -97,6 +100,12 @@ def _base() -> ml_collections.ConfigDict:
   c.loss.weighting = "v"             # plain v-MSE
   c.loss.time_sampler = "uniform"
   c.loss.cond_drop_prob = 0.0
+
+  c.mesh = ml_collections.ConfigDict()  # train.sharding: data x fsdp x tensor = the devices
+  c.mesh.data = ml_collections.config_dict.placeholder(int)  # None: the devices left
+  c.mesh.fsdp = 1                    # > 1: FSDP over this many devices
+  c.mesh.tensor = 1
+  c.mesh.min_size = 2 ** 12          # leaves with fewer elements stay replicated
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

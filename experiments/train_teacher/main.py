@@ -39,7 +39,8 @@ from diffdistill import _validate  # noqa: E402
 from diffdistill.train import checkpoint as ckpt_lib  # noqa: E402
 from diffdistill.train import distributed, loop, state as state_lib, step as step_lib  # noqa: E402
 from experiments.train_teacher import sampling  # noqa: E402
-from experiments.train_teacher.teacher import LossBatches, Setup, abstract_state, build  # noqa: E402
+from experiments.train_teacher.teacher import (LossBatches, Setup, abstract_state,  # noqa: E402
+                                               build, state_sharding)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (config.py:VARIANT).",
                                           lock_config=True)
@@ -56,7 +57,7 @@ def sample_hook(setup: Setup, workdir: str) -> Callable:
   mix = sampling.exact_mixture(config.dataset.name)
 
   def fn(state, step):
-    params = jax.device_get(state.ema[config.eval_ema])
+    params = distributed.to_host(state.ema[config.eval_ema])
     if not distributed.is_writer():
       return None
     x = sampling.sample(setup.denoise, params, jax.random.PRNGKey(config.seed + step),
@@ -80,10 +81,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
                                        max_to_keep=config.keep_checkpoints)
   try:
     rng = jax.random.PRNGKey(config.seed)
-    replicated = step_lib.replicated(setup.mesh)
+    shardings = state_sharding(setup, rng)
     restored = checkpointer.restore_latest(abstract_state(setup, rng))
     if restored is None:
-      state = jax.jit(setup.init_state, out_shardings=replicated)(rng)
+      state = jax.jit(setup.init_state, out_shardings=shardings)(rng)
     else:
       state, data_state = restored
       setup.data.set_state(data_state)
@@ -96,7 +97,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainSta
         f.write(config.to_json_best_effort(indent=2))
       os.replace(path + ".tmp", path)
     train_step = step_lib.make_train_step(setup.loss_fn, mesh=setup.mesh,
-                                          accumulation_steps=config.optim.accumulation_steps)
+                                          accumulation_steps=config.optim.accumulation_steps,
+                                          state_sharding=shardings)
     hooks = [loop.Hook(every=config.sample_every, at_end=config.sample_at_end,
                        fn=sample_hook(setup, workdir), name="eval")]
     return loop.run(state=state, train_step=train_step, data=LossBatches(setup), mesh=setup.mesh,

@@ -18,7 +18,7 @@ from diffdistill import data as data_lib
 from diffdistill import nets, parametrization
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import dsm
-from diffdistill.train import distributed, optim, state as state_lib, step as step_lib
+from diffdistill.train import distributed, optim, sharding, state as state_lib, step as step_lib
 
 BATCH_KEYS = ("x", "label")  # what the loss reads; the pipeline's "index" stays on the host
 
@@ -72,8 +72,26 @@ def schedule_from_config(config: ml_collections.ConfigDict) -> schedules_lib.Sch
   return schedules_lib.get(config.name, **kwargs)
 
 
+MESH_DEFAULTS = {"data": None, "fsdp": 1, "tensor": 1, "min_size": 2 ** 12}
+
+
+def mesh_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.mesh with its defaults (configs saved before the mesh existed have none)."""
+  return {**MESH_DEFAULTS, **dict(config.get("mesh", None) or {})}
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of config.mesh (data x fsdp x tensor); errors name the config entries."""
+  m = mesh_config(config)
+  try:
+    return step_lib.make_mesh(data=m["data"], fsdp=m["fsdp"], tensor=m["tensor"])
+  except ValueError as e:
+    raise ValueError(f"config.mesh (data={m['data']}, fsdp={m['fsdp']}, tensor={m['tensor']}): "
+                     f"{e}") from None
+
+
 def build(config: ml_collections.ConfigDict) -> Setup:
-  mesh = step_lib.make_mesh()
+  mesh = make_mesh(config)
   validate(config, mesh)
   schedule = schedule_from_config(config.schedule)
   module = nets.get_network(config.network.name, **config.network.kwargs)
@@ -111,20 +129,31 @@ class LossBatches:
     return self._data.get_state()
 
 
+def state_sharding(setup: Setup, rng: jax.Array):
+  """The state's shardings on the mesh (all replicated unless config.mesh.fsdp > 1)."""
+  rules = sharding.Rules(min_size=mesh_config(setup.config)["min_size"])
+  return step_lib.state_sharding(jax.eval_shape(setup.init_state, rng), setup.mesh, rules=rules)
+
+
 def abstract_state(setup: Setup, rng: jax.Array):
-  """The state's shapes, dtypes and (replicated) shardings, without computing anything."""
-  rep = step_lib.replicated(setup.mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                      jax.eval_shape(setup.init_state, rng))
+  """The state's shapes, dtypes and shardings, without computing anything."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      jax.eval_shape(setup.init_state, rng), state_sharding(setup, rng))
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str):
-  """(setup, step, EMA params of config.eval_ema) from the newest checkpoint in `workdir`."""
+  """(setup, step, EMA params of config.eval_ema) from the newest checkpoint in `workdir`.
+
+  The checkpoint is restored replicated over this machine's devices, whatever mesh trained it
+  (orbax reshards on restore), so a teacher trained with FSDP on a pod loads on one CPU.
+  """
   from diffdistill.train import checkpoint as ckpt_lib  # noqa: PLC0415 (orbax only when loading)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh = ml_collections.ConfigDict(MESH_DEFAULTS)
   setup = build(config)
   abstract = abstract_state(setup, jax.random.PRNGKey(config.seed))
   restored = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
   state, _ = restored
-  return setup, int(state.step), jax.device_get(state.ema[config.eval_ema])
+  return setup, int(state.step), distributed.to_host(state.ema[config.eval_ema])
