@@ -60,7 +60,7 @@ def _worker(args) -> list[dict]:
   from diffdistill import nets, parametrization, schedules
   from diffdistill.losses import distribution_matching as dm, dmd2, dsm
   from diffdistill.train import sharding, state as state_lib, step as step_lib
-  from diffdistill.train.method import Method, Update
+  from diffdistill.method import Method, Update
 
   n = jax.device_count()
   rows = []

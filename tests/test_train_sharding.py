@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from diffdistill import parametrization, schedules
 from diffdistill.losses import dmd2, dsm, distribution_matching as dm, meanflow, progressive, scm
 from diffdistill.train import sharding, state as state_lib, step as step_lib
-from diffdistill.train.method import Method, Update
+from diffdistill.method import Method, Update
 
 D, H, B, NUM_STEPS = 8, 32, 16, 10
 RULES = sharding.Rules(min_size=0)  # split every divisible leaf, however small (tiny nets)
