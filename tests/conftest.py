@@ -43,3 +43,17 @@ def pytest_sessionfinish(session):
   gc.freeze()
   gc.callbacks[:] = [cb for cb in gc.callbacks
                      if not getattr(cb, "__module__", "").startswith("jax")]
+
+
+_BUDGET_LIST = os.path.join(os.path.dirname(__file__), "slow_by_budget.txt")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the `-m` deselection of pytest's mark plugin
+def pytest_collection_modifyitems(config, items):
+  """Marks `slow` the tests listed in slow_by_budget.txt (why: its header)."""
+  del config
+  with open(_BUDGET_LIST) as f:
+    listed = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+  for item in items:
+    if item.nodeid in listed:
+      item.add_marker(pytest.mark.slow)
