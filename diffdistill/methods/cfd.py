@@ -21,7 +21,8 @@ from diffdistill.methods import pd, plan as plan_lib
 
 CONFIG = {"cfd": dict(teacher_steps=16, steps_per_round=1500, spacing="logsnr",
                       weighting="truncated_snr", eval_steps=(8, 4, 2, 1), temperature=0.5,
-                      kl_weight=1.0, l2_weight=1.0)}
+                      kl_weight=1.0, l2_weight=1.0,
+                      per_dim_logits=True)}  # False: the raw log-likelihoods (module docstring)
 SETTINGS = {}
 TESTBEDS = {"digits": "cfd_digits needs a digits classifier (the evaluation issue trains one); "
                       "cfd runs on ring2d and gmm64 with the exact component classifier."}
@@ -36,13 +37,17 @@ def _per_dim_logits(mix, x):
   return analytic.component_logits(mix, x) / x.shape[1]
 
 
+def _raw_logits(mix, x):
+  return analytic.component_logits(mix, x.reshape(x.shape[0], -1))
+
+
 def build(config, setup) -> plan_lib.Plan:
   c = config.cfd
   mixture = setup.teacher.mixture
   if mixture is None:
     raise ValueError(TESTBEDS["digits"])
   make = functools.partial(cfd.classifier_feature_distillation,
-                           classifier=_per_dim_logits,
+                           classifier=_per_dim_logits if c.per_dim_logits else _raw_logits,
                            temperature=c.temperature, kl_weight=c.kl_weight,
                            l2_weight=c.l2_weight)
   return pd.build_rounds(config, setup, "cfd", lambda s, t, **o: make(s, t, **o),
