@@ -110,16 +110,10 @@ def pd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     b = x0.shape[0]
     i_rng, eps_rng, w_rng = jax.random.split(rng, 3)
     n = jnp.asarray(num_steps, jnp.int32)
-    i = jax.random.randint(i_rng, (b,), 0, n)
-    grid = lambda j, m: grid_time(schedule, j, m, spacing=spacing, t_start=t_start,  # noqa: E731
-                                  t_end=t_end, dtype=x0.dtype)
-    t, t_mid, t_next = grid(i, n), grid(2 * i + 1, 2 * n), grid(i + 1, n)
-    x_t = _common.noised(schedule, x0, t, jax.random.normal(eps_rng, x0.shape, x0.dtype))
     cond = _cond(batch, w_rng, b, guidance, x0.dtype)
-    teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
-    z1 = ddim.ddim_step(teach, x_t, t, t_mid, schedule=schedule)
-    z2 = ddim.ddim_step(teach, z1, t_mid, t_next, schedule=schedule)
-    target = jax.lax.stop_gradient(pd_target(x_t, z2, t, t_next, schedule=schedule))
+    x_t, t, target = round_pair(teacher, teacher_params, x0, i_rng, eps_rng, num_steps=n,
+                                schedule=schedule, spacing=spacing, t_start=t_start,
+                                t_end=t_end, cond=cond)
     err = jnp.mean(jnp.square(student(params, x_t, t, **cond) - target).reshape(b, -1), axis=1)
     terms = weight_fn(schedule.logsnr(t)) * err  # [B]
     aux = {"x0_mse": jnp.mean(err), "target_norm": jnp.sqrt(jnp.mean(jnp.square(target))),
