@@ -61,6 +61,10 @@ class Update:
   inputs: {keyword of loss_fn: source path} (module docstring).
   repeats: updates of this player per step, each with its own rng fold (the batch is shared).
   name: the metrics prefix (default: the player's name).
+  group_size: the loss reads the batch as groups of `group_size` consecutive examples (IMM's
+    particles, which share their times and are compared with each other): gradient
+    accumulation then splits the batch between groups, never inside one, and the batch size
+    must be a multiple of group_size x accumulation_steps. 1: examples are independent.
   """
 
   player: str
@@ -68,12 +72,16 @@ class Update:
   inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
   repeats: int = 1
   name: str | None = None
+  group_size: int = 1
 
   def __post_init__(self):
     if not isinstance(self.player, str) or not self.player:
       raise ValueError(f"Update.player must be a non-empty name, got {self.player!r}.")
     if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
       raise ValueError(f"Update.repeats must be an integer >= 1, got {self.repeats!r}.")
+    if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+        or self.group_size < 1):
+      raise ValueError(f"Update.group_size must be an integer >= 1, got {self.group_size!r}.")
     for key, path in self.inputs.items():
       if key in ("params", "batch", "rng"):
         raise ValueError(f"Update input {key!r} clashes with loss_fn's own arguments.")

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from diffdistill.method import Method, Update
 from diffdistill.train import optim, state as state_lib, step as step_lib
 
 D, H, B = 3, 16, 32
@@ -109,6 +110,46 @@ def test_gradient_accumulation_equals_full_batch():
   accum, la = run(deterministic_loss, jax.devices(), data, accumulation_steps=2)
   np.testing.assert_allclose(la, lf, rtol=1e-5)
   chex.assert_trees_all_close(accum.params, full.params, rtol=1e-5, atol=1e-6)
+
+
+def grouped_loss(params, batch, rng):
+  """A loss of groups of G consecutive examples: the squared error of each group's mean output."""
+  del rng
+  pred = jnp.tanh(batch["x"] @ params["w1"] + params["b1"]) @ params["w2"]
+  err = (pred - batch["y"]).reshape(-1, G, D).mean(axis=1)
+  return jnp.mean(jnp.sum(err ** 2, axis=-1)), {}
+
+
+G = 4
+
+
+def test_accumulation_keeps_groups_whole():
+  data = batches(2)
+  mesh = step_lib.make_mesh()
+
+  def run_grouped(k, group_size):
+    method = Method(name="grouped", updates=(
+        Update(player="model", loss_fn=grouped_loss, group_size=group_size),))
+    step = step_lib.make_step(method, mesh=mesh, accumulation_steps=k)
+    state = jax.device_put(make_state(), step_lib.replicated(mesh))
+    for batch in data:
+      state, m = step(state, step_lib.global_batch(batch, mesh=mesh))
+    return state, float(m["loss"])
+
+  full, lf = run_grouped(1, G)
+  accum, la = run_grouped(2, G)  # B = 32: micro-batches of 4 whole groups each
+  np.testing.assert_allclose(la, lf, rtol=1e-5)
+  chex.assert_trees_all_close(accum.params, full.params, rtol=1e-5, atol=1e-6)
+  # the example-strided split (group_size 1) mixes the groups: another loss
+  _, l_strided = run_grouped(2, 1)
+  assert abs(l_strided - lf) > 1e-3 * abs(lf)
+  with pytest.raises(ValueError, match="group_size=4"):
+    run_grouped(3, G)
+  with pytest.raises(ValueError, match="group_size"):
+    Update(player="model", loss_fn=grouped_loss, group_size=0)
+  with pytest.raises(ValueError, match=r"group_size \(3\).*of 48"):
+    step_lib.check_batch_size(24, mesh=mesh, accumulation_steps=2, group_size=3)
+  step_lib.check_batch_size(48, mesh=mesh, accumulation_steps=2, group_size=3)
 
 
 def test_nonfinite_step_is_skipped_and_counted():

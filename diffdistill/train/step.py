@@ -31,7 +31,9 @@ the float summation order; results are reproducible for a fixed configuration.
 
 Micro-batch i takes examples i, i + k, i + 2k, ... of the global batch (k = accumulation_steps),
 so every device holds an equal part of every micro-batch; the global batch must therefore be
-divisible by k * (data x fsdp devices).
+divisible by k * (data x fsdp devices). An update whose loss reads the batch in groups of g
+consecutive examples (`Update.group_size`: IMM's particles) is split by whole groups instead:
+micro-batch i takes groups i, i + k, ... (the batch must be divisible by g * k).
 
 References:
   Xu et al., GSPMD, 2021 (sharding annotations in jit); big_vision `train.py` (the step layout).
@@ -39,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -78,14 +81,18 @@ def state_sharding(abstract_state: Any, mesh: Mesh, *,
   return sharding_lib.tree_shardings(abstract_state, mesh, rules=rules)
 
 
-def check_batch_size(batch_size: int, *, mesh: Mesh, accumulation_steps: int = 1) -> None:
+def check_batch_size(batch_size: int, *, mesh: Mesh, accumulation_steps: int = 1,
+                     group_size: int = 1) -> None:
   """Raises ValueError unless the global batch splits into equal per-device micro-batches (the
-  batch is split over data x fsdp; the tensor axis holds whole copies of it)."""
+  batch is split over data x fsdp; the tensor axis holds whole copies of it) of whole groups of
+  `group_size` examples (`Update.group_size`)."""
   n = batch_shards(mesh)
-  if batch_size <= 0 or batch_size % (n * accumulation_steps):
-    raise ValueError(
-        f"batch_size={batch_size} must be a positive multiple of the device count ({n}) times "
-        f"accumulation_steps ({accumulation_steps}), i.e. of {n * accumulation_steps}.")
+  unit = accumulation_steps * math.lcm(n, group_size)
+  if batch_size <= 0 or batch_size % unit:
+    what = (f"the least common multiple of the device count ({n}) and group_size ({group_size})"
+            if group_size > 1 else f"the device count ({n})")
+    raise ValueError(f"batch_size={batch_size} must be a positive multiple of {what} times "
+                     f"accumulation_steps ({accumulation_steps}), i.e. of {unit}.")
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -112,14 +119,34 @@ def global_batch(local_batch: Mapping[str, np.ndarray], *, mesh: Mesh) -> dict[s
   return out
 
 
-def _grad_fn(loss_fn: LossFn, k: int, micro_sharding) -> Callable:
-  """(params, batch, rng, inputs) -> ((loss, aux), grads), averaged over k micro-batches."""
-  grad_fn = jax.value_and_grad(lambda p, b, r, inputs: loss_fn(p, b, r, **inputs), has_aux=True)
-  if k == 1:
-    return grad_fn
+def _check_divisible(batch, k: int, g: int) -> None:
+  for key, x in dict(batch).items():
+    if x.shape[0] % (k * g):
+      what = (f"accumulation_steps={k} x group_size={g} (the loss reads groups of {g} examples "
+              "and each micro-batch takes whole groups)" if g > 1 else
+              f"accumulation_steps={k} (the batch is split into {k} equal micro-batches)")
+      raise ValueError(
+          f"batch_size={x.shape[0]} (batch[{key!r}]) is not divisible by {what}: make batch_size "
+          "a multiple of that times the number of batch shards (check_batch_size).")
 
-  def split(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = examples i, i+k, ...
-    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+def _grad_fn(loss_fn: LossFn, k: int, micro_sharding, group_size: int = 1) -> Callable:
+  """(params, batch, rng, inputs) -> ((loss, aux), grads), averaged over k micro-batches of
+  whole groups of `group_size` consecutive examples."""
+  grad_fn = jax.value_and_grad(lambda p, b, r, inputs: loss_fn(p, b, r, **inputs), has_aux=True)
+  g = int(group_size)
+  if k == 1:
+    if g == 1:
+      return grad_fn
+
+    def checked(params, batch, rng, inputs):
+      _check_divisible(batch, 1, g)
+      return grad_fn(params, batch, rng, inputs)
+    return checked
+
+  def split(x):  # [B, ...] -> [k, B/k, ...], micro-batch i = groups i, i+k, ... (of g examples)
+    n = x.shape[0] // (k * g)
+    x = x.reshape(n, k, g, *x.shape[1:]).swapaxes(0, 1).reshape(k, n * g, *x.shape[1:])
     return jax.lax.with_sharding_constraint(x, micro_sharding)
 
   def accumulated(params, batch, rng, inputs):
@@ -128,12 +155,7 @@ def _grad_fn(loss_fn: LossFn, k: int, micro_sharding) -> Callable:
       (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, i), inputs)
       return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-    for key, x in dict(batch).items():
-      if x.shape[0] % k:
-        raise ValueError(
-            f"batch_size={x.shape[0]} (batch[{key!r}]) is not divisible by accumulation_steps={k}: "
-            f"the batch is split into {k} equal micro-batches; make batch_size a multiple of "
-            f"accumulation_steps times the number of batch shards (check_batch_size).")
+    _check_divisible(batch, k, g)
     micro = jax.tree.map(split, dict(batch))
     first = jax.tree.map(lambda x: x[0], micro)
     (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, first, rng, inputs)
@@ -184,7 +206,7 @@ def make_step(method: Method, *, mesh: Mesh, accumulation_steps: int = 1,
   if k < 1:
     raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}.")
   micro_sharding = NamedSharding(mesh, P(None, sharding_lib.batch_axes(mesh)))
-  grad_fns = [_grad_fn(u.loss_fn, k, micro_sharding) for u in method.updates]
+  grad_fns = [_grad_fn(u.loss_fn, k, micro_sharding, u.group_size) for u in method.updates]
   single = len(method.updates) == 1
   rep = replicated(mesh)
   if state_sharding is None and sharding_lib.is_sharded(mesh):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -73,12 +74,15 @@ def _positive_int(name: str, value, minimum: int = 1) -> None:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
-def validate(config, setup, workdir: str) -> None:
+def validate(config, setup, workdir: str, plan: plan_lib.Plan | None = None) -> None:
   """Every check that can fail before a file is written: a bad config leaves no workdir behind,
   and nothing fails after training that could have failed before it."""
   _validate.check_writable_dir("workdir", workdir)
   _positive_int("config.batch_size", config.batch_size)
-  step_lib.check_batch_size(config.batch_size, mesh=setup.mesh)
+  # a loss that reads groups of examples (IMM's particles) needs whole groups on every device
+  group = math.lcm(1, *(u.group_size for stage in (plan.stages if plan else ())
+                        for u in stage.method.updates))
+  step_lib.check_batch_size(config.batch_size, mesh=setup.mesh, group_size=group)
   e = config.eval
   _positive_int("config.eval.num_samples", e.num_samples, 2)  # distribution metrics need two
   _positive_int("config.eval.repeats", e.repeats)
@@ -119,7 +123,7 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   setup = setup_lib.make_setup(config)
   plan = build_plan(config, setup)
-  validate(config, setup, workdir)
+  validate(config, setup, workdir, plan)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
