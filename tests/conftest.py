@@ -1,13 +1,34 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX starts) and a local float64 switch.
+"""Test set-up: 8 simulated CPU devices (set before JAX starts), a compile-light XLA, a
+compilation cache shared by the session's workers, and a local float64 switch.
 
 Every test runs on CPU in float32 unless it asks for `x64`, which enables float64 only for
 its own duration (never globally).
+
+Most tests are compile-bound (a tiny model, a few steps: a distill smoke run spends 20 of its 24
+s in XLA's compiler). So the suite
+- runs XLA:CPU's backend at optimization level 0 (`XLA_FLAGS` below): the same HLO programs,
+  without LLVM's optimization passes, to the same tolerances;
+- shares one persistent compilation cache between the xdist workers of a session (a fresh
+  directory made by the controller, removed at its end: nothing carries over between runs), so
+  a program compiled by one test or worker is loaded by the next.
+Measured on the idle 2-core machine (2026-12-06, 623 tests, `-n 2`): 389 s before; 290 s with
+both (user time 739 -> 545 s). Set XLA_FLAGS or JAX_COMPILATION_CACHE_DIR yourself to opt out.
 """
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # the controller (or a run without xdist): the workers inherit the variables
+  _cache = tempfile.mkdtemp(prefix="diffdistill-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)

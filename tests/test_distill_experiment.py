@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env():
   e = dict(os.environ)
   e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
   return e
 
 
