@@ -48,9 +48,17 @@ class Teacher:
 
 
 def save_mixture(path: str, mix: analytic.GaussianMixture) -> None:
-  """Writes `mix` as a mixture file (weights [K], means [K, d], covs [K, d, d])."""
-  np.savez(path, weights=np.asarray(mix.weights, np.float64), means=np.asarray(mix.means),
-           covs=np.asarray(mix.covs))
+  """Writes `mix` as a mixture file (weights [K], means [K, d], covs [K, d, d]); the covariances
+  are rebuilt from the eigen-factors in float64 and symmetrized, so that the file loads back
+  (`mix.covs` in float32 is symmetric only to ~1e-8, beyond the loader's check)."""
+  if mix.eigvecs is None:
+    covs = np.asarray(mix.covs, np.float64)
+  else:
+    u, lam = np.asarray(mix.eigvecs, np.float64), np.asarray(mix.eigvals, np.float64)
+    covs = np.einsum("kij,kj,klj->kil", u, lam, u)
+    covs = 0.5 * (covs + np.swapaxes(covs, 1, 2))
+  np.savez(path, weights=np.asarray(mix.weights, np.float64),
+           means=np.asarray(mix.means, np.float64), covs=covs)
 
 
 def load_mixture(path: str) -> analytic.GaussianMixture:

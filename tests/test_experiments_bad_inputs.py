@@ -28,6 +28,11 @@ def test_a_mixture_file_that_is_not_an_npz_is_named(tmp_path, content):
     teachers.load_mixture(path)
   teachers.save_mixture(path, analytic.ring2d())  # a real one still loads
   assert teachers.load_mixture(path).means.shape == analytic.ring2d().means.shape
+  full = analytic.mixture64(num_components=3, seed=1)  # full covariances round-trip too
+  teachers.save_mixture(path, full)
+  back = teachers.load_mixture(path)
+  np.testing.assert_allclose(np.asarray(back.covs), np.asarray(full.covs), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(back.weights), np.asarray(full.weights), rtol=1e-6)
 
 
 # a process of its own (its flags would collide with other mains' in this one): the imports
