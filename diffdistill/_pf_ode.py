@@ -1,7 +1,7 @@
 """The probability-flow ODE in the angle theta = arctan(sigma / alpha), integrated by diffrax.
 
 One copy, shared by `analytic.flow_map` (the reference map) and `solvers.adaptive_sample`. It
-sits beside schedules.py, below both of its users, because the dependency direction is
+sits beside schedules/, below both of its users, because the dependency direction is
 `solvers -> schedules` and `analytic -> schedules`: neither of those two may import the other.
 
 On the rescaled state y = x / sqrt(alpha^2 + sigma^2), with x = alpha x0 + sigma eps,
