@@ -109,6 +109,8 @@ def test_loss_arguments_are_checked():
     imm.imm_loss(f, schedule=SCH, group_size=1)
   with pytest.raises(ValueError, match="group_size must be an integer"):
     imm.imm_loss(f, schedule=SCH, group_size=2.5)
+  with pytest.raises(ValueError, match="kernel_scale must be > 0"):
+    imm.imm_loss(f, schedule=SCH, kernel_scale=0.0)
   with pytest.raises(ValueError, match="k must be > 0"):
     imm.imm_loss(f, schedule=SCH, k=0)
   with pytest.raises(ValueError, match="finite sigma/alpha"):

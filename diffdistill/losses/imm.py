@@ -130,7 +130,7 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
              k: float = 12.0, t_start: float | None = None, t_end: float | None = None,
              time_sampler: "schedules_lib.TimeSampler | str" = "uniform",
              estimator: str = "u", weight_a: float = 2.0, weight_b: float = 4.0,
-             weighting_on: bool = True, kernel_eps: float = 1e-8
+             weighting_on: bool = True, kernel_eps: float = 1e-8, kernel_scale: float = 1.0
              ) -> Callable[..., tuple[Array, dict]]:
   """The IMM loss (module docstring).
 
@@ -145,6 +145,9 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     estimator: "u" or "v" (module docstring).
     weight_a, weight_b: a, b of w(s, t); weighting_on False uses w = 1.
     kernel_eps: the eps of the Laplace kernel's distance.
+    kernel_scale: multiplies the kernel's inverse length 1 / (|c_out| D) (1: the paper's; the
+      length D |c_out| is wide for low-dimensional data: on a 64-D mixture it exceeds the
+      distance between modes ~10x, see docs/consistency.md).
 
   Returns:
     loss_fn(params, batch, rng[, *, target_params]) -> (loss, aux); aux: mmd2 (unweighted, mean
@@ -158,6 +161,8 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     raise ValueError("group_size must be >= 2 with estimator='u' (pairs of distinct particles).")
   if not k > 0:
     raise ValueError(f"k must be > 0, got {k}.")
+  if not kernel_scale > 0:
+    raise ValueError(f"kernel_scale must be > 0, got {kernel_scale}.")
   sampler = schedules_lib.resolve_time_sampler(time_sampler)
   t_hi = float(schedule.t_max if t_start is None else t_start)
   t_lo = float(schedule.t_min if t_end is None else t_end)
@@ -185,7 +190,7 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     tgt_params = jax.lax.stop_gradient(params if target_params is None else target_params)
     y_tgt = jax.lax.stop_gradient(flow_map(tgt_params, x_r, per(r), per(s), **cond))
     d = x[0].size
-    scale = 1.0 / (jnp.abs(c_out(schedule, s, t)) * d)
+    scale = kernel_scale / (jnp.abs(c_out(schedule, s, t)) * d)
     mmd = grouped_mmd2(y.reshape(ng, m, *x.shape[1:]), y_tgt.reshape(ng, m, *x.shape[1:]),
                        scale, estimator=estimator, eps=kernel_eps)
     w = (jax.lax.stop_gradient(weighting(schedule, t, a=weight_a, b=weight_b))

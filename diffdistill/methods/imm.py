@@ -19,7 +19,8 @@ from diffdistill.methods import _common, _consistency, plan as plan_lib
 # mu > 0: an EMA target instead of the stop-gradient student (the paper: none)
 CONFIG = {**_consistency.SECTION,
           "imm": dict(num_steps=4000, group_size=4, k=12.0, estimator="u", weight_a=2.0,
-                      weight_b=4.0, weighting=True, time_sampler="uniform", mu=0.0)}
+                      weight_b=4.0, weighting=True, time_sampler="uniform", mu=0.0,
+                      kernel_scale=1.0)}
 SETTINGS = {}
 TESTBEDS = {"digits": "imm needs a student network with an s input (the MLP): the digits "
                       "teacher's U-Net has no s input yet; imm runs on ring2d and gmm64."}
@@ -59,7 +60,8 @@ def build(config, setup):
                          group_size=c.group_size, ema_target=c.mu > 0, schedule=net.schedule,
                          k=c.k, t_start=setup.t_start, t_end=setup.t_end,
                          time_sampler=c.time_sampler, estimator=c.estimator,
-                         weight_a=c.weight_a, weight_b=c.weight_b, weighting_on=c.weighting)
+                         weight_a=c.weight_a, weight_b=c.weight_b, weighting_on=c.weighting,
+                         kernel_scale=c.kernel_scale)
   except ValueError as e:
     raise ValueError(f"config.imm: {e}") from None
   stages.append(_common.single_stage(config, setup, "imm", method, c.num_steps, init,

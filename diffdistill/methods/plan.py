@@ -13,6 +13,11 @@ A student is a distilled sampler with the one few-step contract of the library,
 exactly `nfe` network calls, jit-able (nfe static), deterministic when `rng` is None; the family's
 choice of times (multistep consistency sampling, MeanFlow's (r, t), shortcut's d, CTM's gamma)
 lives inside. A combination it cannot meet exactly is a ValueError naming `nfe`.
+
+Dependencies: the layers are `method` (no library imports) <- `losses` <- `methods` -> `train`.
+A method module imports `train` (optim, state) because it creates its players (`make_player`: the
+optimizer and EMAs of each network); `train` never imports `methods` or `losses`, so the losses
+stay usable in one's own loop without the engine, and the engine runs any `Method`.
 """
 
 from __future__ import annotations
