@@ -36,6 +36,33 @@ def test_seeds_table_pools_rows_by_method_and_nfe(tmp_path):
   assert json.loads((tmp_path / "seeds.json").read_text())["rows"][0]["n"] == 2
 
 
+def test_a_renoising_sampler_is_detected_and_its_coupling_marked():
+  from diffdistill.methods.plan import Student
+  from experiments.distill import evaluation, report
+
+  def deterministic(params, x, *, nfe, rng=None):
+    return params * x
+
+  def renoising(params, x, *, nfe, rng=None):  # multistep-consistency-like: fresh noise inside
+    rng = jax.random.key(0) if rng is None else rng
+    return params * x + 0.1 * jax.random.normal(rng, x.shape)
+
+  x = jnp.ones((8, 2))
+  runs = {name: jax.jit(Student(name=name, nfe=2, params=None, sample=fn).run)
+          for name, fn in (("det", deterministic), ("renoise", renoising))}
+  assert not evaluation.renoises(runs["det"], 2.0, x)
+  assert evaluation.renoises(runs["renoise"], 2.0, x)
+  row = {"median": 0.3, "rms": 0.4, "ms": 1.0}
+  text = report.table([{**row, "method": "cd", "nfe": 2, "renoised": True},
+                       {**row, "method": "pd", "nfe": 2, "renoised": False}])
+  assert "| cd | 2 | 3.00e-01† | 4.00e-01† |" in text and "| pd | 2 | 3.00e-01 | 4.00e-01 |" in text
+  assert report.RENOISED_NOTE in text
+  assert report.RENOISED_NOTE not in report.table([{**row, "method": "pd", "nfe": 2}])
+  res = {"rows": [{**row, "method": "cd", "nfe": 2, "renoised": True}], "command": "x",
+         "seconds": {"total": 1.0}}
+  assert "0.300 ± 0.000†" in seeds.markdown(seeds.aggregate([res, res]))
+
+
 def _cm_sweep(root, name, student, samples_per_seed):
   """A fake finished sweep: seeds.json with one student and one teacher row, saved samples."""
   results = []

@@ -60,9 +60,9 @@ class Student:
   params: Callable[[Results], Any]
   sample: Callable[..., Any] | None
 
-  def run(self, params, x_start):
-    """The student's samples of x_start with its NFE (deterministic)."""
-    return self.sample(params, x_start, nfe=self.nfe)
+  def run(self, params, x_start, rng=None):
+    """The student's samples of x_start with its NFE (deterministic when rng is None)."""
+    return self.sample(params, x_start, nfe=self.nfe, rng=rng)
 
 
 @dataclasses.dataclass

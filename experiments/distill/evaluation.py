@@ -5,6 +5,12 @@ teachers: the teacher's own adaptive solve, float32) and, as a distribution, aga
 (sliced W2, MMD^2, mode weights and per-mode covariances, with their exact-vs-exact floors), next
 to the teacher's DDIM and its best training-free solver at the same NFE. Each student's samples go
 to `samples/<student>_nfe<k>.npz`.
+
+A sampler that re-noises between calls (multistep consistency sampling, gamma > 0) maps x_start to
+a sample that also depends on fresh noise: its distance to the exact map of x_start is not a
+measure of it. Every student is therefore run a second time with other noise; where the samples
+differ, its row says `renoised` and the tables mark its coupling error (read its distribution
+columns instead).
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ def _time(fn, *args, repeats: int) -> tuple[np.ndarray, float]:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return out, 1e3 * statistics.median(times)
+
+
+def renoises(run, params, x_start, *, seed: int = 1) -> bool:
+  """Whether run(params, x_start, rng) depends on rng: two draws (rng None, rng key(seed)) differ."""
+  a = np.asarray(run(params, x_start, None))
+  b = np.asarray(run(params, x_start, jax.random.key(seed)))
+  return not np.array_equal(a, b)
 
 
 def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
@@ -101,6 +114,8 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
     run = jax.jit(student.run)
     out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
     rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
+                 "renoised": renoises(jax.jit(student.run), params, x_start,
+                                      seed=config.eval.seed + 1),
                  **score(out, reference, quality_ref)})
     name = f"{file_name(student.name)}_nfe{student.nfe}"
     np.savez(os.path.join(workdir, "samples", f"{name}.npz"),

@@ -14,7 +14,8 @@ def table(rows: list[dict]) -> str:
   lines = [head + " ms |", "|---|---:|---:|---:|" + ("---:|---:|" if has_q else "")
            + ("---:|---:|" if has_modes else "") + "---:|"]
   for r in sorted(rows, key=lambda r: (r["nfe"], r["method"].startswith("teacher"), r["median"])):
-    line = f"| {r['method']} | {r['nfe']} | {r['median']:.2e} | {r['rms']:.2e} |"
+    mark = "†" if r.get("renoised") else ""
+    line = f"| {r['method']} | {r['nfe']} | {r['median']:.2e}{mark} | {r['rms']:.2e}{mark} |"
     if has_q:
       line += (f" {r['sliced_w2']:.3f} ({r['sliced_w2_floor']:.3f}) | {r['mmd2']:.1e} "
                f"({r['mmd2_floor']:.0e}) |")
@@ -22,7 +23,14 @@ def table(rows: list[dict]) -> str:
       line += (f" {r['mode_weight_tv']:.3f} ({r['mode_weight_tv_floor']:.3f}) |"
                f" {r['mode_cov_error']:.3f} ({r['mode_cov_error_floor']:.3f}) |")
     lines.append(line + f" {r['ms']:.1f} |" + (" NaN!" if r.get("nan") else ""))
+  if any(r.get("renoised") for r in rows):
+    lines += ["", RENOISED_NOTE]
   return "\n".join(lines) + "\n"
+
+
+RENOISED_NOTE = ("† the sampler re-noises between calls: its sample depends on fresh noise, not on "
+                 "x_T alone, so its distance to the exact map of x_T is not a measure of it; read "
+                 "its distribution columns.")
 
 
 def figure(rows: list[dict], workdir: str, title: str) -> None:

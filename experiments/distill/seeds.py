@@ -25,6 +25,8 @@ import os
 import numpy as np
 from absl import app, logging
 
+from experiments.distill import report
+
 METRICS = (("median", "coupling error median"), ("sliced_w2", "sliced W2"),
            ("mmd2", "MMD²"), ("mode_weight_tv", "mode weight TV"),
            ("mode_cov_error", "mode cov error"))
@@ -43,7 +45,8 @@ def aggregate(results: list[dict]) -> list[dict]:
       groups.setdefault((row["method"], row["nfe"]), []).append(row)
   out = []
   for (method, nfe), rows in groups.items():
-    agg = {"method": method, "nfe": nfe, "n": len(rows)}
+    agg = {"method": method, "nfe": nfe, "n": len(rows),
+           "renoised": any(r.get("renoised", False) for r in rows)}
     for key, _ in METRICS:
       vals = [r[key] for r in rows if key in r]
       if len(vals) != len(rows):
@@ -64,6 +67,8 @@ def _cell(agg: dict, key: str) -> str:
   m = agg[key]
   fmt = (lambda v: f"{v:.1e}") if key == "mmd2" else (lambda v: f"{v:.3f}")
   cell = fmt(m["mean"]) + (f" ± {fmt(m['std'])}" if agg["n"] > 1 else "")
+  if key == "median" and agg.get("renoised"):
+    cell += "†"
   if key in FLOORS and FLOORS[key] in agg:
     cell += f" ({fmt(agg[FLOORS[key]])})"
   return cell
@@ -77,6 +82,8 @@ def markdown(rows: list[dict]) -> str:
   for r in rows:
     lines.append(f"| {r['method']} | {r['nfe']} | {r['n']} | "
                  + " | ".join(_cell(r, k) for k, _ in keys) + " |")
+  if any(r.get("renoised") for r in rows):
+    lines += ["", report.RENOISED_NOTE]
   return "\n".join(lines) + "\n"
 
 

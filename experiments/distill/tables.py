@@ -28,7 +28,7 @@ import numpy as np
 
 from diffdistill import analytic, metrics
 from diffdistill.methods.plan import file_name
-from experiments.distill import seeds
+from experiments.distill import report, seeds
 
 # (row label, sweep folder under --runs) per family
 DM_VARIANTS = (("Diff-Instruct", "diff_instruct"), ("DMD (+ regression 0.25)", "dmd"),
@@ -74,7 +74,9 @@ def _fmt(key, v):
 
 
 def _cells(row: dict, keys) -> list[str]:
+  """Mean ± std per key; a re-noising sampler's coupling error marked † (report.RENOISED_NOTE)."""
   return [_fmt(k, row[k]["mean"]) + (f" ± {_fmt(k, row[k]['std'])}" if row["n"] > 1 else "")
+          + ("†" if k == "median" and row.get("renoised") else "")
           if k in row else "–" for k in keys]
 
 
@@ -154,6 +156,8 @@ def cm_table(runs: str) -> str:
           what = r["method"].removeprefix("teacher ")
           what = "DDIM" if what == "ddim" else f"best solver ({what})"
           lines.append(_line(f"teacher {what}, {schedule}", r, keys, "–", teacher=True))
+  if any(r.get("renoised") for r in all_rows):
+    lines += ["", report.RENOISED_NOTE]
   return "\n".join(lines) + "\n"
 
 
