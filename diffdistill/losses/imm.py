@@ -36,7 +36,7 @@ Sampling (pushforward): x <- f(x; t_{i+1}, t_i) along t_start = t_0 > ... > t_n 
 References:
   Zhou, Ermon & Song, Inductive Moment Matching, ICML 2025 (Sec. 4-5: the loss, r(s, t) by a
   constant decrement in eta, the Laplace kernel with 1/|c_out|, the weighting, M = 4 particles,
-  k = 12 or 15; Alg. 1-2).
+  its ablation of k; Alg. 1-2).
   Gretton et al., A Kernel Two-Sample Test, JMLR 2012 (the unbiased MMD^2 estimator).
 """
 
@@ -139,7 +139,8 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     schedule: the forward process.
     group_size: M, the particles per group; the batch is B / M groups of consecutive examples
       (the method declares it: `Update.group_size`).
-    k: the decrement exponent of r(s, t) (the paper's 12 on ImageNet, 15 on CIFAR-10).
+    k: the decrement exponent of r(s, t): a step of (eta_max - eta_min) / 2^k (default 12; the
+      paper ablates it on images; small k trains faster and coarser).
     t_start, t_end: the time range (defaults: the schedule's); t in [t_end, t_start].
     time_sampler: the distribution of t (clipped to the range).
     estimator: "u" or "v" (module docstring).
