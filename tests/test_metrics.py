@@ -192,3 +192,18 @@ def test_mixture_metrics_name_a_dimension_mismatch():
   for fn in (M.mode_stats, M.mode_counts, M.mixture_log_likelihood):
     with pytest.raises(ValueError, match="x must have shape \\[N, d\\] with the mixture's d = 2"):
       fn(A.ring2d(), jnp.zeros((8, 3)))
+
+
+def test_mixture_scores_of_exact_samples_sit_at_their_floors():
+  mix = A.ring2d()
+  exact = np.asarray(A.sample(mix, jax.random.key(11), 2000))
+  s = M.mixture_scores(exact, mix)
+  assert s["sliced_w2"] < 3 * s["sliced_w2_floor"] and s["mode_weight_tv"] < 3 * s["mode_weight_tv_floor"]
+  floor = M.mode_floor(mix, 2000)
+  assert (s["mode_weight_tv_floor"], s["mode_cov_error_floor"]) == (floor["weight_tv"], floor["cov_error"])
+  # every sample from one of the 8 modes: weight TV 7/8, far above the floor
+  one = np.asarray(A.sample(A.GaussianMixture(np.ones(1), np.asarray(mix.means)[:1], np.full(1, 0.01)),
+                            jax.random.key(12), 2000))
+  bad = M.mixture_scores(one, mix)
+  assert bad["mode_weight_tv"] == pytest.approx(7 / 8, abs=0.01)
+  assert bad["sliced_w2"] > 10 * s["sliced_w2"]

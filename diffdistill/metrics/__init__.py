@@ -7,7 +7,8 @@ Distances between sample sets x [N, d] and y [M, d]:
   frechet_distance     |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2) (FID's formula).
 Paired errors against a reference map: per_sample_error (median and RMS).
 For Gaussian-mixture data (analytic teachers): mean exact log-likelihood, mode coverage and
-mode-weight error.
+mode-weight error; `mixture_sample_quality` / `mixture_scores` (metrics/mixture.py) score samples
+against exact draws, each measure with its floor (what the experiments' tables report).
 
 References:
   Bonneel et al., Sliced and Radon Wasserstein Barycenters, 2015; Gretton et al., A Kernel
@@ -283,9 +284,14 @@ def _mode_cov_errors(mix: analytic.GaussianMixture, x: Array) -> Array:
           / jnp.linalg.norm(true.reshape(len(nk), -1), axis=1))
 
 
+# scores against a known mixture build on the functions above, so they are imported last
+from diffdistill.metrics.mixture import (mixture_sample_quality, mixture_scores,  # noqa: E402
+                                         mode_floor)
+
 __all__ = ["sliced_wasserstein", "default_bandwidths", "mmd2", "energy_distance", "frechet_distance",
            "frechet_distance_from_moments", "gaussian_moments", "per_sample_error",
            "mixture_log_likelihood", "mode_counts", "mode_stats",
+           "mixture_sample_quality", "mixture_scores", "mode_floor",
            # image metrics and the likelihood (submodules)
            "StreamingMoments", "frechet_distance_float64", "load_statistics", "save_statistics",
            "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffdistill import analytic, metrics, solvers
+from diffdistill import metrics, solvers
 from diffdistill.methods.plan import Plan, Results, file_name
 from experiments.train_teacher import sampling
 
@@ -46,33 +46,15 @@ def renoises(run, params, x_start, *, seed: int = 1) -> bool:
 
 
 def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
+  """A row: the coupling to `reference` (median, RMS), and against an exact mixture, where there
+  is one, the distribution columns (`metrics.mixture_scores`)."""
   with jax.enable_x64(True):
     err = metrics.per_sample_error(jnp.asarray(samples, jnp.float64), jnp.asarray(reference))
   row = {"median": float(err["median"]), "rms": float(err["rms"]),
          "nan": bool(np.any(~np.isfinite(samples)))}
   if quality_ref.get("mixture") is not None:
-    q = sampling.sample_quality(samples.reshape(len(samples), -1), quality_ref["mixture"])
-    row.update(sliced_w2=q["sliced_w2"], sliced_w2_floor=q["sliced_w2_floor_mean"],
-               mmd2=q["mmd2"], mmd2_floor=q["mmd2_floor_mean"])
-    mix = quality_ref["mixture"]
-    modes = metrics.mode_stats(mix, jnp.asarray(samples.reshape(len(samples), -1), jnp.float32))
-    floor = _exact_mode_stats(mix, len(samples))
-    row.update(mode_weight_tv=float(modes["weight_tv"]), mode_weight_tv_floor=floor["weight_tv"],
-               mode_cov_error=float(modes["cov_error"]), mode_cov_error_floor=floor["cov_error"])
+    row.update(metrics.mixture_scores(samples, quality_ref["mixture"]))
   return row
-
-
-def _exact_mode_stats(mix, n: int) -> dict:
-  """`metrics.mode_stats` of n exact samples (a fixed draw): the floor of the mode-weight and
-  per-mode covariance errors at this sample size (they are not zero for exact samples)."""
-  key = (n, np.asarray(mix.means).tobytes(), np.asarray(mix.eigvals).tobytes())
-  if key not in _MODE_FLOORS:
-    x = analytic.sample(mix, jax.random.key(4242), n)
-    _MODE_FLOORS[key] = {k: float(v) for k, v in metrics.mode_stats(mix, x).items() if v.ndim == 0}
-  return _MODE_FLOORS[key]
-
-
-_MODE_FLOORS: dict = {}
 
 
 def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
