@@ -50,8 +50,8 @@ def test_a_renoising_sampler_is_detected_and_its_coupling_marked():
   x = jnp.ones((8, 2))
   runs = {name: jax.jit(Student(name=name, nfe=2, params=None, sample=fn).run)
           for name, fn in (("det", deterministic), ("renoise", renoising))}
-  assert not evaluation.renoises(runs["det"], 2.0, x)
-  assert evaluation.renoises(runs["renoise"], 2.0, x)
+  assert not evaluation.renoises(runs["det"], 2.0, x, runs["det"](2.0, x))
+  assert evaluation.renoises(runs["renoise"], 2.0, x, runs["renoise"](2.0, x))
   row = {"median": 0.3, "rms": 0.4, "ms": 1.0}
   text = report.table([{**row, "method": "cd", "nfe": 2, "renoised": True},
                        {**row, "method": "pd", "nfe": 2, "renoised": False}])
