@@ -164,3 +164,26 @@ def test_gan_head_features_are_the_unet_bottleneck_averaged_over_space():
   h = inter[mid[len(mid) // 2]]["__call__"][0]
   np.testing.assert_allclose(f, h.mean(axis=(1, 2)), rtol=1e-6)
   assert not np.allclose(f, features(params, x + 1.0, t))
+
+
+def test_digits_rows_carry_fd_digits_into_the_tables():
+  """A digits teacher's rows are scored against the data (FD-digits, digits IS, the floor) and
+  the run table and the seeds table show them."""
+  from diffdistill.data import digits8
+  from diffdistill.metrics import digits
+  from experiments.distill import evaluation, report
+
+  scorer = digits.DigitsScorer(digits.init_classifier(jax.random.key(0)))  # untrained is enough here
+  floor = scorer.floor(64, num_draws=3)
+  x = digits8.load_split("test")[0][:64]
+  quality_ref = {"digits": (scorer, floor, 1.5)}
+  row = evaluation.score(x + 0.1, x, quality_ref)
+  np.testing.assert_allclose(row["fd_digits"], scorer.frechet(x + 0.1))
+  assert row["fd_digits_floor"] == floor["fd_mean"] and row["fd_digits_exact"] == 1.5
+  assert "sliced_w2" not in row
+  text = report.table([{**row, "method": "cd", "nfe": 1, "ms": 1.0}])
+  assert f"| {row['fd_digits']:.1f} ({floor['fd_mean']:.1f}) | {row['is_digits']:.2f} |" in text
+  assert "64 held-out test digits" in text and "same noise: 1.5" in text
+  res = {"rows": [{**row, "method": "cd", "nfe": 1}], "command": "x", "seconds": {"total": 1.0}}
+  assert f"{row['fd_digits']:.1f} ± 0.0 ({floor['fd_mean']:.1f})" in seeds.markdown(
+      seeds.aggregate([res, res]))

@@ -78,7 +78,10 @@ def _base() -> ml_collections.ConfigDict:
                "dpm_solver_2", "heun"),
       # reported at every NFE whether best or not (PD's table: DDIM and DPM-Solver++(2M))
       always=("dpm_solver_pp_2m",),
-      teacher_nfes=()))  # more NFEs with teacher rows only (distribution matching: 10, 20, 50)
+      teacher_nfes=(),  # more NFEs with teacher rows only (distribution matching: 10, 20, 50)
+      # digits teachers: FD-digits / digits IS with this classifier (trained and saved on first
+      # use, ~20 s; metrics/digits.py)
+      digits_classifier="runs/digits_classifier.npz"))
   return c
 
 

@@ -2,8 +2,10 @@
 marginal at t_start to t_end with its NFE; each is scored against the exact probability-flow map
 of x_start (analytic teachers: `analytic.flow_map` of the exact denoiser, float64; trained
 teachers: the teacher's own adaptive solve, float32) and, as a distribution, against exact samples
-(sliced W2, MMD^2, mode weights and per-mode covariances, with their exact-vs-exact floors), next
-to the teacher's DDIM and its best training-free solver at the same NFE. Each student's samples go
+(sliced W2, MMD^2, mode weights and per-mode covariances, with their exact-vs-exact floors) or, for
+digits teachers, against the data (FD-digits and digits IS, `metrics.digits`, with held-out
+digits' FD at the same sample count as floor), next to the teacher's DDIM and its best
+training-free solver at the same NFE. Each student's samples go
 to `samples/<student>_nfe<k>.npz`.
 
 A sampler that re-noises between calls (multistep consistency sampling, gamma > 0) maps x_start to
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdistill import metrics, solvers
+from diffdistill.metrics import digits as digits_metric
 from diffdistill.methods.plan import Plan, Results, file_name
 from experiments.train_teacher import sampling
 
@@ -53,7 +56,26 @@ def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict
          "nan": bool(np.any(~np.isfinite(samples)))}
   if quality_ref.get("mixture") is not None:
     row.update(metrics.mixture_scores(samples, quality_ref["mixture"]))
+  if quality_ref.get("digits") is not None:
+    scorer, floor, exact = quality_ref["digits"]
+    row.update(scorer.score(samples), fd_digits_floor=floor["fd_mean"],
+               fd_digits_floor_std=floor["fd_std"], fd_digits_floor_n=floor["n"],
+               fd_digits_exact=exact)
   return row
+
+
+def digits_reference(config, reference: np.ndarray):
+  """(scorer, floor at the evaluation's sample count, FD-digits of the teacher's exact map)."""
+  scorer = digits_metric.DigitsScorer(digits_metric.classifier(config.eval.digits_classifier))
+  n = min(len(reference), 297)  # the held-out split's size
+  return scorer, scorer.floor(n), scorer.frechet(reference)
+
+
+def quality_reference(setup, reference: np.ndarray) -> dict:
+  """What `score` scores distributions against: the exact mixture, or the digits data."""
+  if setup.teacher.mixture is None and setup.config.teacher.get("dataset") == "digits8":
+    return {"digits": digits_reference(setup.config, reference)}
+  return {"mixture": setup.teacher.mixture}
 
 
 def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
@@ -78,7 +100,7 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
   config = setup.config
   x_start = setup.start_noise(jax.random.key(config.eval.seed), config.eval.num_samples)
   reference = setup.exact_map(np.asarray(x_start))
-  quality_ref = {"mixture": setup.teacher.mixture}
+  quality_ref = quality_reference(setup, reference)
   s = setup.teacher.schedule
   ends = {k: float(v) for k, v in (
       ("alpha_start", s.alpha(jnp.float32(setup.t_start))), ("sigma_start", s.sigma(jnp.float32(setup.t_start))),

@@ -29,9 +29,11 @@ from experiments.distill import report
 
 METRICS = (("median", "coupling error median"), ("sliced_w2", "sliced W2"),
            ("mmd2", "MMD²"), ("mode_weight_tv", "mode weight TV"),
-           ("mode_cov_error", "mode cov error"))
+           ("mode_cov_error", "mode cov error"), ("fd_digits", "FD-digits"),
+           ("is_digits", "digits IS"))
 FLOORS = {"sliced_w2": "sliced_w2_floor", "mode_weight_tv": "mode_weight_tv_floor",
-          "mode_cov_error": "mode_cov_error_floor", "mmd2": "mmd2_floor"}
+          "mode_cov_error": "mode_cov_error_floor", "mmd2": "mmd2_floor",
+          "fd_digits": "fd_digits_floor"}
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -65,7 +67,8 @@ def _cell(agg: dict, key: str) -> str:
   if key not in agg:
     return "–"
   m = agg[key]
-  fmt = (lambda v: f"{v:.1e}") if key == "mmd2" else (lambda v: f"{v:.3f}")
+  fmt = ((lambda v: f"{v:.1e}") if key == "mmd2" else (lambda v: f"{v:.1f}") if key == "fd_digits"
+         else (lambda v: f"{v:.3f}"))
   cell = fmt(m["mean"]) + (f" ± {fmt(m['std'])}" if agg["n"] > 1 else "")
   if key == "median" and agg.get("renoised"):
     cell += "†"
