@@ -310,6 +310,8 @@ def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Sch
     raise ValueError(f"gamma must lie in [0, 1], got {gamma}.")
   if gamma > 0 and len(times) > 1 and rng is None:
     raise ValueError("gamma_sample: gamma > 0 with more than one step needs rng.")
+  if gamma == 0.0:  # deterministic jumps t_0 -> t_1 -> ... -> t_end: the flow-map pushforward
+    return _common.pushforward(G, params, x, times=[*times, t_end], **cond)
   b = x.shape[0]
 
   def sh(tt):  # host floats: the times are concrete, also when the sampler is traced under jit
@@ -318,9 +320,7 @@ def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Sch
 
   full = lambda tt: jnp.full((b,), tt, x.dtype)  # noqa: E731
   for n, (t, t_next) in enumerate(zip(times, times[1:])):
-    if gamma == 0.0:
-      t_tilde = t_next
-    elif gamma == 1.0 or math.sqrt(1.0 - gamma * gamma) * sh(t_next) <= sh(t_end):
+    if gamma == 1.0 or math.sqrt(1.0 - gamma * gamma) * sh(t_next) <= sh(t_end):
       t_tilde = t_end
     else:  # the time where sh = sqrt(1 - gamma^2) sh_{n+1}: logsnr = -2 ln sh
       lam = -2.0 * math.log(math.sqrt(1.0 - gamma * gamma) * sh(t_next))
@@ -328,10 +328,8 @@ def gamma_sample(G: Apply, params: Any, x: Array, *, schedule: schedules_lib.Sch
         t_tilde = float(schedule.t_from_logsnr(jnp.asarray(lam)))
     x_tilde = G(params, x, full(t), full(t_tilde), **cond)
     tn, tt = jnp.asarray(t_next, x.dtype), jnp.asarray(t_tilde, x.dtype)
-    x = schedule.alpha(tn) / schedule.alpha(tt) * x_tilde
-    if gamma > 0.0:
-      z = jax.random.normal(jax.random.fold_in(rng, n), x.shape, x.dtype)
-      x = x + gamma * schedule.sigma(tn) * z
+    z = jax.random.normal(jax.random.fold_in(rng, n), x.shape, x.dtype)
+    x = schedule.alpha(tn) / schedule.alpha(tt) * x_tilde + gamma * schedule.sigma(tn) * z
   return G(params, x, full(times[-1]), full(t_end), **cond)
 
 

@@ -43,7 +43,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +130,8 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
              k: float = 12.0, t_start: float | None = None, t_end: float | None = None,
              time_sampler: "schedules_lib.TimeSampler | str" = "uniform",
              estimator: str = "u", weight_a: float = 2.0, weight_b: float = 4.0,
-             weighting_on: bool = True, kernel_eps: float = 1e-8, kernel_scale: float = 1.0
-             ) -> Callable[..., tuple[Array, dict]]:
+             weighting_on: bool = True, kernel_eps: float = 1e-8, kernel_scale: float = 1.0,
+             endpoint_prob: float = 0.0) -> Callable[..., tuple[Array, dict]]:
   """The IMM loss (module docstring).
 
   Args:
@@ -149,6 +149,9 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     kernel_scale: multiplies the kernel's inverse length 1 / (|c_out| D) (1: the paper's; the
       length D |c_out| is wide for low-dimensional data: on a 64-D mixture it exceeds the
       distance between modes ~10x, see docs/consistency.md).
+    endpoint_prob: the probability that a group's jump is the whole range, (t, s) = (t_start,
+      t_end): the one-call sampler's own jump, which (t, s) drawn as above reach with probability
+      ~0 (0: the paper's sampling; docs/consistency.md).
 
   Returns:
     loss_fn(params, batch, rng[, *, target_params]) -> (loss, aux); aux: mmd2 (unweighted, mean
@@ -164,6 +167,8 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     raise ValueError(f"k must be > 0, got {k}.")
   if not kernel_scale > 0:
     raise ValueError(f"kernel_scale must be > 0, got {kernel_scale}.")
+  if not 0.0 <= endpoint_prob <= 1.0:
+    raise ValueError(f"endpoint_prob must be in [0, 1], got {endpoint_prob}.")
   sampler = schedules_lib.resolve_time_sampler(time_sampler)
   t_hi = float(schedule.t_max if t_start is None else t_start)
   t_lo = float(schedule.t_min if t_end is None else t_end)
@@ -182,6 +187,9 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     t_rng, s_rng, e_rng = jax.random.split(rng, 3)
     t = jnp.clip(sampler.sample(t_rng, (ng,), schedule=schedule, dtype=x.dtype), t_lo, t_hi)
     s = t_lo + jax.random.uniform(s_rng, (ng,), x.dtype) * (t - t_lo)
+    if endpoint_prob > 0:  # (a key of its own: the draws of endpoint_prob = 0 are unchanged)
+      end = jax.random.bernoulli(jax.random.fold_in(rng, 1), endpoint_prob, (ng,))
+      t, s = jnp.where(end, jnp.asarray(t_hi, x.dtype), t), jnp.where(end, jnp.asarray(t_lo, x.dtype), s)
     r = r_of(schedule, s, t, k=k, t_min=t_lo, t_max=t_hi)
     per = lambda v: jnp.repeat(v, m)  # noqa: E731  group times -> example times [B]
     eps = jax.random.normal(e_rng, x.shape, x.dtype)
@@ -221,16 +229,8 @@ def imm(flow_map: Apply, *, group_size: int = 4, ema_target: bool = False, **opt
                                             group_size=group_size),))
 
 
-def pushforward_sample(flow_map: Apply, params: Any, x: Array, *, times: Sequence[float],
-                       **cond) -> Array:
-  """x <- f(x; t_{i+1}, t_i) along the decreasing `times` (len - 1 calls)."""
-  times = [float(t) for t in times]
-  if len(times) < 2 or any(b >= a for a, b in zip(times, times[1:])):
-    raise ValueError(f"times must be decreasing with at least two entries, got {times}.")
-  n = x.shape[0]
-  for t, s in zip(times, times[1:]):
-    x = flow_map(params, x, jnp.full((n,), t, x.dtype), jnp.full((n,), s, x.dtype), **cond)
-  return x
+# the few-step sampler x <- f(x; t_{i+1}, t_i) along decreasing times (shared by every flow map)
+pushforward_sample = _common.pushforward
 
 
 __all__ = ["ESTIMATORS", "eta", "c_out", "eta_decrement", "r_of", "weighting", "grouped_mmd2", "imm_loss",

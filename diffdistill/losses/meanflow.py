@@ -120,14 +120,9 @@ def meanflow(u_apply: Apply, teacher: Apply | None = None, **options) -> Method:
 def meanflow_sample(u_apply: Apply, params: Any, z: Array, *, times: Sequence[float],
                     **cond) -> Array:
   """k-step sampling z_{i+1} = z_i - (t_i - t_{i+1}) u(z_i, t_{i+1}, t_i); times decreasing."""
-  times = [float(t) for t in times]
-  if len(times) < 2 or any(b >= a for a, b in zip(times, times[1:])):
-    raise ValueError(f"times must be decreasing with at least two entries, got {times}.")
-  b = z.shape[0]
-  for t, r in zip(times, times[1:]):
-    u = u_apply(params, z, jnp.full((b,), t, z.dtype), r=jnp.full((b,), r, z.dtype), **cond)
-    z = z - (t - r) * u
-  return z
+  def flow_map(p, z, t, r, **c):
+    return z - schedules_lib.broadcast_to(t - r, z) * u_apply(p, z, t, r=r, **c)
+  return _common.pushforward(flow_map, params, z, times=times, **cond)
 
 
 __all__ = ["sample_times", "meanflow_loss", "meanflow", "meanflow_sample"]
