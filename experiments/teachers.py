@@ -3,6 +3,7 @@
     teacher = teachers.load(kind="analytic", name="mixture64", schedule=schedules.VPLinear())
     teacher = teachers.load(kind="file", path="mix.npz", schedule=...)
     teacher = teachers.load(kind="workdir", path="runs/teacher_digits")
+    teacher = teachers.load(kind="import", path="DiT-XL-2-256x256.pt")   # interop.load's formats
     teacher.apply(teacher.params, x, t)          # the denoiser: x0_hat
     teachers.reschedule(teacher, schedules.RectifiedFlow())   # the same teacher on another schedule
 
@@ -24,13 +25,14 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from diffdistill import analytic, parametrization
 from diffdistill import schedules as schedules_lib
 
-KINDS = ("analytic", "file", "workdir")
+KINDS = ("analytic", "file", "workdir", "import")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Teacher:
   module: Any = None  # a trained teacher's raw network (nets), else None
   kind: str | None = None  # that network's output parametrization
   num_classes: int = 0
+  # an imported network's function in the library's conventions (interop.Teacher.net_apply),
+  # where it is not nets.make_apply(module)
+  net_apply: Callable | None = None
 
 
 def save_mixture(path: str, mix: analytic.GaussianMixture) -> None:
@@ -81,21 +86,27 @@ def load_mixture(path: str) -> analytic.GaussianMixture:
 
 
 def load(*, kind: str, name: str | None = None, path: str | None = None,
-         schedule: schedules_lib.Schedule | None = None) -> Teacher:
+         schedule: schedules_lib.Schedule | None = None, label: int | None = None) -> Teacher:
   """The teacher of `kind` (module docstring).
 
   Args:
-    kind: 'analytic' (name: an analytic.MIXTURES name), 'file' (path: a mixture .npz) or
-      'workdir' (path: a train_teacher run folder).
+    kind: 'analytic' (name: an analytic.MIXTURES name), 'file' (path: a mixture .npz),
+      'workdir' (path: a train_teacher run folder) or 'import' (path: a public checkpoint,
+      `diffdistill.interop.load`: a DiT / SiT .pt, a diffusers DiT or UNet2DModel folder, an EDM
+      .pkl).
     schedule: the analytic and file teachers' forward process (default VPLinear()); a trained
       teacher has its own (from its config).
+    label: an imported class-conditional network is distilled at one fixed label: a class in
+      [0, K) or the null class K (-1 or None: the null class, i.e. the unconditional model of
+      classifier-free guidance).
   """
   if kind not in KINDS:
     raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}.")
-  if kind == "workdir":
+  if kind in ("workdir", "import"):
     if schedule is not None:
-      raise ValueError("a trained teacher brings its own schedule; do not pass one.")
-    return _load_workdir(path)
+      raise ValueError(f"a {'trained' if kind == 'workdir' else 'imported'} teacher brings its "
+                       "own schedule; do not pass one.")
+    return _load_workdir(path) if kind == "workdir" else _load_import(path, label)
   schedule = schedule or schedules_lib.VPLinear()
   if kind == "analytic":
     mix, label = analytic.get_mixture(name), name
@@ -124,6 +135,37 @@ def _load_workdir(path: str | None) -> Teacher:
                  num_classes=int(getattr(setup.module, "num_classes", 0)))
 
 
+def _with_label(fn: Callable, label: int) -> Callable:
+  """fn(params, x, t, **cond) with label = `label` for every example."""
+  def conditioned(params, x, t, **cond):
+    return fn(params, x, t, label=jnp.full((x.shape[0],), label, jnp.int32), **cond)
+  return conditioned
+
+
+def _load_import(path: str | None, label: int | None = None) -> Teacher:
+  from diffdistill import interop  # noqa: PLC0415 (flax when needed)
+  if not path:
+    raise ValueError("teacher kind 'import' needs path= a checkpoint file or folder "
+                     "(diffdistill.interop.load; docs/teachers.md).")
+  loaded = interop.load(path)
+  if not isinstance(loaded, interop.Teacher):
+    raise ValueError(f"{path} is an autoencoder (a latent teacher's VAE), not a teacher; pass the "
+                     "diffusion network's checkpoint.")
+  name = f"{loaded.family}:{os.path.basename(os.path.normpath(path))}"
+  apply, net_apply = loaded.apply, loaded.net_apply
+  if loaded.num_classes:  # one class (or the null class): the teacher is a function of (x, t)
+    k = loaded.num_classes
+    label = k if label is None or label < 0 else label
+    if label > k:
+      raise ValueError(f"label must be in [0, {k}] for {name} ({k} classes; {k} = the null "
+                       f"class, -1 its alias), got {label}.")
+    apply, net_apply = _with_label(apply, label), _with_label(net_apply, label)
+    name += f" (class {label})" if label < k else " (null class)"
+  return Teacher(name=name, apply=apply, params=loaded.params, schedule=loaded.schedule,
+                 example_shape=loaded.example_shape, module=loaded.network, kind=loaded.kind,
+                 num_classes=0, net_apply=net_apply)
+
+
 def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule) -> Teacher:
   """The same teacher on another forward process (`parametrization.rescheduled`).
 
@@ -137,7 +179,7 @@ def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule) -> Teacher:
     return teacher
   apply = parametrization.rescheduled(teacher.apply, source=teacher.schedule, target=schedule)
   return dataclasses.replace(teacher, name=f"{teacher.name} on {schedule.name}", apply=apply,
-                             schedule=schedule, module=None, kind=None)
+                             schedule=schedule, module=None, kind=None, net_apply=None)
 
 
 def device_params(teacher: Teacher):

@@ -120,18 +120,3 @@ def test_loss_arguments_are_checked():
     loss({"d": 0.0, "m": 0.0}, {"x": jnp.zeros((6, D))}, jax.random.key(0))
   method = imm.imm(f, group_size=4, schedule=SCH)
   assert method.updates[0].group_size == 4 and not method.updates[0].inputs
-
-
-def test_endpoint_prob_trains_the_one_call_jump():
-  """endpoint_prob = 1: every group's (t, s) is (t_start, t_end), so the reported gap (t - r) /
-  (t - s) is that of r(t_end, t_start); 0 keeps the paper's draws."""
-  x = {"x": MU + C * jax.random.normal(jax.random.key(1), (64, D))}
-  lo, hi = float(SCH.t_min), float(SCH.t_max)
-  r = float(imm.r_of(SCH, jnp.float32(lo), jnp.float32(hi), k=6, t_min=lo, t_max=hi))
-  aux = imm.imm_loss(affine_map, schedule=SCH, k=6, endpoint_prob=1.0)(
-      {"d": 0.0, "m": 0.0}, x, jax.random.key(0))[1]
-  np.testing.assert_allclose(aux["gap"], (hi - r) / (hi - lo), rtol=1e-3)
-  aux0 = imm.imm_loss(affine_map, schedule=SCH, k=6)({"d": 0.0, "m": 0.0}, x, jax.random.key(0))[1]
-  assert abs(float(aux0["gap"]) / ((hi - r) / (hi - lo)) - 1) > 0.5, aux0["gap"]
-  with pytest.raises(ValueError, match="endpoint_prob must be in"):
-    imm.imm_loss(affine_map, schedule=SCH, endpoint_prob=1.5)

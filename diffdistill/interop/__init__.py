@@ -59,6 +59,18 @@ class Teacher:
   num_classes: int            # DiT / SiT: labels 0..K-1, K the null class; 0: unconditional
   network: Any                # the Flax module (nets.DiT) holding `params`
   info: dict                  # what was read: in_channels, input_size, learn_sigma, format
+  # the raw network in the library's conventions (t in the schedule's time, the output of `kind`
+  # in x's shape): apply = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule);
+  # what a student starting from these weights trains (`nets.Net(..., apply_fn=net_apply)`)
+  net_apply: Callable[..., Any] = None
+
+  @property
+  def example_shape(self) -> tuple[int, ...]:
+    """One example's shape, [H, W, C] (NHWC)."""
+    size = self.info.get("input_size") or self.info.get("img_resolution") or self.info.get("sample_size")
+    if size is None:
+      raise ValueError(f"{self.info.get('format')} checkpoint: its image size is not recorded.")
+    return (int(size), int(size), int(self.info["in_channels"]))
 
 
 def _diffusers_folder(path):
@@ -88,16 +100,18 @@ def load(path: str, *, family: str | None = None,
     if class_name == "AutoencoderKL":
       return load_diffusers_vae(folder)
     if class_name == "UNet2DModel":
-      module, params, raw, apply, schedule, kind, info = ddpm_unet.load_diffusers_unet(folder, path)
-      return Teacher(params, apply, raw, schedule, kind, "ddpm", module.num_classes, module, info)
+      module, params, raw, apply, schedule, kind, info, net_apply = ddpm_unet.load_diffusers_unet(
+          folder, path)
+      return Teacher(params, apply, raw, schedule, kind, "ddpm", module.num_classes, module, info,
+                     net_apply)
     if class_name != "DiTTransformer2DModel":
       raise ValueError(f"{path}: not a supported diffusers folder (config.json _class_name "
                        f"{class_name!r}); supported: 'DiTTransformer2DModel', 'UNet2DModel', "
                        "'AutoencoderKL'.")
     module, params, info = dit.load_diffusers(folder)
-    raw, apply, schedule = dit.dit_functions(module, info, label_name="class_labels")
+    raw, apply, schedule, net_apply = dit.dit_functions(module, info, label_name="class_labels")
     return Teacher(params, apply, raw, schedule, "eps", "dit", info["num_classes"], module,
-                   dict(info, format="diffusers"))
+                   dict(info, format="diffusers"), net_apply)
   if os.path.isfile(path) and path.endswith((".pt", ".pth")):
     if family is None:
       family = "sit" if os.path.basename(path).lower().startswith("sit") else "dit"
@@ -105,16 +119,17 @@ def load(path: str, *, family: str | None = None,
       raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}.")
     module, params, info = dit.load_original(path, num_heads=num_heads)
     if family == "sit":
-      raw, apply, schedule = dit.sit_functions(module, info)
+      raw, apply, schedule, net_apply = dit.sit_functions(module, info)
       kind = "flow"
     else:
-      raw, apply, schedule = dit.dit_functions(module, info, label_name="y")
+      raw, apply, schedule, net_apply = dit.dit_functions(module, info, label_name="y")
       kind = "eps"
     return Teacher(params, apply, raw, schedule, kind, family, info["num_classes"], module,
-                   dict(info, format="pt"))
+                   dict(info, format="pt"), net_apply)
   if os.path.isfile(path) and path.endswith(".pkl"):
-    module, params, raw, apply, schedule, info = edm.load_edm(path)
-    return Teacher(params, apply, raw, schedule, "edm", "edm", info["label_dim"], module, info)
+    module, params, raw, apply, schedule, info, net_apply = edm.load_edm(path)
+    return Teacher(params, apply, raw, schedule, "edm", "edm", info["label_dim"], module, info,
+                   net_apply)
   raise ValueError(f"{path}: not a supported checkpoint; expected a diffusers folder "
                    "(DiTTransformer2DModel, UNet2DModel, AutoencoderKL), an original DiT / SiT "
                    ".pt / .pth file or an EDM .pkl snapshot.")

@@ -170,14 +170,17 @@ def load_diffusers_unet(folder: str, pipeline_root: str):
   def raw(params, x, timestep, *, class_labels=None):
     return net(params, x, jnp.asarray(timestep, jnp.float32), label=class_labels)  # [B, H, W, C]
 
+  def net_apply(params, x, t, **cond):  # the library's time t in [0, 1] -> the step index
+    return net(params, x, steps * jnp.asarray(t) - 1.0, **cond)
+
+  denoise = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule)
+
   def apply(params, x, t, *, label=None):
-    t = jnp.asarray(t)
-    out = net(params, x, steps * t - 1.0, label=label)
-    return parametrization.to_x0(out, x, t, kind=kind, schedule=schedule)
+    return denoise(params, x, t, label=label)
 
   info = dict(format="diffusers", in_channels=cfg["in_channels"], sample_size=cfg.get("sample_size"),
               attention_names=style)
-  return module, params, raw, apply, schedule, kind, info
+  return module, params, raw, apply, schedule, kind, info, net_apply
 
 
 __all__ = ["load_diffusers_unet", "unet_leaves", "read_config", "scheduler_of", "DEFAULTS",

@@ -203,7 +203,9 @@ def load_diffusers(folder: str):
 
 
 def dit_functions(module, info, *, label_name):
-  """(raw, apply, schedule): the network with DiT's conventions and its eps denoiser."""
+  """(raw, apply, schedule, net_apply): the network with DiT's conventions, its eps denoiser, and
+  the eps network in the library's time (t in [0, 1], the first C channels) that the denoiser is
+  `parametrization.as_denoiser` of."""
   net = nets.make_apply(module)
   channels = info["in_channels"]
   schedule = schedules.VPDiscrete.from_name("linear", NUM_TRAIN_STEPS)
@@ -214,16 +216,20 @@ def dit_functions(module, info, *, label_name):
       raise ValueError(f"unknown conditioning {sorted(cond)}; this network takes {label_name!r}.")
     return net(params, x, jnp.asarray(timestep, jnp.float32), label=label)  # [B, H, W, C or 2C]
 
-  def apply(params, x, t, *, label=None):
-    t = jnp.asarray(t)
-    eps = net(params, x, NUM_TRAIN_STEPS * t - 1.0, label=label)[..., :channels]
-    return parametrization.to_x0(eps, x, t, kind="eps", schedule=schedule)
+  def net_apply(params, x, t, **cond):
+    return net(params, x, NUM_TRAIN_STEPS * jnp.asarray(t) - 1.0, **cond)[..., :channels]
 
-  return raw, apply, schedule
+  denoise = parametrization.as_denoiser(net_apply, kind="eps", schedule=schedule)
+
+  def apply(params, x, t, *, label=None):
+    return denoise(params, x, t, label=label)
+
+  return raw, apply, schedule, net_apply
 
 
 def sit_functions(module, info):
-  """(raw, apply, schedule): SiT's velocity network (first C channels) and its denoiser."""
+  """(raw, apply, schedule, net_apply): SiT's velocity network (first C channels), its denoiser,
+  and the velocity in the library's direction and time that the denoiser reads."""
   net = nets.make_apply(module)
   channels = info["in_channels"]
   schedule = schedules.RectifiedFlow()
@@ -231,12 +237,15 @@ def sit_functions(module, info):
   def raw(params, x, t, *, y=None):
     return net(params, x, jnp.asarray(t, jnp.float32), label=y)[..., :channels]  # [B, H, W, C]
 
-  def apply(params, x, t, *, label=None):
-    t = jnp.asarray(t)
-    u = -net(params, x, 1.0 - t, label=label)[..., :channels]  # flow in the library's direction
-    return parametrization.to_x0(u, x, t, kind="flow", schedule=schedule)
+  def net_apply(params, x, t, **cond):  # SiT's time runs the other way: s = 1 - t, u = -v
+    return -net(params, x, 1.0 - jnp.asarray(t), **cond)[..., :channels]
 
-  return raw, apply, schedule
+  denoise = parametrization.as_denoiser(net_apply, kind="flow", schedule=schedule)
+
+  def apply(params, x, t, *, label=None):
+    return denoise(params, x, t, label=label)
+
+  return raw, apply, schedule, net_apply
 
 
 __all__ = ["load_original", "load_diffusers", "original_leaves", "diffusers_leaves",

@@ -241,7 +241,8 @@ def load_edm(path: str):
                      embedding="positional", embedding_scale=1.0, num_classes=label_dim)
   sd = float(net.state.get("sigma_data", 0.5))
   schedule = schedules.EDM(sigma_data=sd)  # EDM's sampling range [0.002, 80]
-  denoise = parametrization.as_denoiser(nets.make_apply(module), kind="edm", schedule=schedule)
+  net_apply = nets.make_apply(module)  # F of EDM's preconditioning: the library's "edm" kind
+  denoise = parametrization.as_denoiser(net_apply, kind="edm", schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, **({} if label is None else dict(label=label)))
@@ -257,7 +258,7 @@ def load_edm(path: str):
 
   info = dict(format="edm_pkl", img_resolution=res, in_channels=cin, label_dim=label_dim,
               sigma_data=sd, ignored=sorted(k for k in ignore if "map_augment" in k))
-  return module, params, raw, apply, schedule, info
+  return module, params, raw, apply, schedule, info, net_apply
 
 
 __all__ = ["load_edm", "read_pickle", "state_dict", "song_unet_leaves", "RestrictedUnpickler",

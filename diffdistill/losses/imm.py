@@ -130,8 +130,8 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
              k: float = 12.0, t_start: float | None = None, t_end: float | None = None,
              time_sampler: "schedules_lib.TimeSampler | str" = "uniform",
              estimator: str = "u", weight_a: float = 2.0, weight_b: float = 4.0,
-             weighting_on: bool = True, kernel_eps: float = 1e-8, kernel_scale: float = 1.0,
-             endpoint_prob: float = 0.0) -> Callable[..., tuple[Array, dict]]:
+             weighting_on: bool = True, kernel_eps: float = 1e-8, kernel_scale: float = 1.0
+             ) -> Callable[..., tuple[Array, dict]]:
   """The IMM loss (module docstring).
 
   Args:
@@ -149,9 +149,6 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     kernel_scale: multiplies the kernel's inverse length 1 / (|c_out| D) (1: the paper's; the
       length D |c_out| is wide for low-dimensional data: on a 64-D mixture it exceeds the
       distance between modes ~10x, see docs/consistency.md).
-    endpoint_prob: the probability that a group's jump is the whole range, (t, s) = (t_start,
-      t_end): the one-call sampler's own jump, which (t, s) drawn as above reach with probability
-      ~0 (0: the paper's sampling; docs/consistency.md).
 
   Returns:
     loss_fn(params, batch, rng[, *, target_params]) -> (loss, aux); aux: mmd2 (unweighted, mean
@@ -167,8 +164,6 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     raise ValueError(f"k must be > 0, got {k}.")
   if not kernel_scale > 0:
     raise ValueError(f"kernel_scale must be > 0, got {kernel_scale}.")
-  if not 0.0 <= endpoint_prob <= 1.0:
-    raise ValueError(f"endpoint_prob must be in [0, 1], got {endpoint_prob}.")
   sampler = schedules_lib.resolve_time_sampler(time_sampler)
   t_hi = float(schedule.t_max if t_start is None else t_start)
   t_lo = float(schedule.t_min if t_end is None else t_end)
@@ -187,9 +182,6 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     t_rng, s_rng, e_rng = jax.random.split(rng, 3)
     t = jnp.clip(sampler.sample(t_rng, (ng,), schedule=schedule, dtype=x.dtype), t_lo, t_hi)
     s = t_lo + jax.random.uniform(s_rng, (ng,), x.dtype) * (t - t_lo)
-    if endpoint_prob > 0:  # (a key of its own: the draws of endpoint_prob = 0 are unchanged)
-      end = jax.random.bernoulli(jax.random.fold_in(rng, 1), endpoint_prob, (ng,))
-      t, s = jnp.where(end, jnp.asarray(t_hi, x.dtype), t), jnp.where(end, jnp.asarray(t_lo, x.dtype), s)
     r = r_of(schedule, s, t, k=k, t_min=t_lo, t_max=t_hi)
     per = lambda v: jnp.repeat(v, m)  # noqa: E731  group times -> example times [B]
     eps = jax.random.normal(e_rng, x.shape, x.dtype)

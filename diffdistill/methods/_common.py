@@ -36,7 +36,8 @@ def student_net(config, setup, schedule=None) -> nets.Net:
   teacher = setup.teacher
   if teacher.module is not None and schedule is None:
     return nets.Net(module=teacher.module, kind=teacher.kind, schedule=teacher.schedule,
-                    example_shape=teacher.example_shape)
+                    example_shape=teacher.example_shape,
+                    apply_fn=getattr(teacher, "net_apply", None))
   return make_net(config, schedule or teacher.schedule, teacher.example_shape)
 
 

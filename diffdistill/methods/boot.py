@@ -6,9 +6,10 @@ Loss: `losses.boot.boot`. The student is the network used raw as a signal predic
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
-from diffdistill import nets
 from diffdistill.data import PriorNoise
 from diffdistill.losses import boot
 from diffdistill.methods import _common, plan as plan_lib
@@ -38,8 +39,7 @@ def build(config, setup) -> plan_lib.Plan:
   stages: list[plan_lib.Stage] = []
   init = _common.initial_params(setup, stages, net)
   # g predicts the signal like a data prediction, so the student network is used raw ('x0')
-  g_net = nets.Net(module=net.module, kind="x0", schedule=net.schedule,
-                   example_shape=net.example_shape)
+  g_net = dataclasses.replace(net, kind="x0")
   method = boot.boot(g_net.denoise, setup.teacher.apply, schedule=net.schedule, spacing=c.spacing,
                      step=c.step, weighting=c.weighting, t_start=setup.t_start, t_end=setup.t_end)
   scale = float(net.schedule.sigma(jnp.float32(setup.t_start)))

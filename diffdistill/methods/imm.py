@@ -20,7 +20,7 @@ from diffdistill.methods import _common, _consistency, plan as plan_lib
 CONFIG = {**_consistency.SECTION,
           "imm": dict(num_steps=4000, group_size=4, k=12.0, estimator="u", weight_a=2.0,
                       weight_b=4.0, weighting=True, time_sampler="uniform", mu=0.0,
-                      kernel_scale=1.0, endpoint_prob=0.0)}
+                      kernel_scale=1.0)}
 SETTINGS = {}
 # gmm64 at 4000 steps (experiments/distill/README.md, the IMM sweep): a larger eta step
 # (k = 6 against the default 12), a kernel 8x shorter than the paper's 1 / (|c_out| D), and w = 1
@@ -65,7 +65,7 @@ def build(config, setup):
                          k=c.k, t_start=setup.t_start, t_end=setup.t_end,
                          time_sampler=c.time_sampler, estimator=c.estimator,
                          weight_a=c.weight_a, weight_b=c.weight_b, weighting_on=c.weighting,
-                         kernel_scale=c.kernel_scale, endpoint_prob=c.endpoint_prob)
+                         kernel_scale=c.kernel_scale)
   except ValueError as e:
     raise ValueError(f"config.imm: {e}") from None
   stages.append(_common.single_stage(config, setup, "imm", method, c.num_steps, init,

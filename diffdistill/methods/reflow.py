@@ -9,11 +9,12 @@ straightness S of the 1-RF and the learned 2-RF on the evaluation's x_start.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import jax
 
-from diffdistill import nets
 from diffdistill import schedules as schedules_lib
 from diffdistill.losses import kd, rectified_flow
 from diffdistill.methods import _common, plan as plan_lib
@@ -47,7 +48,7 @@ def build(config, setup) -> plan_lib.Plan:
     raise ValueError("reflow students predict the velocity: set config.student.kind='flow'.")
   rf = schedules_lib.RectifiedFlow(t_min=c.s_min, t_max=1.0)  # the straight-line coordinate s
   net = _common.student_net(config, setup)
-  flow_net = nets.Net(module=net.module, kind="flow", schedule=rf, example_shape=net.example_shape)
+  flow_net = dataclasses.replace(net, kind="flow", schedule=rf)
   stages: list[plan_lib.Stage] = []
   init = _common.initial_params(setup, stages, net)
   euler = sampler(flow_net, t_start=1.0, t_end=c.s_min)

@@ -10,6 +10,10 @@ silently disagree; a `Net` builds both from one (module, kind, schedule):
     params = net.init(jax.random.key(0))
     net.apply(params, x, t)      # the raw network (v)
     net.denoise(params, x, t)    # x0_hat, through parametrization.as_denoiser
+
+An imported network whose module speaks its checkpoint's conventions (a DiT's step index and 2C
+learned-sigma channels) carries `apply_fn`, the network in the library's conventions
+(`interop.Teacher.net_apply`); `module` still defines the architecture and a fresh `init`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Net:
   kind: str
   schedule: schedules_lib.Schedule
   example_shape: tuple[int, ...]
+  apply_fn: Callable | None = None  # the raw network, when not `nets.make_apply(module)`
 
   def __post_init__(self):
     parametrization.check_kind(self.kind)
@@ -40,7 +45,9 @@ class Net:
 
   @functools.cached_property
   def apply(self) -> Callable:
-    """The raw network, `apply(params, x, t, **cond) -> out` (`nets.make_apply`)."""
+    """The raw network, `apply(params, x, t, **cond) -> out` (`nets.make_apply`, or `apply_fn`)."""
+    if self.apply_fn is not None:
+      return self.apply_fn
     from diffdistill import nets  # noqa: PLC0415 (the package imports this module)
     return nets.make_apply(self.module)
 

@@ -15,6 +15,11 @@ Testbeds:
           `--config.teacher.mixture_file=PATH` swaps in any mixture file (weights, means, covs).
   digits  a trained digits teacher (`experiments/train_teacher` digits_cpu workdir, default
           runs/teacher_digits, `--config.teacher.path=...`), its U-Net as the student.
+  import  a public checkpoint (`--config.teacher.path=...`: anything `diffdistill.interop.load`
+          reads, a DiT / SiT .pt, a diffusers DiT or UNet2DModel folder, an EDM .pkl), its own
+          network as the student, on its own schedule; without `--config.teacher.dataset` the
+          students train on the teacher's own samples (config.pairs' solver, generated once into
+          WORKDIR/teacher_samples). docs/teachers.md.
 reflow variants use the exact teacher under rectified flow (the 1-rectified flow).
 Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the measured times).
 `tiny` shrinks any variant to a smoke test (`config.py:pd_ring2d,tiny`), `quick` to the
@@ -26,7 +31,7 @@ import ml_collections
 from diffdistill import methods
 from diffdistill.methods import _common
 
-TESTBEDS = ("ring2d", "gmm64", "digits")
+TESTBEDS = ("ring2d", "gmm64", "digits", "import")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -41,11 +46,12 @@ def _base() -> ml_collections.ConfigDict:
   c.eval_ema = 0.995                 # decay of every student's "eval" EMA copy
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.kind = "analytic"        # analytic | file | workdir (experiments/teachers.py)
+  c.teacher.kind = "analytic"        # analytic | file | workdir | import (experiments/teachers.py)
   c.teacher.name = "mixture64"
   c.teacher.mixture_file = ""        # a mixture .npz: sets kind 'file'
-  c.teacher.path = ""                # a train_teacher workdir (kind 'workdir')
+  c.teacher.path = ""                # a train_teacher workdir (kind 'workdir'), a checkpoint ('import')
   c.teacher.dataset = ""             # the data of a trained teacher (its config's dataset)
+  c.teacher.label = -1               # an imported class-conditional teacher's class (-1: null)
   c.teacher.schedule = "vp_linear"
   c.teacher.schedule_kwargs = ml_collections.ConfigDict()
 
@@ -105,6 +111,20 @@ def _testbed(c, testbed):
     c.eval.ref_tol = 1e-3  # the U-Net's own adaptive solve (float32): tighter costs many minutes
     c.pairs.num_pairs = 4096
     c.pairs.chunk_size = 512
+  elif testbed == "import":
+    c.teacher.kind = "import"
+    c.teacher.path = ""  # required: the checkpoint
+    c.teacher.schedule = ""  # its own
+    c.batch_size = 32
+    c.copy.num_steps = 0
+    c.eval.num_samples = 64
+    c.eval.ref_tol = 1e-3  # a large network's float32 adaptive solve
+    c.eval.solvers = ("dpm_solver_pp_2m", "unipc_2", "heun")
+    # the teacher's own samples as data (without teacher.dataset): 20 DPM-Solver++(2M) calls each
+    c.pairs.num_pairs = 2048
+    c.pairs.chunk_size = 256
+    c.pairs.solver = "dpm_solver_pp_2m"
+    c.pairs.nfe = 20
   elif testbed == "gmm64":
     # the 64-D, 16-component denoiser is hard to fit: at the default 5e-4 the 3000-step copy sat
     # at x0 MSE 3.1e-3 and limited every student (README); 2e-3 halves it

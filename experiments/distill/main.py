@@ -125,6 +125,7 @@ def run(config, workdir: str) -> dict:
   plan = build_plan(config, setup)
   validate(config, setup, workdir, plan)
   os.makedirs(workdir, exist_ok=True)
+  setup.workdir = workdir
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   results, stats = stages.run_stages(plan, setup, workdir, progress=config.progress)

@@ -1,8 +1,14 @@
 """The teacher and data of a distillation run, and the evaluation's start and end (`Setup`).
 
-`make_setup(config)` loads the teacher of `config.teacher` (an analytic mixture, a mixture file
-or a trained workdir, rescheduled when the method needs another schedule) and is the `setup` that
-every method module's `build(config, setup)` reads (diffdistill/methods/__init__.py).
+`make_setup(config)` loads the teacher of `config.teacher` (an analytic mixture, a mixture file,
+a trained workdir or an imported checkpoint, rescheduled when the method needs another schedule)
+and is the `setup` that every method module's `build(config, setup)` reads
+(diffdistill/methods/__init__.py).
+
+Data: exact samples of an analytic teacher's mixture; a trained teacher's dataset
+(`config.teacher.dataset`); an imported teacher without a dataset trains on its own samples, the
+x_0 of teacher pairs (`config.pairs`: x_T -> the teacher's solve) generated once into
+WORKDIR/teacher_samples.
 """
 
 from __future__ import annotations
@@ -30,15 +36,27 @@ class Setup:
   mesh: jax.sharding.Mesh
   t_start: float
   t_end: float
+  workdir: str | None = None  # the run's folder (set by the run: where teacher samples are kept)
 
   def data(self, seed: int, batch_size: int | None = None):
-    """Data samples (exact samples for analytic teachers; the dataset for trained ones)."""
+    """Data samples (exact samples for analytic teachers; the dataset for trained ones; the
+    teacher's own samples for an imported teacher without a dataset)."""
     batch_size = batch_size or self.config.batch_size
     if self.teacher.mixture is not None:
       return data_lib.MixtureBatches(self.teacher.mixture, batch_size, seed)
+    if not self.config.teacher.dataset:
+      return self._teacher_samples()
     ds = data_lib.get_dataset(self.config.teacher.dataset, split="train", batch_size=batch_size,
                               seed=seed, prefetch=0)
     return data_lib.Keys(ds, ("x", "label") if self.teacher.num_classes else ("x",))
+
+  def _teacher_samples(self):
+    from diffdistill.methods import _common  # noqa: PLC0415 (methods import this module's users)
+    if self.workdir is None:
+      raise ValueError("the teacher's own samples are kept in the run's folder: set setup.workdir.")
+    source = _common.teacher_pairs(self.config, self, "teacher_samples",
+                                   _common.teacher_pair_sampler(self.config, self), self.workdir)
+    return data_lib.Keys(source, ("x",))
 
   def start_noise(self, rng, n: int) -> jax.Array:
     """n samples of the teacher's marginal at t_start: alpha x0 + sigma eps (exact for analytic
@@ -79,8 +97,16 @@ class Setup:
 def make_setup(config) -> Setup:
   tc = config.teacher
   kind = "file" if tc.mixture_file else tc.kind
-  if kind == "workdir":  # its own schedule, unless the config names another (then rescheduled)
-    teacher = teachers_lib.load(kind="workdir", path=tc.path)
+  if kind in ("workdir", "import"):  # its own schedule, unless the config names another
+    teacher = teachers_lib.load(kind=kind, path=tc.path,
+                                **(dict(label=tc.label) if kind == "import" else {}))
+    if tc.schedule and kind == "import" and schedules_lib.get(
+        tc.schedule, **dict(tc.schedule_kwargs)) != teacher.schedule:
+      raise ValueError(
+          f"{config.method} trains on the {tc.schedule} schedule; an imported teacher is distilled "
+          f"on its own ({teacher.schedule.name}): a student on another schedule would be a fresh "
+          "network of another architecture, which is not wired yet. Methods that start from the "
+          "teacher's weights on its schedule, e.g. pd, kd, cd, ect, sid, dmd.")
     if tc.schedule:
       teacher = teachers_lib.reschedule(
           teacher, schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)))
