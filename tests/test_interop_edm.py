@@ -285,3 +285,23 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
     pickle.dump(dict(ema=net), f)
   with pytest.raises(ValueError, match=r"missing key 'model\.dec\.4x4_in1\.norm0\.weight'"):
     interop.load(str(tmp_path / "bad.pkl"))
+
+
+def test_an_edm_snapshot_is_distilled_end_to_end(tmp_path, monkeypatch):
+  """`--config.teacher.kind=import` on an EDM snapshot: ECT from the snapshot's weights, on its own
+  samples, a few steps (tiny); the student at the teacher's weights is the teacher."""
+  from diffdistill.methods import _common
+  from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
+  _, path = _snapshot(tmp_path, monkeypatch)
+  config = config_lib.get_config("ect_import,tiny")
+  config.teacher.path = path
+  setup = setup_lib.make_setup(config)
+  assert setup.teacher.example_shape == (RES, RES, C) and setup.teacher.kind == "edm"
+  x = jax.random.normal(jax.random.key(0), (2, RES, RES, C))
+  t = jnp.array([0.5, 20.0])
+  np.testing.assert_allclose(_common.student_net(config, setup).denoise(setup.teacher.params, x, t),
+                             setup.teacher.apply(setup.teacher.params, x, t), rtol=1e-6, atol=1e-6)
+  out = main_lib.run(config, str(tmp_path / "run"))
+  rows = [r for r in out["rows"] if r["method"] == "ect"]
+  assert rows and all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
+  assert np.load(tmp_path / "run" / "samples" / "ect_nfe1.npz")["samples"].shape == (128, RES, RES, C)
