@@ -77,10 +77,14 @@ def sincos_position_embedding(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 def timestep_features(s: Array, *, dim: int = FREQUENCY_DIM, freq_shift: int = 0) -> Array:
-  """phi(s) = [cos(s f_k), sin(s f_k)], f_k = 10000^(-k / (dim/2 - freq_shift)); [B] -> [B, dim]."""
+  """phi(s) = [cos(s f_k), sin(s f_k)], f_k = 10000^(-k / (dim/2 - freq_shift)); [B] -> [B, dim].
+
+  In at least float32 (bfloat16 phases would be wrong for s ~ 1000; float64 stays float64)."""
   half = dim // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-  phase = jnp.asarray(s, jnp.float32)[:, None] * freqs[None, :]  # [B, dim/2]
+  s = jnp.asarray(s)
+  dtype = jnp.promote_types(s.dtype, jnp.float32) if jnp.issubdtype(s.dtype, jnp.floating) else jnp.float32
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=dtype) / (half - freq_shift))
+  phase = s.astype(dtype)[:, None] * freqs[None, :]  # [B, dim/2]
   return jnp.concatenate([jnp.cos(phase), jnp.sin(phase)], axis=-1)
 
 
