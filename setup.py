@@ -33,6 +33,8 @@ setup(
         "tensorboardX>=2.6",
         # diffusers checkpoint folders (interop) load without torch (imported lazily).
         "safetensors>=0.4",
+        # the grain input pipeline (data.get_dataset(pipeline="grain")), imported lazily
+        "grain>=0.2.12",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.11"],

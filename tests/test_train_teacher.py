@@ -48,8 +48,10 @@ def losses(workdir):
 # ~30 s (three processes); the default run keeps the exact checkpoint round trip
 # (test_train_checkpoint) and the interrupted run's resume message (test_train_loop)
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data_dir):
-  values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10)
+@pytest.mark.parametrize("pipeline", [{}, {"dataset.pipeline": "grain", "dataset.workers": 1}],
+                         ids=["native", "grain"])
+def test_sigkill_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data_dir, pipeline):
+  values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10, **pipeline)
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
   subprocess.run(command(ref, values), cwd=ROOT, env=env(), check=True, capture_output=True)
   proc = subprocess.Popen(command(killed, values), cwd=ROOT, env=env(),

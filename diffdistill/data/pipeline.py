@@ -135,6 +135,9 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
     mine = self.get_state()
     if not isinstance(state, dict) or "step" not in state:
       raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}.")
+    if state.get("pipeline", "native") != "native":
+      raise ValueError(f"state was saved by the {state['pipeline']} pipeline, whose order differs: "
+                       "resume with the pipeline that saved it.")
     mismatched = {k: (state[k], mine[k]) for k in mine if k != "step" and k in state and state[k] != mine[k]}
     if mismatched:
       raise ValueError(f"state was saved by another pipeline; (saved, this one): {mismatched}.")
@@ -163,9 +166,13 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
     self.close()
 
 
+PIPELINES = ("native", "grain")
+
+
 def get_dataset(name: str, *, split: str, batch_size: int, seed: int, data_dir: str | None = None,
                 process_index: int = 0, process_count: int = 1, prefetch: int | None = None, download: bool = True,
-                num_examples: int | None = None, in_memory: bool | None = None) -> Pipeline:
+                num_examples: int | None = None, in_memory: bool | None = None,
+                pipeline: str = "native", workers: int = 0) -> Pipeline:
   """The batches of `split` of dataset `name` for this process, shuffled, repeated forever, resumable.
 
   Args:
@@ -185,12 +192,25 @@ def get_dataset(name: str, *, split: str, batch_size: int, seed: int, data_dir: 
     in_memory: decode the split into arrays once (True), read every batch from the files (False), or
       decide by size (None: in memory up to `sources.IN_MEMORY_MAX_BYTES`, e.g. cifar10 but not
       imagenet_resized). The batches are the same either way.
+    pipeline: 'native' (`Pipeline`, this module) or 'grain' (`grain_pipeline.GrainPipeline`: the
+      same contract on grain's datasets, with `workers` processes; another order).
+    workers: grain only: worker processes for reading / decoding (0: none).
 
   Returns:
     A `Pipeline`: an infinite iterator of {"x": float32 [b, ...], "label": int32 [b] (where the dataset
     has labels), "index": int64 [b] (record number in the split)}, with get_state()/set_state().
   """
+  if pipeline not in PIPELINES:
+    raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}.")
+  if workers and pipeline != "grain":
+    raise ValueError(f"workers={workers} needs pipeline='grain' (the native pipeline reads in one "
+                     "background thread: prefetch).")
   source = sources_lib.load(name, split=split, data_dir=data_dir, download=download, num_examples=num_examples,
                             in_memory=in_memory)
+  if pipeline == "grain":
+    from diffdistill.data import grain_pipeline  # noqa: PLC0415 (grain only when asked for)
+    return grain_pipeline.GrainPipeline(source, batch_size=batch_size, seed=seed,
+                                        process_index=process_index, process_count=process_count,
+                                        prefetch=prefetch, workers=workers)
   return Pipeline(source, batch_size=batch_size, seed=seed, process_index=process_index,
                   process_count=process_count, prefetch=prefetch)

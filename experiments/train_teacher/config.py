@@ -87,6 +87,8 @@ def _base() -> ml_collections.ConfigDict:
   c.dataset.name = "toy2d/ring"
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
   c.dataset.prefetch = 2
+  c.dataset.pipeline = "native"      # or "grain" (diffdistill/data/grain_pipeline.py): another order
+  c.dataset.workers = 0              # grain's worker processes (decoding / augmentation)
   c.dataset.num_examples = ml_collections.config_dict.placeholder(int)  # toy2d/gmm: None = 100k
 
   c.network = ml_collections.ConfigDict()

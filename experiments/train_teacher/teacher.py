@@ -106,7 +106,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   data = data_lib.get_dataset(config.dataset.name, split="train", batch_size=config.batch_size,
                               seed=config.seed, data_dir=config.dataset.data_dir,
                               prefetch=config.dataset.prefetch,
-                              num_examples=config.dataset.num_examples, **distributed.data_shard())
+                              num_examples=config.dataset.num_examples,
+                              pipeline=config.dataset.pipeline, workers=config.dataset.workers,
+                              **distributed.data_shard())
   example_shape = tuple(data.batch(0)["x"].shape[1:])
   return Setup(config=config, mesh=mesh, data=data, example_shape=example_shape,
                conditional=conditional, module=module, schedule=schedule,
