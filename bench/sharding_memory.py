@@ -24,8 +24,9 @@ Games (on the same network):
          not depend on k, and the k repeats run one after another).
 
 Networks: `--nets` names from `nets.NETWORKS` (default the CIFAR-10 DDPM++ U-Net, 55.7M params).
-DiT-XL/2 rows: pass `--nets=dit_xl_2` once `nets/dit.py` registers it (NET_SHAPES below holds its
-latent shape); until then its row says it is not available.
+  scd    sCD: the student (params, Adam, EMA) and the frozen teacher; its step takes a jvp of the
+         student (TrigFlow, no adaptive weight here).
+DiT rows: `--nets=dit_XL_2` (675M params, 32x32x4 latents).
 
     python bench/sharding_memory.py                       # 8 and 64 simulated devices
     python bench/sharding_memory.py --devices=8 --compile=unet_ddpmpp_cifar10:dsm:8
@@ -49,7 +50,7 @@ MIB = 2.0 ** 20
 
 # example shape [H, W, C] per network; the DiT row is ready for nets/dit.py (latent 32x32x4)
 NET_SHAPES = {"unet_ddpmpp_cifar10": (32, 32, 3), "unet_digits8": (8, 8, 1),
-              "dit_xl_2": (32, 32, 4)}
+              "dit_XL_2": (32, 32, 4), "dit_S_2": (32, 32, 4)}  # DiT: ImageNet-256 SD-VAE latents
 
 
 def _worker(args) -> list[dict]:
@@ -58,7 +59,7 @@ def _worker(args) -> list[dict]:
   import optax
 
   from diffdistill import nets, parametrization, schedules
-  from diffdistill.losses import distribution_matching as dm, dmd2, dsm
+  from diffdistill.losses import distribution_matching as dm, dmd2, dsm, scm
   from diffdistill.train import sharding, state as state_lib, step as step_lib
   from diffdistill.method import Method, Update
 
@@ -85,6 +86,12 @@ def _worker(args) -> list[dict]:
             dropout=dropout)),))
         player_emas = {"model": {"eval": 0.999}}
         frozen = None
+      elif game == "scd":
+        trig = schedules.TrigFlow()
+        method = scm.scm(apply, parametrization.as_denoiser(apply, kind="flow", schedule=trig),
+                         schedule=trig, adaptive_weighting=False)
+        player_emas = {"student": {"eval": 0.999}}
+        frozen = {"teacher": params}
       else:
         generator = dm.one_step_generator(denoise, schedule=schedule, t_init=80.0)
         method = dmd2.dmd2(generator, denoise, denoise, schedule=schedule, fake_repeats=1)
@@ -166,10 +173,10 @@ def write(rows: list[dict], out: str, command: str) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--devices", default="8,64", help="simulated device counts")
-  parser.add_argument("--nets", default="unet_ddpmpp_cifar10,unet_digits8,dit_xl_2")
+  parser.add_argument("--nets", default="unet_ddpmpp_cifar10,unet_digits8,dit_XL_2")
   parser.add_argument("--compile", default="unet_digits8:dsm:8",
                       help="net:game:devices entries whose step is compiled for memory_analysis")
-  parser.add_argument("--games", default="dsm,dmd2")
+  parser.add_argument("--games", default="dsm,dmd2,scd")
   parser.add_argument("--per_device_batch", type=int, default=4)
   parser.add_argument("--out", default=os.path.join(ROOT, "bench", "SHARDING_MEMORY"))
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
