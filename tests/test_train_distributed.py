@@ -24,8 +24,13 @@ def free_port():
 
 
 @pytest.mark.slow  # two JAX processes over gloo: ~20 s of the default suite's 6-minute budget
-def test_two_processes_match_each_other_and_one_process(tmp_path):
-  values = tiny(str(tmp_path / "tfds"), num_steps=20, checkpoint_every=10)
+@pytest.mark.parametrize("mesh", [{}, {"mesh.fsdp": 2, "mesh.min_size": 16}],
+                         ids=["data_parallel", "fsdp"])
+def test_two_processes_match_each_other_and_one_process(tmp_path, mesh):
+  """data parallel: a (4) mesh over 2 processes x 2 devices; fsdp: (2 data x 2 fsdp), the leaves
+  of >= 16 elements split over the fsdp axis; each against one process of 8 devices with the
+  same config."""
+  values = tiny(str(tmp_path / "tfds"), num_steps=20, checkpoint_every=10, **mesh)
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.pop("XLA_FLAGS", None)
   # one process first: it also generates the dataset, which the two processes then share
@@ -38,6 +43,8 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
            for i in range(2)]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  split = [int(log.split("split leaves: ")[1].split()[0]) for log in logs]
+  assert all(n > 0 for n in split) if mesh else split == [0, 0], split
   p0, p1 = (dict(np.load(o)) for o in outs)
   assert p0.keys() == p1.keys() and p0
   for k in p0:

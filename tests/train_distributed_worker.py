@@ -3,7 +3,8 @@
     python tests/train_distributed_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT.npz CONFIG_JSON
 
 Each process has 2 CPU devices; the mesh spans all processes' devices, each process reads its own
-shard of the data, and process 0 alone writes metrics. Saves this process's copy of the params.
+shard of the data, and process 0 alone writes metrics. Saves the params as this process sees them
+(FSDP-split leaves gathered from all processes).
 """
 
 import json
@@ -26,8 +27,12 @@ def main(process_id, num_processes, port, workdir, out, values):
   from experiments.train_teacher import main as main_lib  # after initialize, like main.py
   from train_helpers import as_config
   state = main_lib.train(as_config(values), workdir)
+  from jax.experimental import multihost_utils
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
-  np.savez(out, **{jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in leaves})
+  print(f"split leaves: {sum(not x.sharding.is_fully_replicated for _, x in leaves)} of {len(leaves)}")
+  # the whole array: FSDP leaves are split over the processes' devices (tiled: the global array)
+  np.savez(out, **{jax.tree_util.keystr(p): np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                   for p, x in leaves})
 
 
 if __name__ == "__main__":
