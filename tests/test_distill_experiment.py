@@ -194,6 +194,16 @@ def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
   np.testing.assert_allclose(setup.teacher.apply(setup.teacher.params, x, t), want, rtol=1e-6)
   config.teacher.schedule = ""  # its own schedule: the teacher as trained
   assert setup_lib.make_setup(config).teacher.module is not None
+  # a workdir written before config fields were added (dataset.pipeline / workers) still loads
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  for key in ("pipeline", "workers"):
+    del saved["dataset"][key]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  np.testing.assert_array_equal(teachers.load(kind="workdir", path=workdir).apply(own.params, x, t),
+                                own.apply(own.params, x, t))
 
 
 def test_a_copy_of_zero_steps_and_reflow_on_digits_are_refused():

@@ -107,7 +107,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                               seed=config.seed, data_dir=config.dataset.data_dir,
                               prefetch=config.dataset.prefetch,
                               num_examples=config.dataset.num_examples,
-                              pipeline=config.dataset.pipeline, workers=config.dataset.workers,
+                              # (workdirs written before these fields existed: the native pipeline)
+                              pipeline=config.dataset.get("pipeline", "native"),
+                              workers=config.dataset.get("workers", 0),
                               **distributed.data_shard())
   example_shape = tuple(data.batch(0)["x"].shape[1:])
   return Setup(config=config, mesh=mesh, data=data, example_shape=example_shape,
