@@ -15,6 +15,8 @@ and then reads each finished `experiments.distill` digits run in --runs (its res
 samples) for the students' rows: FD-digits, digits IS, coupling error to the exact map (of the
 student's own schedule) and wall time. Writes WORKDIR/digits_table.{md,json}, fd_vs_nfe.png
 (FD against NFE with the floor) and samples.png (the first 12 samples of each row, same noise).
+The exact map and the teacher's rows are kept (exact_map.npz, teacher_rows.npz) and reused when
+the noise is the same: a rerun with more --runs only scores the students (delete them to redo).
 """
 
 from __future__ import annotations
@@ -185,7 +187,15 @@ def main(argv=None):
     reference = setup.exact_map(x_start)
     np.savez(cache, x_start=x_start, reference=reference)
   scorer = digits_metric.DigitsScorer(digits_metric.classifier(args.classifier))
-  rows, shown = teacher_rows(setup, x_start, reference, scorer, progress=not args.no_progress)
+  cached = os.path.join(args.workdir, "teacher_rows.npz")  # the teacher's rows of this noise
+  if os.path.exists(cached) and np.array_equal(np.load(cached)["x_start"], x_start):
+    with np.load(cached) as f:
+      rows = json.loads(str(f["rows"]))
+      shown = {k[len("shown/"):]: f[k] for k in f.files if k.startswith("shown/")}
+  else:
+    rows, shown = teacher_rows(setup, x_start, reference, scorer, progress=not args.no_progress)
+    np.savez(cached, x_start=x_start, rows=json.dumps(rows),
+             **{f"shown/{k}": np.asarray(v) for k, v in shown.items()})
   srows, sshown = student_rows(run_dirs, x_start, scorer)
   rows += sorted(srows, key=lambda r: (r["nfe"], r["fd_digits"]))
   shown.update(sshown)
