@@ -187,3 +187,29 @@ def test_digits_rows_carry_fd_digits_into_the_tables():
   res = {"rows": [{**row, "method": "cd", "nfe": 1}], "command": "x", "seconds": {"total": 1.0}}
   assert f"{row['fd_digits']:.1f} ± 0.0 ({floor['fd_mean']:.1f})" in seeds.markdown(
       seeds.aggregate([res, res]))
+
+
+def test_digits_table_reads_student_runs_of_the_same_noise(tmp_path):
+  """digits_table: a finished digits run's students are rescored from their samples; samples
+  from other noise are refused (they could not share the figure)."""
+  from diffdistill.data import digits8
+  from diffdistill.metrics import digits
+  from experiments.distill import digits_table
+
+  scorer = digits.DigitsScorer(digits.init_classifier(jax.random.key(0)))
+  x_start = np.random.default_rng(0).standard_normal((32, 8, 8, 1)).astype(np.float32)
+  samples = digits8.load_split("test")[0][:32]
+  run = tmp_path / "cd"
+  (run / "samples").mkdir(parents=True)
+  np.savez(run / "samples" / "cd_nfe1.npz", x_start=x_start, samples=samples)
+  rows = [{"method": "cd", "nfe": 1, "median": 0.15, "ms": 2.0, "renoised": False},
+          {"method": "teacher ddim", "nfe": 1, "median": 0.44, "ms": 1.0}]
+  (run / "results.json").write_text(json.dumps(
+      {"variant": "cd_digits", "rows": rows, "seconds": {"total": 561.0}}))
+  out, shown = digits_table.student_rows([str(run)], x_start, scorer)
+  assert [r["method"] for r in out] == ["cd: cd"] and list(shown) == ["cd: cd, 1"]
+  np.testing.assert_allclose(out[0]["fd_digits"], scorer.frechet(samples))
+  text = digits_table.markdown(out)
+  assert f"| cd: cd | 1 | {out[0]['fd_digits']:.1f} |" in text and "| 0.150 | 2.0 | 561 s |" in text
+  with pytest.raises(ValueError, match="other noise"):
+    digits_table.student_rows([str(run)], x_start + 1.0, scorer)
