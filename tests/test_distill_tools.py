@@ -201,7 +201,7 @@ def test_digits_table_reads_student_runs_of_the_same_noise(tmp_path):
   samples = digits8.load_split("test")[0][:32]
   run = tmp_path / "cd"
   (run / "samples").mkdir(parents=True)
-  np.savez(run / "samples" / "cd_nfe1.npz", x_start=x_start, samples=samples)
+  np.savez(run / "samples" / "cd_nfe1.npz", x_start=80.0 * x_start, samples=samples, sigma_start=80.0)
   rows = [{"method": "cd", "nfe": 1, "median": 0.15, "ms": 2.0, "renoised": False},
           {"method": "teacher ddim", "nfe": 1, "median": 0.44, "ms": 1.0}]
   (run / "results.json").write_text(json.dumps(

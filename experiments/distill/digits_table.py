@@ -83,7 +83,9 @@ def teacher_rows(setup, x_start, reference, scorer, *, progress=True) -> tuple[l
   return rows, shown
 
 
-def student_rows(run_dirs, x_start, scorer) -> tuple[list, dict]:
+def student_rows(run_dirs, eps, scorer) -> tuple[list, dict]:
+  """The students of finished digits runs, rescored; eps: the evaluation noise x_T / sigma(t_max)
+  (a run on a rescheduled teacher starts from the same eps at its own scale)."""
   rows, shown = [], {}
   for d in run_dirs:
     with open(os.path.join(d, "results.json")) as f:
@@ -93,7 +95,7 @@ def student_rows(run_dirs, x_start, scorer) -> tuple[list, dict]:
         continue
       path = os.path.join(d, "samples", f"{file_name(r['method'])}_nfe{r['nfe']}.npz")
       with np.load(path) as f:
-        if not np.allclose(f["x_start"], x_start, atol=1e-6):
+        if not np.allclose(f["x_start"] / float(f["sigma_start"]), eps, atol=1e-5):
           raise ValueError(f"{path} was sampled from other noise than eval.seed's 256 x_T; "
                            "its samples cannot sit in the same figure.")
         samples = f["samples"]
@@ -196,7 +198,8 @@ def main(argv=None):
     rows, shown = teacher_rows(setup, x_start, reference, scorer, progress=not args.no_progress)
     np.savez(cached, x_start=x_start, rows=json.dumps(rows),
              **{f"shown/{k}": np.asarray(v) for k, v in shown.items()})
-  srows, sshown = student_rows(run_dirs, x_start, scorer)
+  sigma_start = float(setup.teacher.schedule.sigma(jax.numpy.float32(setup.t_start)))
+  srows, sshown = student_rows(run_dirs, x_start / sigma_start, scorer)
   rows += sorted(srows, key=lambda r: (r["nfe"], r["fd_digits"]))
   shown.update(sshown)
   text = markdown(rows)
