@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from diffdistill import _validate
+from diffdistill.data import pipeline as pipeline_lib
 from diffdistill.data import sources as sources_lib
 
 
@@ -114,21 +115,9 @@ class GrainPipeline:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from `state` (`get_state`): the next batch is global batch state["step"]."""
-    mine = self.get_state()
-    if not isinstance(state, dict) or "step" not in state:
-      raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}.")
-    if state.get("pipeline", "native") != "grain":
-      raise ValueError("state was saved by the native pipeline, whose order differs: resume with "
-                       "the pipeline that saved it.")
-    mismatched = {k: (state[k], mine[k]) for k in mine
-                  if k not in ("step", "pipeline") and k in state and state[k] != mine[k]}
-    if mismatched:
-      raise ValueError(f"state was saved by another pipeline; (saved, this one): {mismatched}.")
-    step = state["step"]
-    if not isinstance(step, (int, np.integer)) or step < 0:
-      raise ValueError(f"state['step'] must be a non-negative int, got {step!r}.")
+    step = pipeline_lib.checked_step(state, self.get_state(), pipeline="grain")
     self.close()
-    self._step = int(step)
+    self._step = step
 
   def close(self) -> None:
     """Stops grain's threads and worker processes (a later next() starts them again)."""

@@ -132,20 +132,9 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from `state` (from `get_state`): the next batch is the one after state["step"]."""
-    mine = self.get_state()
-    if not isinstance(state, dict) or "step" not in state:
-      raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}.")
-    if state.get("pipeline", "native") != "native":
-      raise ValueError(f"state was saved by the {state['pipeline']} pipeline, whose order differs: "
-                       "resume with the pipeline that saved it.")
-    mismatched = {k: (state[k], mine[k]) for k in mine if k != "step" and k in state and state[k] != mine[k]}
-    if mismatched:
-      raise ValueError(f"state was saved by another pipeline; (saved, this one): {mismatched}.")
-    step = state["step"]
-    if not isinstance(step, (int, np.integer)) or step < 0:
-      raise ValueError(f"state['step'] must be a non-negative int, got {step!r}.")
+    step = checked_step(state, self.get_state(), pipeline="native")
     self._cancel_pending()
-    self._step = int(step)
+    self._step = step
 
   def _cancel_pending(self) -> None:
     for _, future in self._pending:
@@ -167,6 +156,25 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
 
 PIPELINES = ("native", "grain")
+
+
+def checked_step(state: Any, mine: dict[str, Any], *, pipeline: str) -> int:
+  """state["step"] of a `get_state()` dict, after checking that it was saved by a pipeline of
+  kind `pipeline` ("native" where the key is absent) over the same data as `mine` says."""
+  if not isinstance(state, dict) or "step" not in state:
+    raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}.")
+  saved_by = state.get("pipeline", "native")
+  if saved_by != pipeline:
+    raise ValueError(f"state was saved by the {saved_by} pipeline, whose order differs: resume "
+                     "with the pipeline that saved it.")
+  mismatched = {k: (state[k], mine[k]) for k in mine
+                if k not in ("step", "pipeline") and k in state and state[k] != mine[k]}
+  if mismatched:
+    raise ValueError(f"state was saved by another pipeline; (saved, this one): {mismatched}.")
+  step = state["step"]
+  if not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"state['step'] must be a non-negative int, got {step!r}.")
+  return int(step)
 
 
 def get_dataset(name: str, *, split: str, batch_size: int, seed: int, data_dir: str | None = None,
