@@ -119,16 +119,19 @@ def ddim_sampler(net: nets.Net, *, t_start: float, t_end: float, spacing: str = 
   return sample
 
 
-def teacher_pairs(config, setup, name: str, sample_fn, directory: str):
-  """The pairs' pipeline: x_T from the teacher's marginal at t_start, x_0 = sample_fn(x_T)."""
+def teacher_pairs(config, setup, name: str, sample_fn, directory: str, *, seed: int | None = None,
+                  batch_size: int | None = None):
+  """The pairs' pipeline: x_T from the teacher's marginal at t_start, x_0 = sample_fn(x_T);
+  batches of `batch_size` (default config.batch_size) in the order of `seed` (config.seed)."""
   c = config.pairs
   base = jax.random.key(config.seed + 1000)
   noise = lambda i: np.asarray(setup.start_noise(jax.random.fold_in(base, i), c.chunk_size))  # noqa: E731
   source = pairs_lib.generate(lambda x: np.asarray(sample_fn(jnp.asarray(x))), noise,
                               directory=os.path.join(directory, name), num_pairs=c.num_pairs,
                               chunk_size=c.chunk_size, progress=config.progress)
-  return Keys(pipeline.Pipeline(source, batch_size=config.batch_size, seed=config.seed,
-                                prefetch=0), ("x_T", "x"))
+  return Keys(pipeline.Pipeline(source, batch_size=batch_size or config.batch_size,
+                                seed=config.seed if seed is None else seed, prefetch=0),
+              ("x_T", "x"))
 
 
 def teacher_pair_sampler(config, setup):

@@ -48,8 +48,9 @@ def renoises(run, params, x_start, out, *, seed: int = 1) -> bool:
 
 
 def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
-  """A row: the coupling to `reference` (median, RMS), and against an exact mixture, where there
-  is one, the distribution columns (`metrics.mixture_scores`)."""
+  """A row: the coupling to `reference` (median, RMS), and the distribution columns: against an
+  exact mixture (`metrics.mixture_scores`) or the digits data (FD-digits, its floor, digits IS,
+  `quality_reference`), where `quality_ref` holds one."""
   with jax.enable_x64(True):
     err = metrics.per_sample_error(jnp.asarray(samples, jnp.float64), jnp.asarray(reference))
   row = {"median": float(err["median"]), "rms": float(err["rms"]),

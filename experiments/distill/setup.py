@@ -45,17 +45,18 @@ class Setup:
     if self.teacher.mixture is not None:
       return data_lib.MixtureBatches(self.teacher.mixture, batch_size, seed)
     if not self.config.teacher.dataset:
-      return self._teacher_samples()
+      return self._teacher_samples(seed, batch_size)
     ds = data_lib.get_dataset(self.config.teacher.dataset, split="train", batch_size=batch_size,
                               seed=seed, prefetch=0)
     return data_lib.Keys(ds, ("x", "label") if self.teacher.num_classes else ("x",))
 
-  def _teacher_samples(self):
+  def _teacher_samples(self, seed: int, batch_size: int):
     from diffdistill.methods import _common  # noqa: PLC0415 (methods import this module's users)
     if self.workdir is None:
       raise ValueError("the teacher's own samples are kept in the run's folder: set setup.workdir.")
     source = _common.teacher_pairs(self.config, self, "teacher_samples",
-                                   _common.teacher_pair_sampler(self.config, self), self.workdir)
+                                   _common.teacher_pair_sampler(self.config, self), self.workdir,
+                                   seed=seed, batch_size=batch_size)
     return data_lib.Keys(source, ("x",))
 
   def start_noise(self, rng, n: int) -> jax.Array:
