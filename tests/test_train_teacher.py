@@ -54,13 +54,15 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, data_di
   values = tiny(data_dir, num_steps=NUM_STEPS, log_every=10, **pipeline)
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
   subprocess.run(command(ref, values), cwd=ROOT, env=env(), check=True, capture_output=True)
+  # its own process group, killed whole as a preempted job is: grain's worker processes outlive
+  # a parent killed alone (one was seen running an hour later)
   proc = subprocess.Popen(command(killed, values), cwd=ROOT, env=env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
   deadline = time.time() + 120
   while not os.path.isdir(os.path.join(killed, "checkpoints", "50")):
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
     time.sleep(0.005)
-  proc.send_signal(signal.SIGKILL)
+  os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   steps_at_kill, _ = losses(killed)
   assert 50 <= max(steps_at_kill) < NUM_STEPS  # killed mid-run, after the checkpoint
