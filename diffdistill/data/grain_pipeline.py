@@ -52,15 +52,9 @@ class GrainPipeline:
                process_index: int = 0, process_count: int = 1, prefetch: int | None = None,
                workers: int = 0, read_threads: int = 1):
     import grain  # noqa: PLC0415 (only when asked for)
-    if len(source) < 1:
-      raise ValueError(f"The {source.name!r} split {source.split!r} is empty.")
-    seed = _validate.check_int("seed", seed, min=0, max=2**32 - 1)
-    process_count = _validate.check_int("process_count", process_count, min=1)
-    process_index = _validate.check_int("process_index", process_index, min=0, max=process_count - 1)
-    batch_size = _validate.check_int("batch_size", batch_size, min=1)
-    if batch_size % process_count:
-      raise ValueError(f"batch_size (the global batch) = {batch_size} is not divisible by "
-                       f"process_count = {process_count}.")
+    seed, batch_size, process_index, process_count = pipeline_lib.checked_layout(
+        source, seed=seed, batch_size=batch_size, process_index=process_index,
+        process_count=process_count, max_seed=2**32 - 1)  # grain's seeds are 32-bit
     self.source = source
     self.batch_size, self.seed = batch_size, seed
     self.process_index, self.process_count = process_index, process_count

@@ -25,6 +25,22 @@ from diffdistill import _validate
 from diffdistill.data import sources as sources_lib
 
 
+def checked_layout(source, *, seed, batch_size, process_index, process_count,
+                   max_seed: int | None = None) -> tuple[int, int, int, int]:
+  """(seed, batch_size, process_index, process_count) as ints, checked: a non-empty split, a
+  global batch that the process count divides; ValueError naming the argument otherwise."""
+  if len(source) < 1:
+    raise ValueError(f"The {source.name!r} split {source.split!r} is empty.")
+  seed = _validate.check_int("seed", seed, min=0, max=max_seed)
+  process_count = _validate.check_int("process_count", process_count, min=1)
+  process_index = _validate.check_int("process_index", process_index, min=0, max=process_count - 1)
+  batch_size = _validate.check_int("batch_size", batch_size, min=1)
+  if batch_size % process_count:
+    raise ValueError(f"batch_size (the global batch) = {batch_size} is not divisible by "
+                     f"process_count = {process_count}.")
+  return seed, batch_size, process_index, process_count
+
+
 class Pipeline(Iterator[dict[str, np.ndarray]]):
   """Infinite iterator of this process's batches {"x": float32 [b, ...], "label": int32 [b], "index": int64 [b]}.
 
@@ -43,15 +59,9 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
   def __init__(self, source: sources_lib.Source, *, batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, prefetch: int | None = None):
-    if len(source) < 1:
-      raise ValueError(f"The {source.name!r} split {source.split!r} is empty.")
-    seed = _validate.check_int("seed", seed, min=0)
-    process_count = _validate.check_int("process_count", process_count, min=1)
-    process_index = _validate.check_int("process_index", process_index, min=0, max=process_count - 1)
-    batch_size = _validate.check_int("batch_size", batch_size, min=1)
-    if batch_size % process_count:
-      raise ValueError(f"batch_size (the global batch) = {batch_size} is not divisible by "
-                       f"process_count = {process_count}.")
+    seed, batch_size, process_index, process_count = checked_layout(
+        source, seed=seed, batch_size=batch_size, process_index=process_index,
+        process_count=process_count)
     if prefetch is None:
       prefetch = 0 if source.arrays is not None else 2
     prefetch = _validate.check_int("prefetch", prefetch, min=0)
