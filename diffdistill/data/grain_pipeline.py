@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from diffdistill import _validate
-from diffdistill.data import pipeline as pipeline_lib
+from diffdistill.data import _checks
 from diffdistill.data import sources as sources_lib
 
 
@@ -52,7 +52,7 @@ class GrainPipeline:
                process_index: int = 0, process_count: int = 1, prefetch: int | None = None,
                workers: int = 0, read_threads: int = 1):
     import grain  # noqa: PLC0415 (only when asked for)
-    seed, batch_size, process_index, process_count = pipeline_lib.checked_layout(
+    seed, batch_size, process_index, process_count = _checks.checked_layout(
         source, seed=seed, batch_size=batch_size, process_index=process_index,
         process_count=process_count, max_seed=2**32 - 1)  # grain's seeds are 32-bit
     self.source = source
@@ -109,7 +109,7 @@ class GrainPipeline:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from `state` (`get_state`): the next batch is global batch state["step"]."""
-    step = pipeline_lib.checked_step(state, self.get_state(), pipeline="grain")
+    step = _checks.checked_step(state, self.get_state(), pipeline="grain")
     self.close()
     self._step = step
 

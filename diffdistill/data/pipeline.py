@@ -22,23 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from diffdistill import _validate
+from diffdistill.data import _checks
 from diffdistill.data import sources as sources_lib
-
-
-def checked_layout(source, *, seed, batch_size, process_index, process_count,
-                   max_seed: int | None = None) -> tuple[int, int, int, int]:
-  """(seed, batch_size, process_index, process_count) as ints, checked: a non-empty split, a
-  global batch that the process count divides; ValueError naming the argument otherwise."""
-  if len(source) < 1:
-    raise ValueError(f"The {source.name!r} split {source.split!r} is empty.")
-  seed = _validate.check_int("seed", seed, min=0, max=max_seed)
-  process_count = _validate.check_int("process_count", process_count, min=1)
-  process_index = _validate.check_int("process_index", process_index, min=0, max=process_count - 1)
-  batch_size = _validate.check_int("batch_size", batch_size, min=1)
-  if batch_size % process_count:
-    raise ValueError(f"batch_size (the global batch) = {batch_size} is not divisible by "
-                     f"process_count = {process_count}.")
-  return seed, batch_size, process_index, process_count
 
 
 class Pipeline(Iterator[dict[str, np.ndarray]]):
@@ -59,7 +44,7 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
   def __init__(self, source: sources_lib.Source, *, batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, prefetch: int | None = None):
-    seed, batch_size, process_index, process_count = checked_layout(
+    seed, batch_size, process_index, process_count = _checks.checked_layout(
         source, seed=seed, batch_size=batch_size, process_index=process_index,
         process_count=process_count)
     if prefetch is None:
@@ -142,7 +127,7 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from `state` (from `get_state`): the next batch is the one after state["step"]."""
-    step = checked_step(state, self.get_state(), pipeline="native")
+    step = _checks.checked_step(state, self.get_state(), pipeline="native")
     self._cancel_pending()
     self._step = step
 
@@ -166,25 +151,6 @@ class Pipeline(Iterator[dict[str, np.ndarray]]):
 
 
 PIPELINES = ("native", "grain")
-
-
-def checked_step(state: Any, mine: dict[str, Any], *, pipeline: str) -> int:
-  """state["step"] of a `get_state()` dict, after checking that it was saved by a pipeline of
-  kind `pipeline` ("native" where the key is absent) over the same data as `mine` says."""
-  if not isinstance(state, dict) or "step" not in state:
-    raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}.")
-  saved_by = state.get("pipeline", "native")
-  if saved_by != pipeline:
-    raise ValueError(f"state was saved by the {saved_by} pipeline, whose order differs: resume "
-                     "with the pipeline that saved it.")
-  mismatched = {k: (state[k], mine[k]) for k in mine
-                if k not in ("step", "pipeline") and k in state and state[k] != mine[k]}
-  if mismatched:
-    raise ValueError(f"state was saved by another pipeline; (saved, this one): {mismatched}.")
-  step = state["step"]
-  if not isinstance(step, (int, np.integer)) or step < 0:
-    raise ValueError(f"state['step'] must be a non-negative int, got {step!r}.")
-  return int(step)
 
 
 def get_dataset(name: str, *, split: str, batch_size: int, seed: int, data_dir: str | None = None,
