@@ -43,7 +43,9 @@ setup(
         # torchvision, wandb and clean-fid, which the benchmark does not use (bench/README.md).
         # Equivalence tests against the reference implementations (`pytest -m torch`): pytorch-fid's
         # Inception, diffusers' DiT / UNet2DModel / AutoencoderKL. Install torch first
-        # (`pip install torch==2.13.0`, the CPU wheel), then this extra.
+        # (`pip install torch==2.13.0`, the CPU wheel), then `pip install --no-deps
+        # torchvision==0.28.0` (pytorch-fid needs it; with its dependencies it pulls torch's CUDA
+        # stack, several GB), then this extra.
         "torch": ["torch>=2.4", "diffusers>=0.30", "safetensors>=0.4", "pytorch-fid>=0.3",
                   "scipy>=1.11"],
         "bench": ["torch>=2.4", "diffusers>=0.42", "torchsde>=0.2.6", "torchdiffeq>=0.2.5", "scipy>=1.11"],

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from diffdistill.nets import inception
 
+from torch_imports import import_torchvision
+
 
 def _relative(a, b):
   return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
@@ -22,7 +24,7 @@ def _relative(a, b):
 @pytest.fixture(scope="module")
 def torch_reference(tmp_path_factory):
   torch = pytest.importorskip("torch")
-  torchvision = pytest.importorskip("torchvision")
+  torchvision = import_torchvision()
   pfi = pytest.importorskip("pytorch_fid.inception")
   mp = pytest.MonkeyPatch()
   mp.setattr(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None)
