@@ -200,8 +200,10 @@ def test_ct_curricula_match_the_papers():
   np.testing.assert_array_equal(n, [1, 150])  # N(0) = 2 points, N(K) = s1 + 1 points
   mu = cm.ct_mu(total_steps=400_000, mu0=0.9, s0=2, s1=150)
   np.testing.assert_allclose(mu(jnp.int32(0)), 0.9, rtol=1e-6)  # exp(2 log 0.9 / 2)
+  # the first stage is already 1/q (ECT's code: 1/q^(stage + 1)); a first d = 1 only denoises
   np.testing.assert_allclose(cm.ect_gap(jnp.asarray([0, 9, 10, 25]), stage_steps=10),
-                             [1, 1, 0.5, 0.25])
+                             [0.5, 0.5, 0.25, 0.125])
+  np.testing.assert_allclose(cm.ect_gap(jnp.asarray([0, 10]), stage_steps=10, q=4), [0.25, 1 / 16])
 
 
 def test_ict_lognormal_interval_draw():

@@ -213,3 +213,23 @@ def test_digits_table_reads_student_runs_of_the_same_noise(tmp_path):
   assert f"| cd: cd | 1 | {out[0]['fd_digits']:.1f} |" in text and "| 0.150 | 2.0 | 561 s |" in text
   with pytest.raises(ValueError, match="other noise"):
     digits_table.student_rows([str(run)], x_start + 1.0, scorer)
+
+
+def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path):
+  from experiments.distill import meanflow_closed_form as mcf  # noqa: PLC0415
+  # the closed form itself: u(z, t, t) is the velocity E[eps - x | z_t] of N(m, v)
+  m, v = jnp.asarray([0.5, -1.0]), jnp.asarray([0.3, 2.0])
+  z, t = jnp.asarray([[0.2, 0.7]]), jnp.asarray([0.4])
+  a_t = (1 - t) ** 2 * v + t ** 2  # Var z_t; E[eps - x | z] = m' + (t - (1 - t) v) / a_t (z - (1 - t) m)
+  want = -m + (t - (1 - t) * v) / a_t * (z - (1 - t) * m)
+  np.testing.assert_allclose(mcf.average_velocity(m, v, z, t, t), want, rtol=1e-6)
+  mcf.main([f"--workdir={tmp_path}", "--num_steps=4", "--eval_every=2", "--dim=2",
+            "--adaptive_p=0.5", "--p_std=2.0", "--ratio_r_neq_t=0.75"])
+  out = json.loads((tmp_path / "curves.json").read_text())
+  assert out["args"]["p_std"] == 2.0 and out["args"]["ratio_r_neq_t"] == 0.75
+  curve = out["curves"]["0.5"]
+  assert curve["step"] == [0, 2, 4] and all(len(curve[k]) == 3 for k in mcf.JUMPS)
+  assert (tmp_path / "closed_form.png").exists()
+  for bad in ("--p_std=0", "--ratio_r_neq_t=1.5"):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+      mcf.main([f"--workdir={tmp_path}", bad])

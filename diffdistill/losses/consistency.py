@@ -38,8 +38,9 @@ iCT (Song & Dhariwal 2024) also draws n from the discretised lognormal
 p(n) ~ erf((ln sh(t_n) - P_mean) / (sqrt 2 P_std)) - erf((ln sh(t_n+1) - P_mean) / (sqrt 2 P_std)),
 weights lambda = 1 / (sh(t_n) - sh(t_n+1)), uses pseudo-Huber with c = 0.00054 sqrt(d), and no EMA
 target (mu = 0). ECT (Geng et al. 2024) makes the pair continuous: sh(t) lognormal,
-sh(t') = sh(t) (1 - d(k) n(sh)), n(sh) = 1 + 8 sigmoid(-sh), with a gap d(k) = 2^-floor(k / K_s)
-halving by stage, lambda = 1 / (sh - sh'), mu = 0, from the teacher's weights.
+sh(t') = sh(t) (1 - d(k) n(sh)), n(sh) = 1 + 8 sigmoid(-sh), with a gap
+d(k) = q^-(floor(k / K_s) + 1) (1/q in the first stage, q = 2 on CIFAR-10, 4 on ImageNet),
+lambda = 1 / (sh - sh'), mu = 0, from the teacher's weights.
 
 Multistep consistency sampling (`multistep_sample`, Song et al. Alg. 1): x0 = f(x_T, t_0), then
 for each later time t_i: x = alpha_i x0 + sigma_i z_i, x0 = f(x, t_i); one f call per time.
@@ -162,9 +163,11 @@ def ict_num_steps(step: Array, *, total_steps: int, s0: int = 10, s1: int = 1280
   return jnp.minimum(n, s1).astype(jnp.int32)
 
 
-def ect_gap(step: Array, *, stage_steps: int) -> Array:
-  """ECT's relative gap d(k) = 2^-floor(k / K_s): halves every stage."""
-  return jnp.exp2(-jnp.floor(jnp.asarray(step, jnp.float32) / stage_steps))
+def ect_gap(step: Array, *, stage_steps: int, q: float = 2.0) -> Array:
+  """ECT's relative gap d(k) = q^-(floor(k / K_s) + 1): 1/q in the first stage, then divided by
+  q every stage (Geng et al.'s 1/q^a with a = ceil(k / K_s); their code's 1/q^(stage + 1))."""
+  stage = jnp.floor(jnp.asarray(step, jnp.float32) / stage_steps)
+  return jnp.power(jnp.float32(q), -(stage + 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,13 +324,17 @@ def ct_loss(student: Apply, *, schedule: schedules_lib.Schedule, num_steps: Call
 
 
 def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: int,
-             p_mean: float = -1.1, p_std: float = 2.0, distance: str | Callable = "l2",
+             q: float = 2.0, p_mean: float = -1.1, p_std: float = 2.0,
+             distance: str | Callable = "l2",
              dropout: bool = False, **distance_options) -> Callable[..., tuple[Array, dict]]:
-  """ECT (module docstring): continuous (t, t'), the gap halving every `stage_steps`, mu = 0.
+  """ECT (module docstring): continuous (t, t'), the gap divided by `q` every `stage_steps`
+  (`ect_gap`), mu = 0.
 
   Returns:
     loss_fn(params, batch, rng, *, step) -> (loss, aux); the target is sg(f_params).
   """
+  if q <= 1:
+    raise ValueError(f"q (ECT's gap divisor per stage) must be > 1, got {q}.")
   dist = distances.get(distance, **distance_options)
   pair = _pair_loss(student, schedule, dist, "inverse_delta_sigma", dropout)
   sh_lo = float(_sigma_hat(schedule, jnp.asarray(schedule.t_min, jnp.float32)))
@@ -340,7 +347,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
     # sh lognormal, kept inside the schedule's range (t(sh) through logsnr = -2 ln sh)
     sh = jnp.clip(jnp.exp(p_mean + p_std * jax.random.normal(s_rng, (b,), x0.dtype)),
                   sh_lo * (1.0 + 1e-3), sh_hi)
-    shp = jnp.maximum(sh * (1.0 - ect_gap(step, stage_steps=stage_steps)
+    shp = jnp.maximum(sh * (1.0 - ect_gap(step, stage_steps=stage_steps, q=q)
                             * (1.0 + 8.0 * jax.nn.sigmoid(-sh))), sh_lo)
     t = jnp.clip(schedule.t_from_logsnr(-2.0 * jnp.log(sh)), schedule.t_min, schedule.t_max)
     tp = jnp.clip(schedule.t_from_logsnr(-2.0 * jnp.log(shp)), schedule.t_min, schedule.t_max)
@@ -351,7 +358,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
                                  cond)
     aux = _aux(terms, online, target, jnp.int32(0))
     aux.pop("num_intervals")
-    return jnp.mean(terms), {**aux, "gap": ect_gap(step, stage_steps=stage_steps)}
+    return jnp.mean(terms), {**aux, "gap": ect_gap(step, stage_steps=stage_steps, q=q)}
 
   return loss_fn
 

@@ -1,5 +1,5 @@
 """Easy consistency tuning (Geng et al. 2025): from the teacher copy, consistency between t and
-r = t - gap with a continuous gap that halves every `stage_steps`.
+r = t - gap with a continuous gap divided by `q` every `stage_steps`.
 
 Loss: `losses.consistency.easy_consistency_tuning`. Sampler: multistep consistency sampling.
 """
@@ -10,7 +10,8 @@ from diffdistill.losses import consistency as cm
 from diffdistill.methods import _common, _consistency
 
 CONFIG = {**_consistency.SECTION,
-          "ect": dict(num_steps=4000, stage_steps=1000, p_mean=-1.1, p_std=2.0, distance="l2")}
+          "ect": dict(num_steps=4000, stage_steps=1000, q=2.0, p_mean=-1.1, p_std=2.0,
+                      distance="l2")}
 SETTINGS = {}
 TESTBEDS = {"digits": {"ect.num_steps": 800, "ect.stage_steps": 200, **_consistency.DIGITS}}
 TINY = {"ect.num_steps": 20, "ect.stage_steps": 5}
@@ -28,7 +29,7 @@ def build(config, setup):
   _common.check_positive(c, "ect", ("num_steps", "stage_steps"))
   net, stages, init = _consistency.setup_student(config, setup)
   f = cm.consistency_function(net.denoise, schedule=net.schedule, t_min=setup.t_end)
-  method = cm.easy_consistency_tuning(f, schedule=net.schedule, stage_steps=c.stage_steps,
+  method = cm.easy_consistency_tuning(f, schedule=net.schedule, stage_steps=c.stage_steps, q=c.q,
                                       p_mean=c.p_mean, p_std=c.p_std, distance=c.distance)
   return _consistency.consistency_plan("ect", config, setup, net, stages, method, c.num_steps,
                                        init)

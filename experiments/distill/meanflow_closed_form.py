@@ -1,7 +1,7 @@
 """MeanFlow against its closed form while it trains: budget or defect?
 
   python -m experiments.distill.meanflow_closed_form --workdir=runs/meanflow_closed_form \\
-      [--num_steps=6000] [--adaptive_p=1.0,0.5,0.0] [--dim=8]
+      [--num_steps=6000] [--adaptive_p=1.0,0.5,0.0] [--dim=8] [--p_std=1.0] [--ratio_r_neq_t=0.25]
 
 On single-Gaussian data N(m, diag v) under rectified flow the average velocity u(z, r, t) is
 closed-form (tests/test_meanflow.py's `average_velocity`: affine in z). This script trains the
@@ -50,8 +50,10 @@ def run(p: float, args, m, v, schedule) -> dict:
   apply = nets.make_apply(module)
   d = m.shape[0]
   params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, d)))
-  loss_fn = meanflow.meanflow_loss(apply, schedule=schedule, adaptive_p=p)
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, args.learning_rate, 100, args.num_steps,
+  loss_fn = meanflow.meanflow_loss(apply, schedule=schedule, adaptive_p=p, p_std=args.p_std,
+                                   ratio_r_neq_t=args.ratio_r_neq_t)
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, args.learning_rate,
+                                                     min(100, args.num_steps // 2), args.num_steps,
                                                      0.1 * args.learning_rate))
   opt = tx.init(params)
 
@@ -121,9 +123,14 @@ def main(argv=None):
   ap.add_argument("--learning_rate", type=float, default=5e-4)
   ap.add_argument("--adaptive_p", default="1.0,0.5,0.0")
   ap.add_argument("--dim", type=int, default=8)
+  ap.add_argument("--p_std", type=float, default=1.0, help="the (t, r) logit-normal's std")
+  ap.add_argument("--ratio_r_neq_t", type=float, default=0.25)
   args = ap.parse_args(argv)
   if args.num_steps < 1 or args.eval_every < 1 or args.dim < 1:
     raise ValueError("--num_steps, --eval_every and --dim must be >= 1.")
+  if args.p_std <= 0 or not 0 <= args.ratio_r_neq_t <= 1:
+    raise ValueError(f"--p_std must be > 0 and --ratio_r_neq_t in [0, 1], got {args.p_std} and "
+                     f"{args.ratio_r_neq_t}.")
   rng = np.random.default_rng(0)
   m = jnp.asarray(rng.uniform(-2, 2, args.dim), jnp.float32)
   v = jnp.asarray(np.exp(rng.uniform(np.log(0.01), np.log(2.0), args.dim)), jnp.float32)
