@@ -224,9 +224,10 @@ def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path):
   want = -m + (t - (1 - t) * v) / a_t * (z - (1 - t) * m)
   np.testing.assert_allclose(mcf.average_velocity(m, v, z, t, t), want, rtol=1e-6)
   mcf.main([f"--workdir={tmp_path}", "--num_steps=4", "--eval_every=2", "--dim=2",
-            "--adaptive_p=0.5", "--p_std=2.0", "--ratio_r_neq_t=0.75"])
+            "--adaptive_p=0.5", "--p_std=2.0", "--ratio_r_neq_t=0.75", "--teacher_velocity"])
   out = json.loads((tmp_path / "curves.json").read_text())
   assert out["args"]["p_std"] == 2.0 and out["args"]["ratio_r_neq_t"] == 0.75
+  assert out["args"]["teacher_velocity"]
   curve = out["curves"]["0.5"]
   assert curve["step"] == [0, 2, 4] and all(len(curve[k]) == 3 for k in mcf.JUMPS)
   assert (tmp_path / "closed_form.png").exists()

@@ -11,7 +11,7 @@ from diffdistill.methods import _common, _consistency
 
 CONFIG = {**_consistency.SECTION,
           "ect": dict(num_steps=4000, stage_steps=1000, q=2.0, p_mean=-1.1, p_std=2.0,
-                      distance="l2")}
+                      distance="pseudo_huber")}  # ECT's code: the norm ||f - f-|| (c = 0)
 SETTINGS = {}
 TESTBEDS = {"digits": {"ect.num_steps": 800, "ect.stage_steps": 200, **_consistency.DIGITS}}
 TINY = {"ect.num_steps": 20, "ect.stage_steps": 5}

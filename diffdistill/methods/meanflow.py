@@ -21,7 +21,11 @@ SETTINGS = {"teacher.schedule": "rectified_flow",
             "teacher.schedule_kwargs": dict(t_min=1e-3, t_max=1.0),
             "student.kind": "flow",
             "copy.time_sampler": "uniform"}  # logsnr(t_max = 1) = -inf: no logSNR-uniform draw
-TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS}}
+# gmm64: (t, r) drawn wider and r != t for 3/4 of the batch, with p = 1/2, so the one-call jump
+# (r, t) = (t_min, 1) is trained at all (docs/consistency.md, "MeanFlow's (t, r) sampler")
+TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS},
+            "gmm64": {"meanflow.adaptive_p": 0.5, "meanflow.ratio_r_neq_t": 0.75,
+                      "meanflow.p_std": 2.0}}
 TINY = {"meanflow.num_steps": 20}
 EXTRA_COND = ("r",)
 

@@ -2,11 +2,13 @@
 
   python -m experiments.distill.meanflow_closed_form --workdir=runs/meanflow_closed_form \\
       [--num_steps=6000] [--adaptive_p=1.0,0.5,0.0] [--dim=8] [--p_std=1.0] [--ratio_r_neq_t=0.25]
+      [--teacher_velocity]
 
 On single-Gaussian data N(m, diag v) under rectified flow the average velocity u(z, r, t) is
 closed-form (tests/test_meanflow.py's `average_velocity`: affine in z). This script trains the
-library's MeanFlow loss from data (`losses.meanflow.meanflow_loss`, the paper's (t, r) sampling)
-on an MLP student (the distill experiment's, with an r input), and every `--eval_every` steps
+library's MeanFlow loss (`losses.meanflow.meanflow_loss`; the paper's (t, r) sampling unless
+--p_std / --ratio_r_neq_t say otherwise) from data, or with --teacher_velocity from the exact
+velocity as the distill experiment's meanflow does from its teacher, on an MLP student (the distill experiment's, with an r input), and every `--eval_every` steps
 measures the student's relative error ||u_theta - u|| / ||u|| on fresh z ~ p_t at four jumps:
 
   one call     (r, t) = (t_min, 1)      what a 1-step sampler uses
@@ -50,8 +52,13 @@ def run(p: float, args, m, v, schedule) -> dict:
   apply = nets.make_apply(module)
   d = m.shape[0]
   params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, d)))
-  loss_fn = meanflow.meanflow_loss(apply, schedule=schedule, adaptive_p=p, p_std=args.p_std,
-                                   ratio_r_neq_t=args.ratio_r_neq_t)
+  # --teacher_velocity: the exact teacher's denoiser D = z - t v(z, t), whose velocity replaces
+  # eps - x (the distill experiment's setting); otherwise MeanFlow from data
+  teacher = ((lambda _, z, t: z - t[:, None] * average_velocity(m, v, z, t, t))
+             if args.teacher_velocity else None)
+  loss_fn = meanflow.meanflow_loss(apply, teacher, schedule=schedule, adaptive_p=p,
+                                   p_std=args.p_std, ratio_r_neq_t=args.ratio_r_neq_t)
+  inputs = {"teacher_params": jnp.zeros(())} if args.teacher_velocity else {}
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, args.learning_rate,
                                                      min(100, args.num_steps // 2), args.num_steps,
                                                      0.1 * args.learning_rate))
@@ -61,7 +68,7 @@ def run(p: float, args, m, v, schedule) -> dict:
   def step(params, opt, key):
     k_x, k_l = jax.random.split(key)
     x = m + jnp.sqrt(v) * jax.random.normal(k_x, (args.batch_size, d))
-    grads = jax.grad(lambda q: loss_fn(q, {"x": x}, k_l)[0])(params)
+    grads = jax.grad(lambda q: loss_fn(q, {"x": x}, k_l, **inputs)[0])(params)
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt
 
@@ -125,6 +132,8 @@ def main(argv=None):
   ap.add_argument("--dim", type=int, default=8)
   ap.add_argument("--p_std", type=float, default=1.0, help="the (t, r) logit-normal's std")
   ap.add_argument("--ratio_r_neq_t", type=float, default=0.25)
+  ap.add_argument("--teacher_velocity", action="store_true",
+                  help="distil from the exact velocity instead of training on eps - x")
   args = ap.parse_args(argv)
   if args.num_steps < 1 or args.eval_every < 1 or args.dim < 1:
     raise ValueError("--num_steps, --eval_every and --dim must be >= 1.")
