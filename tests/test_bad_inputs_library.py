@@ -49,6 +49,13 @@ def test_cd_loss_bad_options_are_named(kwargs, message):
     cm.cd_loss(student, teacher, schedule=S, **kwargs)
 
 
+@pytest.mark.parametrize("q", [1.0, 0.5])
+def test_ect_gap_divisor_must_exceed_one(q):
+  # q <= 1 would leave the gap at >= 1 (denoising only) or grow it stage by stage
+  with pytest.raises(ValueError, match=rf"q \(ECT's gap divisor per stage\) must be > 1, got {q}"):
+    cm.ect_loss(student, schedule=S, stage_steps=10, q=q)
+
+
 def test_sample_with_a_denoiser_that_returns_nan_for_some_t_is_an_error():
   # before: all 16 samples NaN, no error
   def bad(x, t):

@@ -333,7 +333,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
   Returns:
     loss_fn(params, batch, rng, *, step) -> (loss, aux); the target is sg(f_params).
   """
-  if q <= 1:
+  if not q > 1:
     raise ValueError(f"q (ECT's gap divisor per stage) must be > 1, got {q}.")
   dist = distances.get(distance, **distance_options)
   pair = _pair_loss(student, schedule, dist, "inverse_delta_sigma", dropout)
