@@ -215,8 +215,16 @@ def test_digits_table_reads_student_runs_of_the_same_noise(tmp_path):
     digits_table.student_rows([str(run)], x_start + 1.0, scorer)
 
 
-def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path):
+def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path, monkeypatch):
   from experiments.distill import meanflow_closed_form as mcf  # noqa: PLC0415
+  seen = []  # --teacher_velocity hands the loss a teacher whose velocity is the closed form's
+  real_loss = mcf.meanflow.meanflow_loss
+
+  def spy(apply, teacher=None, **kw):
+    seen.append((teacher, kw))
+    return real_loss(apply, teacher, **kw)
+
+  monkeypatch.setattr(mcf.meanflow, "meanflow_loss", spy)
   # the closed form itself: u(z, t, t) is the velocity E[eps - x | z_t] of N(m, v)
   m, v = jnp.asarray([0.5, -1.0]), jnp.asarray([0.3, 2.0])
   z, t = jnp.asarray([[0.2, 0.7]]), jnp.asarray([0.4])
@@ -228,6 +236,12 @@ def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path):
   out = json.loads((tmp_path / "curves.json").read_text())
   assert out["args"]["p_std"] == 2.0 and out["args"]["ratio_r_neq_t"] == 0.75
   assert out["args"]["teacher_velocity"]
+  (teacher, kw), = seen
+  assert kw["p_std"] == 2.0 and kw["ratio_r_neq_t"] == 0.75 and kw["adaptive_p"] == 0.5
+  m2, v2 = jnp.asarray(out["m"]), jnp.asarray(out["v"])
+  zz, tt = jnp.ones((3, 2)), jnp.asarray([0.2, 0.5, 0.9])
+  np.testing.assert_allclose((zz - teacher(None, zz, tt)) / tt[:, None],
+                             mcf.average_velocity(m2, v2, zz, tt, tt), rtol=1e-5)
   curve = out["curves"]["0.5"]
   assert curve["step"] == [0, 2, 4] and all(len(curve[k]) == 3 for k in mcf.JUMPS)
   assert (tmp_path / "closed_form.png").exists()
