@@ -228,7 +228,8 @@ def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path, mo
   # the closed form itself: u(z, t, t) is the velocity E[eps - x | z_t] of N(m, v)
   m, v = jnp.asarray([0.5, -1.0]), jnp.asarray([0.3, 2.0])
   z, t = jnp.asarray([[0.2, 0.7]]), jnp.asarray([0.4])
-  a_t = (1 - t) ** 2 * v + t ** 2  # Var z_t; E[eps - x | z] = m' + (t - (1 - t) v) / a_t (z - (1 - t) m)
+  # Var z_t = a_t, so E[eps - x | z] = -m + (t - (1 - t) v) / a_t (z - (1 - t) m)
+  a_t = (1 - t) ** 2 * v + t ** 2
   want = -m + (t - (1 - t) * v) / a_t * (z - (1 - t) * m)
   np.testing.assert_allclose(mcf.average_velocity(m, v, z, t, t), want, rtol=1e-6)
   mcf.main([f"--workdir={tmp_path}", "--num_steps=4", "--eval_every=2", "--dim=2",

@@ -9,7 +9,8 @@ closed-form (tests/test_meanflow.py's `average_velocity`: affine in z). This scr
 library's MeanFlow loss (`losses.meanflow.meanflow_loss`; the paper's (t, r) sampling unless
 --p_std / --ratio_r_neq_t say otherwise) from data, or with --teacher_velocity from the exact
 velocity as the distill experiment's meanflow does from its teacher, on an MLP student (the
-distill experiment's, with an r input), and every `--eval_every` steps measures the student's relative error ||u_theta - u|| / ||u|| on fresh z ~ p_t at four jumps:
+distill experiment's, with an r input), and every `--eval_every` steps measures the student's
+relative error ||u_theta - u|| / ||u|| on fresh z ~ p_t at four jumps:
 
   one call     (r, t) = (t_min, 1)      what a 1-step sampler uses
   half         (0.5, 1) and (t_min, 0.5) the two jumps of a 2-step sampler
