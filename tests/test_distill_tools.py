@@ -103,6 +103,36 @@ def test_cm_table_reads_the_sweeps_and_counts_the_lightest_mode(tmp_path):
   assert len(tables.lightest_mode_share(str(tmp_path / "cd"), mix, "cd", 1)) == 1
 
 
+def test_modes_table_splits_the_covariance_error_of_a_single_run(tmp_path):
+  """A run from before the split (results.json without the parts): the table computes the tail
+  share and core error from its saved samples against its config's mixture; a smeared mode
+  shows in the tail, not in the core."""
+  from diffdistill import analytic, metrics  # noqa: PLC0415
+  mix = analytic.mixture64()
+  x = np.array(analytic.sample(mix, jax.random.key(0), 4096))
+  k = np.asarray(jnp.argmax(analytic.responsibilities(mix, jnp.asarray(x)), axis=1))
+  moved = np.flatnonzero(k == 0)[::4]  # a quarter of mode 0, 45 % of the way to mode 1
+  x[moved] += 0.45 * np.asarray(mix.means[1] - mix.means[0])
+  run = tmp_path / "dmd2_try"
+  (run / "samples").mkdir(parents=True)
+  np.savez(run / "samples" / "dmd2_generator_nfe1.npz", samples=x)
+  row = {"method": "dmd2 generator", "nfe": 1, "sliced_w2": 0.05, "mode_weight_tv": 0.06,
+         "mode_cov_error": 1.5, "mode_cov_error_floor": 0.3}
+  (run / "results.json").write_text(json.dumps({"rows": [row, {**row, "method": "teacher ddim"}]}))
+  (run / "config.json").write_text(json.dumps({"teacher": {"kind": "analytic", "name": "mixture64",
+                                                           "mixture_file": ""}}))
+  text = tables.modes_table(str(tmp_path))
+  parts = metrics.mode_stats(mix, jnp.asarray(x))
+  tail = float(parts["tail_share"])
+  # the moved samples (mode 0's weight x 1/4 of its share) are in the tail (exact samples: none)
+  assert 0.7 * float(mix.weights[0]) / 4 < tail < 1.3 * float(mix.weights[0]) / 4
+  assert (f"| dmd2_try | dmd2 generator | 1 | 1 | 0.050 | 0.060 | 1.500 | {tail:.3f} | "
+          f"{float(parts['core_cov_error']):.3f} |") in text
+  assert "| – | teacher ddim | 1 | – | 0.050 |" in text and "tail share (floor 0.000)" in text
+  with pytest.raises(FileNotFoundError, match="No <run>/results.json"):
+    tables.modes_table(str(run / "samples"))
+
+
 def test_seeds_bad_input_is_named():
   with pytest.raises(ValueError, match="--seeds must be comma-separated integers"):
     seeds.parse_seeds("0,a")

@@ -127,6 +127,31 @@ def test_mode_covariance_error_sees_shrunk_modes_and_counts_an_empty_mode_as_one
   np.testing.assert_allclose(only_second["cov_error"], 0.3 + 0.7 * only_second["cov_errors"][1], rtol=1e-6)
 
 
+def test_mode_tail_share_and_core_cov_error_split_smear_from_shape():
+  """Two modes in 32-D, 10 apart, std 0.1: an exact sample lies at ~1.0 radius sqrt(tr Sigma)
+  from its mean (none beyond 1.5). Moving a fifth of mode 0's samples 40 % of the way to mode 1
+  (still assigned to 0) smears it: tail_share is exactly the moved share (weighted), and the core
+  is exactly the unmoved samples, whose covariance error the core error then equals."""
+  d = 32
+  means = jnp.zeros((2, d)).at[1, 0].set(10.0)
+  mix = A.GaussianMixture(jnp.array([0.4, 0.6]), means, jnp.full((2,), 0.01))
+  x = A.sample(mix, jax.random.PRNGKey(3), 4000)
+  exact = M.mode_stats(mix, x)
+  assert float(exact["tail_share"]) == 0.0
+  np.testing.assert_allclose(exact["core_cov_error"], exact["cov_error"], rtol=1e-6)
+  k = np.asarray(jnp.argmax(A.responsibilities(mix, x), axis=1))
+  moved = np.flatnonzero(k == 0)[::5]
+  smeared = np.asarray(x).copy()
+  smeared[moved] += 0.4 * np.asarray(means[1] - means[0])
+  s = M.mode_stats(mix, smeared)
+  np.testing.assert_allclose(s["tail_share"], 0.4 * len(moved) / np.sum(k == 0), rtol=1e-6)
+  core = M.mode_stats(mix, np.delete(smeared, moved, axis=0))
+  np.testing.assert_allclose(s["core_cov_error"], core["cov_error"], rtol=1e-5)
+  assert float(s["cov_error"]) > 10 * float(s["core_cov_error"])  # the smear dominates the error
+  with pytest.raises(ValueError, match="tail_radius"):
+    M.mode_stats(mix, x, tail_radius=0.0)
+
+
 class MetricVariantsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

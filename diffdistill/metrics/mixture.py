@@ -57,7 +57,8 @@ def mode_floor(mix: analytic.GaussianMixture, n: int) -> dict:
 
 def mixture_scores(samples, mix: analytic.GaussianMixture) -> dict:
   """A table row's distribution columns for samples [N, ...] of `mix` (flattened to [N, d]):
-  sliced_w2, mmd2, mode_weight_tv, mode_cov_error, each with its `<name>_floor`."""
+  sliced_w2, mmd2, mode_weight_tv, mode_cov_error and its two parts mode_tail_share and
+  mode_core_cov_error (`metrics.mode_stats`), each with its `<name>_floor`."""
   x = np.asarray(samples).reshape(len(samples), -1)
   q = mixture_sample_quality(x, mix)
   modes = metrics.mode_stats(mix, jnp.asarray(x, jnp.float32))
@@ -65,7 +66,10 @@ def mixture_scores(samples, mix: analytic.GaussianMixture) -> dict:
   return {"sliced_w2": q["sliced_w2"], "sliced_w2_floor": q["sliced_w2_floor_mean"],
           "mmd2": q["mmd2"], "mmd2_floor": q["mmd2_floor_mean"],
           "mode_weight_tv": float(modes["weight_tv"]), "mode_weight_tv_floor": floor["weight_tv"],
-          "mode_cov_error": float(modes["cov_error"]), "mode_cov_error_floor": floor["cov_error"]}
+          "mode_cov_error": float(modes["cov_error"]), "mode_cov_error_floor": floor["cov_error"],
+          "mode_tail_share": float(modes["tail_share"]), "mode_tail_share_floor": floor["tail_share"],
+          "mode_core_cov_error": float(modes["core_cov_error"]),
+          "mode_core_cov_error_floor": floor["core_cov_error"]}
 
 
 __all__ = ["mixture_sample_quality", "mode_floor", "mixture_scores"]

@@ -2,6 +2,7 @@
 
   python -m experiments.distill.tables --family=dm --runs=runs/dm   # distribution matching
   python -m experiments.distill.tables --family=cm --runs=runs/cm   # consistency models, flow maps
+  python -m experiments.distill.tables --family=modes --runs=runs/dm_study   # any runs: modes
 
 read RUNS/<variant>/seeds.json (written by `experiments.distill.seeds`) for the family's variants
 that exist, and the samples each seed saved (RUNS/<variant>/seed*/samples/<student>_nfe<k>.npz)
@@ -9,7 +10,10 @@ for one more column: the share of the lightest gmm64 component that the samples 
 count over its expected count, weight x N; 1 is exact), mean ± std over seeds. Prints a markdown
 table, mean ± sample std over seeds, floors (the same statistic of exact samples) in the header.
 
-dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
+modes: every run or seed sweep directly under RUNS (RUNS/<name>/results.json or seeds.json), one
+row per student with the distribution columns and the covariance error's two parts
+(`metrics.mode_stats`: the tail share beyond 1.5 mode radii, the core's covariance error), then
+the teacher's rows of the first run. dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
 the same for every variant). cm: the consistency paper's layout, NFE 1 then NFE 2, every method
 against PD at the same NFE, then the teacher's DDIM and best training-free solver on each schedule
 the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
@@ -45,7 +49,8 @@ CM_VARIANTS = (("PD (VP)", "pd"), ("CD (Heun, N = 32, EMA 0.95)", "cd"),
 # teacher rows of the cm table: (sweep that holds them, schedule label)
 CM_TEACHERS = (("cd", "VP-linear"), ("scd", "TrigFlow"), ("meanflow", "rectified flow"))
 HEAD = {"median": "coupling error median", "sliced_w2": "sliced W2", "mmd2": "MMD²",
-        "mode_weight_tv": "mode weight TV", "mode_cov_error": "mode cov error"}
+        "mode_weight_tv": "mode weight TV", "mode_cov_error": "mode cov error",
+        "mode_tail_share": "tail share", "mode_core_cov_error": "core cov error"}
 FLOORS = seeds.FLOORS
 
 
@@ -161,13 +166,69 @@ def cm_table(runs: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-FAMILIES = {"dm": dm_table, "cm": cm_table}
+def _with_mode_parts(run: str, row: dict) -> dict:
+  """A single run's row from before the covariance error had its parts: computed from the
+  student's saved samples against the run's mixture (its config's teacher), where they exist."""
+  path = os.path.join(run, "samples", f"{file_name(row['method'])}_nfe{row['nfe']}.npz")
+  if "mode_tail_share" in row or not os.path.exists(path):
+    return row
+  with open(os.path.join(run, "config.json")) as f:
+    teacher = json.load(f)["teacher"]
+  if teacher.get("mixture_file"):
+    from experiments import teachers  # noqa: PLC0415  (the experiments' loader of mixture files)
+    mix = teachers.load_mixture(teacher["mixture_file"])
+  elif teacher.get("kind") == "analytic":
+    mix = analytic.get_mixture(teacher["name"])
+  else:
+    return row
+  x = np.load(path)["samples"]
+  s = metrics.mixture_scores(x.reshape(len(x), -1), mix)
+  return {**row, **{k: {"mean": s[k], "std": 0.0} for k in ("mode_tail_share", "mode_core_cov_error")},
+          **{f"{k}_floor": s[f"{k}_floor"] for k in ("mode_tail_share", "mode_core_cov_error")}}
+
+
+def modes_table(runs: str) -> str:
+  """Every run (results.json) or seed sweep (seeds.json) directly under `runs`, by name."""
+  keys = ["sliced_w2", "mode_weight_tv", "mode_cov_error", "mode_tail_share", "mode_core_cov_error"]
+  found = []
+  for name in sorted(os.listdir(runs)):
+    rows = _load(runs, name)
+    if rows is None and os.path.exists(os.path.join(runs, name, "results.json")):
+      with open(os.path.join(runs, name, "results.json")) as f:
+        rows = [_with_mode_parts(os.path.join(runs, name), r)
+                for r in seeds.aggregate([json.load(f)])]
+    if rows:
+      found.append((name, rows))
+  if not found:
+    raise FileNotFoundError(f"No <run>/results.json nor <sweep>/seeds.json under {runs!r}.")
+  all_rows = [r for _, rows in found for r in rows]
+
+  def floor(k):
+    vals = [r[FLOORS[k]] for r in all_rows if FLOORS.get(k) in r]
+    return f" (floor {np.mean(vals):.3f})" if vals else ""
+
+  lines = ["| run | student | NFE | seeds | " + " | ".join(HEAD[k] + floor(k) for k in keys) + " |",
+           "|---|---|---:|---:|" + "---:|" * len(keys)]
+  for name, rows in found:
+    for r in rows:
+      if not r["method"].startswith(("teacher", "network copy")):
+        lines.append(f"| {name} | {r['method']} | {r['nfe']} | {r['n']} | "
+                     + " | ".join(_cells(r, keys)) + " |")
+  for r in found[0][1]:
+    if r["method"].startswith("teacher"):
+      lines.append(f"| – | {r['method']} | {r['nfe']} | – | "
+                   + " | ".join(_cells({**r, "n": 1}, keys)) + " |")
+  return "\n".join(lines) + "\n"
+
+
+FAMILIES = {"dm": dm_table, "cm": cm_table, "modes": modes_table}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--family", required=True, choices=sorted(FAMILIES),
-                      help="dm: distribution matching; cm: consistency models and flow maps")
+                      help="dm: distribution matching; cm: consistency models and flow maps; "
+                           "modes: every run under --runs, with the covariance error's parts")
   parser.add_argument("--runs", default=None, help="folder of the seed sweeps (default runs/<family>)")
   args = parser.parse_args(argv)
   runs = args.runs or f"runs/{args.family}"
