@@ -109,7 +109,7 @@ def test_modes_table_splits_the_covariance_error_of_a_single_run(tmp_path):
   shows in the tail, not in the core."""
   from diffdistill import analytic, metrics  # noqa: PLC0415
   mix = analytic.mixture64()
-  x = np.array(analytic.sample(mix, jax.random.key(0), 4096))
+  x = np.array(analytic.sample(mix, jax.random.key(0), 2048))
   k = np.asarray(jnp.argmax(analytic.responsibilities(mix, jnp.asarray(x)), axis=1))
   moved = np.flatnonzero(k == 0)[::4]  # a quarter of mode 0, 45 % of the way to mode 1
   x[moved] += 0.45 * np.asarray(mix.means[1] - mix.means[0])
