@@ -13,7 +13,7 @@ table, mean ± sample std over seeds, floors (the same statistic of exact sample
 modes: every run or seed sweep directly under RUNS (RUNS/<name>/results.json or seeds.json), one
 row per student with the distribution columns and the covariance error's two parts
 (`metrics.mode_stats`: the tail share beyond 1.5 mode radii, the core's covariance error), then
-the teacher's rows of the first run. dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
+the teacher's rows at every NFE the runs hold (one testbed per RUNS folder: its runs share them). dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
 the same for every variant). cm: the consistency paper's layout, NFE 1 then NFE 2, every method
 against PD at the same NFE, then the teacher's DDIM and best training-free solver on each schedule
 the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
@@ -214,10 +214,11 @@ def modes_table(runs: str) -> str:
       if not r["method"].startswith(("teacher", "network copy")):
         lines.append(f"| {name} | {r['method']} | {r['nfe']} | {r['n']} | "
                      + " | ".join(_cells(r, keys)) + " |")
-  for r in found[0][1]:
-    if r["method"].startswith("teacher"):
-      lines.append(f"| – | {r['method']} | {r['nfe']} | – | "
-                   + " | ".join(_cells({**r, "n": 1}, keys)) + " |")
+  teacher = {(r["nfe"], r["method"]): r for _, rows in reversed(found) for r in rows
+             if r["method"].startswith("teacher")}  # the same rows in every run of one testbed
+  for _, r in sorted(teacher.items()):
+    lines.append(f"| – | {r['method']} | {r['nfe']} | – | "
+                 + " | ".join(_cells({**r, "n": 1}, keys)) + " |")
   return "\n".join(lines) + "\n"
 
 
