@@ -38,7 +38,7 @@ def sample_metrics(mix, x, ref):
       "energy": float(metrics.energy_distance(x, ref)),
       "frechet": float(metrics.frechet_distance(x, ref)),
       "loglik": float(metrics.mixture_log_likelihood(mix, x)),
-      **{k: float(v) for k, v in metrics.mode_stats(mix, x).items()},
+      **{k: float(v) for k, v in metrics.mode_stats(mix, x).items() if v.ndim == 0},
   }
 
 
