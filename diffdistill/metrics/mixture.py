@@ -47,7 +47,7 @@ _MODE_FLOORS: dict = {}
 
 def mode_floor(mix: analytic.GaussianMixture, n: int) -> dict:
   """`metrics.mode_stats` of n exact samples (a fixed draw, cached): the floor of the mode-weight
-  and per-mode covariance errors at this sample size."""
+  error, the per-mode covariance error and its two parts (tail share, core) at this sample size."""
   key = (n, np.asarray(mix.means).tobytes(), np.asarray(mix.eigvals).tobytes())
   if key not in _MODE_FLOORS:
     x = analytic.sample(mix, jax.random.key(4242), n)
