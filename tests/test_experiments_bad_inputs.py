@@ -37,13 +37,17 @@ def test_a_mixture_file_that_is_not_an_npz_is_named(tmp_path, content):
 
 # a process of its own (its flags would collide with other mains' in this one): the imports
 # take 5-20 s on 2 cores
+def _analytic_demo(workdir, num_samples: int) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.analytic_demo.main",
+                         f"--workdir={workdir}", f"--num_samples={num_samples}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_analytic_demo_runs_and_prints_its_mode_columns(tmp_path):
   # the README's command; it once died converting mode_stats' per-component array to a float
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "experiments.analytic_demo.main",
-                         f"--workdir={tmp_path / 'demo'}", "--num_samples=200"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = _analytic_demo(tmp_path / "demo", 200)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "| weight_tv | cov_error | tail_share | core_cov_error |" in proc.stdout, proc.stdout
   assert os.path.exists(tmp_path / "demo" / "analytic_demo.png")
@@ -52,10 +56,7 @@ def test_analytic_demo_runs_and_prints_its_mode_columns(tmp_path):
 @pytest.mark.slow
 def test_analytic_demo_num_samples_below_two_names_the_flag(tmp_path):
   # before: an error from inside the metrics that did not name --num_samples
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "experiments.analytic_demo.main",
-                         f"--workdir={tmp_path / 'demo'}", "--num_samples=1"], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = _analytic_demo(tmp_path / "demo", 1)
   assert proc.returncode != 0
   assert "flag --num_samples=1: 1 is not integer >= 2" in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "demo")
