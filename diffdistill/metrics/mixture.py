@@ -67,7 +67,8 @@ def mixture_scores(samples, mix: analytic.GaussianMixture) -> dict:
           "mmd2": q["mmd2"], "mmd2_floor": q["mmd2_floor_mean"],
           "mode_weight_tv": float(modes["weight_tv"]), "mode_weight_tv_floor": floor["weight_tv"],
           "mode_cov_error": float(modes["cov_error"]), "mode_cov_error_floor": floor["cov_error"],
-          "mode_tail_share": float(modes["tail_share"]), "mode_tail_share_floor": floor["tail_share"],
+          "mode_tail_share": float(modes["tail_share"]),
+          "mode_tail_share_floor": floor["tail_share"],
           "mode_core_cov_error": float(modes["core_cov_error"]),
           "mode_core_cov_error_floor": floor["core_cov_error"]}
 

@@ -13,7 +13,8 @@ table, mean ± sample std over seeds, floors (the same statistic of exact sample
 modes: every run or seed sweep directly under RUNS (RUNS/<name>/results.json or seeds.json), one
 row per student with the distribution columns and the covariance error's two parts
 (`metrics.mode_stats`: the tail share beyond 1.5 mode radii, the core's covariance error), then
-the teacher's rows at every NFE the runs hold (one testbed per RUNS folder: its runs share them). dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
+the teacher's rows at every NFE the runs hold (one testbed per RUNS folder: its runs share them).
+dm: one row per generator; the teacher's rows come from the sid sweep (the evaluation noise is
 the same for every variant). cm: the consistency paper's layout, NFE 1 then NFE 2, every method
 against PD at the same NFE, then the teacher's DDIM and best training-free solver on each schedule
 the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
@@ -183,8 +184,9 @@ def _with_mode_parts(run: str, row: dict) -> dict:
     return row
   x = np.load(path)["samples"]
   s = metrics.mixture_scores(x.reshape(len(x), -1), mix)
-  return {**row, **{k: {"mean": s[k], "std": 0.0} for k in ("mode_tail_share", "mode_core_cov_error")},
-          **{f"{k}_floor": s[f"{k}_floor"] for k in ("mode_tail_share", "mode_core_cov_error")}}
+  parts = ("mode_tail_share", "mode_core_cov_error")
+  return {**row, **{k: {"mean": s[k], "std": 0.0} for k in parts},
+          **{f"{k}_floor": s[f"{k}_floor"] for k in parts}}
 
 
 def modes_table(runs: str) -> str:
