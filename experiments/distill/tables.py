@@ -183,10 +183,11 @@ def _with_mode_parts(run: str, row: dict) -> dict:
   else:
     return row
   x = np.load(path)["samples"]
-  s = metrics.mixture_scores(x.reshape(len(x), -1), mix)
-  parts = ("mode_tail_share", "mode_core_cov_error")
-  return {**row, **{k: {"mean": s[k], "std": 0.0} for k in parts},
-          **{f"{k}_floor": s[f"{k}_floor"] for k in parts}}
+  x = x.reshape(len(x), -1)
+  stats, floor = metrics.mode_stats(mix, jnp.asarray(x, jnp.float32)), metrics.mode_floor(mix, len(x))
+  parts = {"mode_tail_share": "tail_share", "mode_core_cov_error": "core_cov_error"}
+  return {**row, **{k: {"mean": float(stats[v]), "std": 0.0} for k, v in parts.items()},
+          **{f"{k}_floor": floor[v] for k, v in parts.items()}}
 
 
 def modes_table(runs: str) -> str:
