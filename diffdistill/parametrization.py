@@ -267,5 +267,34 @@ def rescheduled(denoise: Apply, *, source: "schedules_lib.Schedule | str",
   return denoise_target
 
 
+def rescheduled_net(apply: Apply, *, kind: str, source: "schedules_lib.Schedule | str",
+                    target: "schedules_lib.Schedule | str", target_kind: str) -> Apply:
+  """A network of output `kind` on `source` as a network of output `target_kind` on `target`.
+
+  The raw output a `target_kind` network on `target` gives is a function of its denoiser
+  (`from_x0`), and that denoiser is the source's through the exact change of schedule
+  (`rescheduled`); so a network trained on one forward process serves, with the same weights, as
+  the start of a student on another (e.g. an EDM teacher's U-Net as a TrigFlow flow for sCD, or a
+  VP DiT as a rectified flow). Training then moves the weights behind the fixed change of
+  variables. `apply` takes what `as_denoiser` feeds a network of `kind` (for 'edm': c_in x and
+  c_noise); the result takes (x, t) itself, so `target_kind` is any kind but 'edm'.
+
+  Returns:
+    `apply_target(params, x, t, **cond) -> out` (t a scalar or [B]).
+  """
+  check_kind(kind)
+  if check_kind(target_kind) == "edm":
+    raise ValueError("rescheduled_net: target_kind='edm' is not supported (an 'edm' network takes "
+                     "(c_in x, c_noise), not (x, t)); use x0, eps, v, flow or score.")
+  target = schedules_lib.resolve(target, argname="target")
+  denoise = rescheduled(as_denoiser(apply, kind=kind, schedule=source), source=source,
+                        target=target)
+
+  def apply_target(params, x, t, **cond):
+    return from_x0(denoise(params, x, t, **cond), x, t, kind=target_kind, schedule=target)
+
+  return apply_target
+
+
 __all__ = ["KINDS", "check_kind", "resolve_sigma_data", "edm_coefficients", "to_x0", "from_x0",
-           "net_inputs", "as_denoiser", "guided", "rescheduled"]
+           "net_inputs", "as_denoiser", "guided", "rescheduled", "rescheduled_net"]

@@ -166,19 +166,31 @@ def _load_import(path: str | None, label: int | None = None) -> Teacher:
                  num_classes=0, net_apply=net_apply)
 
 
-def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule) -> Teacher:
+def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule, *,
+               kind: str | None = None) -> Teacher:
   """The same teacher on another forward process (`parametrization.rescheduled`).
 
-  A trained teacher's weights then no longer define a student on the new schedule: the result
-  has no `module` or `kind`, so experiments fit a network copy of it (like an analytic teacher)
-  instead of starting a student from its weights. The exact data law, where there is one, stays.
+  Without `kind`, a trained teacher's weights no longer define a student on the new schedule:
+  the result has no `module` or `kind`, so experiments fit a network copy of it (like an
+  analytic teacher) instead of starting a student from its weights. With `kind` (the student's
+  output parametrization) and an imported network (`net_apply`), the weights stay: `net_apply`
+  becomes the network read as `kind` on the new schedule through the exact change of schedule
+  (`parametrization.rescheduled_net`), so a student starts from the checkpoint as the teacher
+  itself. The exact data law, where there is one, stays.
   """
   if not isinstance(schedule, schedules_lib.Schedule):
     raise ValueError(f"schedule must be a schedules.Schedule, got {schedule!r}.")
   if schedule == teacher.schedule:
     return teacher
   apply = parametrization.rescheduled(teacher.apply, source=teacher.schedule, target=schedule)
-  return dataclasses.replace(teacher, name=f"{teacher.name} on {schedule.name}", apply=apply,
+  name = f"{teacher.name} on {schedule.name}"
+  if kind is not None and teacher.net_apply is not None:
+    net_apply = parametrization.rescheduled_net(teacher.net_apply, kind=teacher.kind,
+                                                source=teacher.schedule, target=schedule,
+                                                target_kind=kind)
+    return dataclasses.replace(teacher, name=name, apply=apply, schedule=schedule, kind=kind,
+                               net_apply=net_apply)
+  return dataclasses.replace(teacher, name=name, apply=apply,
                              schedule=schedule, module=None, kind=None, net_apply=None)
 
 

@@ -61,7 +61,7 @@ def test_the_student_at_the_teachers_weights_is_the_teacher(dit_folder, label):
 
 
 def test_import_refusals_name_the_cause(dit_folder, tmp_path):
-  with pytest.raises(ValueError, match="an imported teacher is distilled on its own"):
+  with pytest.raises(ValueError, match="meanflow's student takes r as an input besides"):
     setup_lib.make_setup(_config("meanflow", dit_folder))
   with pytest.raises(ValueError, match=r"label must be in \[0, 5\]"):
     teachers.load(kind="import", path=dit_folder, label=6)
@@ -69,6 +69,29 @@ def test_import_refusals_name_the_cause(dit_folder, tmp_path):
     teachers.load(kind="import")
   with pytest.raises(ValueError, match="brings its own schedule"):
     teachers.load(kind="import", path=dit_folder, schedule=setup_lib.schedules_lib.VPLinear())
+
+
+@pytest.mark.parametrize("method,schedule", [("scd", "trigflow"), ("reflow", "rectified_flow")])
+def test_a_student_on_another_schedule_starts_from_the_checkpoint_as_the_teacher(
+    dit_folder, method, schedule):
+  """sCD's TrigFlow and reflow's rectified flow: the imported DiT (VP-discrete, eps) keeps its
+  weights behind the exact change of schedule; at those weights the student's denoiser is the
+  teacher's at the same logSNR (x scaled to the VP state), and its raw output is a flow."""
+  setup = setup_lib.make_setup(_config(method, dit_folder))
+  teacher = setup.teacher
+  assert teacher.schedule.name.startswith(schedule) and teacher.kind == "flow"
+  net = _common.student_net(setup.config, setup)
+  assert net.schedule == teacher.schedule and net.kind == "flow"
+  own = teachers.load(kind="import", path=dit_folder)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 4))
+  t = jnp.array([0.2, 0.5, 0.8]) * float(teacher.schedule.t_max)
+  s = teacher.schedule
+  lam = s.logsnr(t)
+  u = own.schedule.t_from_logsnr(lam)  # the VP time of the same noise level
+  k = (own.schedule.alpha(u) / s.alpha(t))[:, None, None, None]
+  want = own.apply(own.params, k * x, u)
+  np.testing.assert_allclose(net.denoise(teacher.params, x, t), want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(teacher.apply(teacher.params, x, t), want, rtol=2e-5, atol=2e-5)
 
 
 def test_cd_distils_an_imported_dit_on_its_own_samples(dit_folder, tmp_path):
@@ -81,3 +104,171 @@ def test_cd_distils_an_imported_dit_on_its_own_samples(dit_folder, tmp_path):
   # the data were the teacher's own samples: 128 pairs of DPM-Solver++(2M) at 4 calls (tiny)
   assert (tmp_path / "teacher_samples" / "chunks").is_dir()
   assert out["teacher"] == f"dit:{dit_folder.rstrip('/').rsplit('/', 1)[-1]} (null class)"
+
+
+# A latent teacher: a DiT on 4x4x4 latents of a VAE that encodes 8x8 grayscale images (digits8,
+# embedded: no download), both random and written here.
+LATENT_DIT = dict(DIT, sample_size=4)
+VAE = dict(_class_name="AutoencoderKL", block_out_channels=[4, 8], layers_per_block=1,
+           norm_num_groups=2, latent_channels=4, in_channels=1, out_channels=1,
+           down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+
+
+def _write_folder(folder, config, leaves, seed=0):
+  rng = np.random.default_rng(seed)
+  save_file({k: (0.1 * rng.standard_normal(s)).astype(np.float32)
+             for leaf in leaves for k, s in zip(leaf.keys, leaf.shapes)},
+            str(folder / "diffusion_pytorch_model.safetensors"))
+  (folder / "config.json").write_text(json.dumps(config))
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def latent_teacher(tmp_path_factory):
+  from diffdistill.interop import vae as interop_vae
+  dit = _write_folder(tmp_path_factory.mktemp("latent_dit"), LATENT_DIT,
+                      interop_dit.diffusers_leaves(dict(LATENT_DIT, norm_eps=1e-5), tied=False))
+  vae = _write_folder(tmp_path_factory.mktemp("vae"), VAE,
+                      interop_vae.vae_leaves(dict(interop_vae._DEFAULTS, **VAE)), seed=1)
+  return dit, vae
+
+
+def _latent_config(method, latent_teacher, **over):
+  config = _config(method, latent_teacher[0], vae=latent_teacher[1], dataset="digits8")
+  for k, v in over.items():
+    config.eval.fid[k] = v
+  return config
+
+
+def test_a_latent_teachers_data_are_encoded_images_drawn_per_step(latent_teacher):
+  """With teacher.vae and a dataset, a batch is the VAE's posterior draw of the dataset's images
+  (to_latent with key fold_in(seed, step)), and a resumed source draws the same."""
+  setup = setup_lib.make_setup(_latent_config("cd", latent_teacher))
+  assert setup.latent and setup.vae.info["downsampling"] == 2
+  data = setup.data(seed=3, batch_size=8)
+  first, second = next(data), next(data)
+  images = setup_lib.data_lib.Keys(setup_lib.data_lib.get_dataset(
+      "digits8", split="train", batch_size=8, seed=3, prefetch=0), ("x",))
+  x0, x1 = next(images)["x"], next(images)["x"]
+  vae = setup.vae
+  want = vae.to_latent(vae.params, jnp.asarray(x1), jax.random.fold_in(jax.random.key(3), 1))
+  assert second["x"].shape == (8, 4, 4, 4)
+  np.testing.assert_allclose(second["x"], want, rtol=1e-5, atol=1e-6)
+  mean = vae.to_latent(vae.params, jnp.asarray(x0))
+  assert float(np.max(np.abs(first["x"] - mean))) > 1e-3  # a posterior draw, not the mean
+  state = data.get_state()
+  third = next(data)
+  data.set_state(state)
+  np.testing.assert_array_equal(next(data)["x"], third["x"])
+
+
+def test_a_latent_teacher_is_distilled_and_its_students_samples_decoded(latent_teacher, tmp_path):
+  out = main_lib.run(_latent_config("cd", latent_teacher), str(tmp_path))
+  assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
+  with np.load(tmp_path / "samples" / "cd_nfe1.npz") as f:
+    latents, images = f["samples"], f["images"]
+  assert latents.shape == (128, 4, 4, 4) and images.shape == (128, 8, 8, 1)
+  setup = setup_lib.make_setup(_latent_config("cd", latent_teacher))
+  decoded = setup.vae.from_latent(setup.vae.params, jnp.asarray(latents[:8]))
+  np.testing.assert_allclose(images[:8], np.clip(decoded, -1, 1), rtol=1e-5, atol=1e-6)
+  assert (tmp_path / "samples" / "cd_nfe1.png").is_file() and (tmp_path / "samples.png").is_file()
+  from experiments.evaluate import main as evaluate_main
+  assert evaluate_main.read_images(str(tmp_path / "samples" / "cd_nfe1.npz")).shape == (
+      128, 8, 8, 3)  # the decoded images, as RGB
+
+
+def test_latent_and_fid_refusals_name_the_cause(latent_teacher, dit_folder, tmp_path):
+  dit, vae = latent_teacher
+  config = config_lib.get_config("cd_gmm64,tiny")
+  config.teacher.vae = vae
+  with pytest.raises(ValueError, match="teacher.vae is for an imported latent teacher"):
+    setup_lib.make_setup(config)
+  with pytest.raises(ValueError, match="has 4 latent channels.*takes inputs of shape"):
+    setup_lib.make_setup(_config("cd", _write_folder(
+        tmp_path, dict(LATENT_DIT, in_channels=3, out_channels=6), interop_dit.diffusers_leaves(
+            dict(LATENT_DIT, in_channels=3, out_channels=6, norm_eps=1e-5), tied=False)), vae=vae))
+  with pytest.raises(ValueError, match="is not an autoencoder"):
+    setup_lib.make_setup(_config("cd", dit, vae=dit))
+  config = _latent_config("cd", latent_teacher, reference=str(tmp_path / "ref.npz"))
+  with pytest.raises(ValueError, match="config.eval.fid.inception is empty"):
+    main_lib.run(config, str(tmp_path / "run"))
+  config = _latent_config("cd", latent_teacher, reference=str(tmp_path / "ref.npz"),
+                          inception=dit)
+  with pytest.raises(FileNotFoundError, match=r"config.eval.fid.reference=.*does not exist"):
+    main_lib.run(config, str(tmp_path / "run"))
+  np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+  config = config_lib.get_config("cd_gmm64,tiny")
+  config.eval.fid.update(reference=str(tmp_path / "ref.npz"), inception=dit)
+  with pytest.raises(ValueError, match=r"FID scores images; the teacher's samples have shape \(64,\)"):
+    main_lib.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# Inception-v3 compiles for minutes on 2 loaded cores (8 simulated devices): slow.
+@pytest.mark.slow
+def test_students_fid_is_the_frechet_distance_of_their_decoded_uint8_images(latent_teacher,
+                                                                             tmp_path,
+                                                                             monkeypatch):
+  """eval.fid: every student row gets FID of fid.num_samples fresh samples, decoded by the VAE and
+  quantised to uint8; FIDScorer equals the distance recomputed from the features of the same
+  images with np.cov (random Inception weights, random reference statistics)."""
+  from diffdistill import metrics
+  from diffdistill.nets import inception as inception_net
+  from experiments.distill import evaluation
+  from tests.test_evaluate import _random_weights
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "inception.npz",
+           **inception_net.state_dict_from_variables(_random_weights(rng)))
+  mu_ref, a = rng.normal(size=2048), rng.normal(size=(2048, 64))
+  np.savez(tmp_path / "ref.npz", mu=mu_ref, sigma=a @ a.T / 64 + 0.1 * np.eye(2048))
+  config = _latent_config("cd", latent_teacher, reference=str(tmp_path / "ref.npz"),
+                          inception=str(tmp_path / "inception.npz"), num_samples=6,
+                          batch_size=4)
+  setup = setup_lib.make_setup(config)
+  scorer = evaluation.FIDScorer(setup)
+  seen, real_outputs = [], evaluation.inception_eval.inception_outputs
+
+  def outputs(variables, images, **kw):  # records what reaches the network
+    seen.append(np.asarray(images))
+    return real_outputs(variables, images, **kw)
+  monkeypatch.setattr(evaluation.inception_eval, "inception_outputs", outputs)
+  latents = jax.random.normal(jax.random.key(5), (6, 4, 4, 4))
+  calls = []
+
+  def run(params, x, rng):  # a "student" whose batches are the rows of `latents`
+    del params, rng
+    calls.append(len(x))
+    return latents[sum(calls[:-1]):sum(calls)]
+  got = scorer(run, None, progress=False)
+  assert calls == [4, 2] and got["fid_num_samples"] == 6
+  images = evaluation.to_uint8(setup.decode(latents))
+  assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+  np.testing.assert_array_equal(np.concatenate(seen), np.repeat(images, 3, axis=-1))
+  pool3 = np.asarray(inception_net.inception_features(
+      scorer.variables, np.repeat(images, 3, axis=-1))[0], np.float64)
+  want = metrics.frechet_distance_float64(pool3.mean(0), np.cov(pool3, rowvar=False), mu_ref,
+                                          np.load(tmp_path / "ref.npz")["sigma"])
+  assert got["fid"] == pytest.approx(want, rel=1e-4)
+  out = main_lib.run(config, str(tmp_path / "run"))
+  rows = [r for r in out["rows"] if r["method"] == "cd"]
+  assert [r["fid_num_samples"] for r in rows] == [6, 6]
+  assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+  assert "fid" not in next(r for r in out["rows"] if r["method"] == "teacher ddim")
+
+
+def test_to_uint8_quantises_as_the_papers_samplers_do():
+  """EDM's generate.py: (x * 127.5 + 128).clip(0, 255) truncated to uint8."""
+  from experiments.distill import evaluation
+  x = np.array([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0], np.float32)
+  np.testing.assert_array_equal(evaluation.to_uint8(x), [0, 0, 64, 128, 255, 255, 255])
+
+
+@pytest.mark.slow
+def test_scd_distils_an_imported_dit_on_trigflow(dit_folder, tmp_path):
+  """sCD's tangent (a jvp in t through the change of schedule and the DiT's attention) trains
+  the checkpoint's weights; its students sample."""
+  out = main_lib.run(_config("scd", dit_folder), str(tmp_path))
+  students = [r for r in out["rows"] if r["method"] == "scd"]
+  assert [r["nfe"] for r in students] == [1, 2]
+  assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
+  assert "on trigflow" in out["teacher"]

@@ -162,6 +162,38 @@ def test_rescheduled_is_the_exact_denoiser_of_the_target_schedule(source, target
     assert got.dtype == jnp.float64
 
 
+@pytest.mark.parametrize("source,kind,target,target_kind",
+                         [("edm", "edm", "trigflow", "flow"), ("vp_linear", "eps", "rectified_flow", "flow"),
+                          ("vp_linear", "v", "ve", "score")])
+def test_rescheduled_net_is_the_exact_network_of_the_target_schedule(source, kind, target,
+                                                                     target_kind):
+  """A network of `kind` on `source` that is exact (the mixture's denoiser written as that
+  output), read through `rescheduled_net`, is the exact `target_kind` output on `target`: what a
+  student starting from an imported teacher's weights on another schedule computes."""
+  from diffdistill import analytic  # noqa: PLC0415
+  with jax.enable_x64(True):
+    mix = analytic.ring2d()
+    src, tgt = schedules.get(source), schedules.get(target)
+    exact_src = analytic.denoiser(src)
+
+    def net(params, x_in, t_in):  # the exact network of `kind` on the source, on its inputs
+      if kind == "edm":  # (c_in x, log(sigma) / 4) on EDM (alpha = 1, t = sigma)
+        t = jnp.exp(4.0 * t_in)
+        x = x_in * jnp.sqrt(t**2 + 0.5**2)[:, None]
+      else:
+        x, t = x_in, t_in
+      return P.from_x0(exact_src(params, x, t), x, t, kind=kind, schedule=src)
+    moved = P.rescheduled_net(net, kind=kind, source=src, target=tgt, target_kind=target_kind)
+    lam = jnp.linspace(max(src.logsnr_min, tgt.logsnr_min) + 0.1,
+                       min(src.logsnr_max, tgt.logsnr_max) - 0.1, 6, dtype=jnp.float64)
+    t = tgt.t_from_logsnr(lam)
+    x = jax.random.normal(jax.random.key(0), (6, 2), jnp.float64) * 3.0
+    want = P.from_x0(analytic.denoiser(tgt)(mix, x, t), x, t, kind=target_kind, schedule=tgt)
+    np.testing.assert_allclose(moved(mix, x, t), want, rtol=1e-8, atol=1e-8)
+  with pytest.raises(ValueError, match="target_kind='edm' is not supported"):
+    P.rescheduled_net(net, kind=kind, source=src, target=tgt, target_kind="edm")
+
+
 def test_rescheduled_clips_outside_the_source_range():
   """A rectified flow's t = 1 (lambda = -inf) reaches an EDM denoiser at its sigma_max, with the
   pure noise scaled to that level; above the EDM range (t < 0.002) the data keep their scale."""

@@ -8,8 +8,8 @@ In-memory sources with the same protocol (exact samples of an analytic mixture, 
 `data.MixtureBatches(mix, batch_size, seed)` and the rest of `data.batches`.
 """
 
-from diffdistill.data.batches import Keys, MixtureBatches, PriorNoise, SeededBatches
+from diffdistill.data.batches import Keys, Mapped, MixtureBatches, PriorNoise, SeededBatches
 from diffdistill.data.pipeline import Pipeline, get_dataset
 from diffdistill.data.sources import EMBEDDED_NAMES, REAL_NAMES, Source, load, valid_names
 
-__all__ = ["MixtureBatches", "PriorNoise", "SeededBatches", "Keys", "Pipeline", "get_dataset", "Source", "load", "EMBEDDED_NAMES", "REAL_NAMES", "valid_names"]
+__all__ = ["MixtureBatches", "PriorNoise", "SeededBatches", "Keys", "Mapped", "Pipeline", "get_dataset", "Source", "load", "EMBEDDED_NAMES", "REAL_NAMES", "valid_names"]

@@ -109,4 +109,30 @@ class Keys(Iterator[dict]):
     getattr(self._data, "close", lambda: None)()
 
 
-__all__ = ["SeededBatches", "MixtureBatches", "PriorNoise", "Keys"]
+class Mapped(Iterator[dict]):
+  """Batches of another iterator with `fn(batch[key], seed, step) -> array` in place of
+  batch[key] (e.g. images -> the latents of an autoencoder, drawn from its posterior with a
+  seed that depends on (seed, step) only). The state is the inner state and the step, so a
+  resumed run maps the same batches with the same draws."""
+
+  def __init__(self, data, key: str, fn, seed: int):
+    self._data, self._key, self._fn, self.seed, self.step = data, key, fn, seed, 0
+
+  def __next__(self):
+    batch = dict(next(self._data))
+    batch[self._key] = self._fn(batch[self._key], self.seed, self.step)
+    self.step += 1
+    return batch
+
+  def get_state(self):
+    return {"data": self._data.get_state(), "step": self.step}
+
+  def set_state(self, state):
+    self._data.set_state(state["data"])
+    self.step = int(state["step"])
+
+  def close(self):
+    getattr(self._data, "close", lambda: None)()
+
+
+__all__ = ["SeededBatches", "MixtureBatches", "PriorNoise", "Keys", "Mapped"]

@@ -19,7 +19,9 @@ Testbeds:
           reads, a DiT / SiT .pt, a diffusers DiT or UNet2DModel folder, an EDM .pkl), its own
           network as the student, on its own schedule; without `--config.teacher.dataset` the
           students train on the teacher's own samples (config.pairs' solver, generated once into
-          WORKDIR/teacher_samples). docs/teachers.md.
+          WORKDIR/teacher_samples). A latent teacher (DiT, SiT) takes its VAE,
+          `--config.teacher.vae=FOLDER`: samples are decoded for the figures and FID.
+          docs/teachers.md.
 reflow variants use the exact teacher under rectified flow (the 1-rectified flow).
 Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the measured times).
 `tiny` shrinks any variant to a smoke test (`config.py:pd_ring2d,tiny`), `quick` to the
@@ -52,6 +54,7 @@ def _base() -> ml_collections.ConfigDict:
   c.teacher.path = ""                # a train_teacher workdir (kind 'workdir'), a checkpoint ('import')
   c.teacher.dataset = ""             # the data of a trained teacher (its config's dataset)
   c.teacher.label = -1               # an imported class-conditional teacher's class (-1: null)
+  c.teacher.vae = ""                 # a latent teacher's AutoencoderKL folder (kind 'import')
   c.teacher.schedule = "vp_linear"
   c.teacher.schedule_kwargs = ml_collections.ConfigDict()
 
@@ -88,6 +91,11 @@ def _base() -> ml_collections.ConfigDict:
       # digits teachers: FD-digits / digits IS with this classifier (trained and saved on first
       # use, ~20 s; metrics/digits.py)
       digits_classifier="runs/digits_classifier.npz"))
+  # FID of every student as the papers compute it (evaluation.fid_scores): num_samples from fresh
+  # noise, decoded by the teacher's VAE if latent, quantised to uint8, pytorch-fid's Inception
+  # (`inception`: its .pth or .npz) against `reference` statistics (.npz / .pkl); off when empty
+  c.eval.fid = ml_collections.ConfigDict(dict(reference="", inception="", num_samples=50_000,
+                                              batch_size=250, seed=2))
   return c
 
 

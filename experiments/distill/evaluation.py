@@ -8,6 +8,13 @@ digits' FD at the same sample count as floor), next to the teacher's DDIM and it
 training-free solver at the same NFE. Each student's samples go
 to `samples/<student>_nfe<k>.npz`.
 
+A latent teacher (`config.teacher.vae`) is coupled in latent space; its students' samples are
+also decoded, into the same file's `images` (NHWC in [-1, 1]: what `experiments.evaluate` scores)
+and into the figures. With `config.eval.fid.reference` and `.inception` set, every student gets
+FID as the papers compute it (`FIDScorer`): its own `eval.fid.num_samples` samples from fresh
+noise, streamed in batches (memory independent of the count), decoded, quantised to uint8 as
+EDM's and DiT's samplers save their images, against the reference statistics.
+
 A sampler that re-noises between calls (multistep consistency sampling, gamma > 0) maps x_start to
 a sample that also depends on fresh noise: its distance to the exact map of x_start is not a
 measure of it. Every student is therefore run a second time with other noise; where the samples
@@ -27,6 +34,7 @@ import numpy as np
 
 from diffdistill import metrics, solvers
 from diffdistill.metrics import digits as digits_metric
+from diffdistill.metrics import inception as inception_eval
 from diffdistill.methods.plan import Plan, Results, file_name
 from experiments.train_teacher import sampling
 
@@ -50,7 +58,8 @@ def renoises(run, params, x_start, out, *, seed: int = 1) -> bool:
 def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict:
   """A row: the coupling to `reference` (median, RMS), and the distribution columns: against an
   exact mixture (`metrics.mixture_scores`) or the digits data (FD-digits, its floor, digits IS,
-  `quality_reference`), where `quality_ref` holds one."""
+  `quality_reference`; of the decoded images for a latent teacher), where `quality_ref` holds
+  one."""
   with jax.enable_x64(True):
     err = metrics.per_sample_error(jnp.asarray(samples, jnp.float64), jnp.asarray(reference))
   row = {"median": float(err["median"]), "rms": float(err["rms"]),
@@ -59,7 +68,8 @@ def score(samples: np.ndarray, reference: np.ndarray, quality_ref: dict) -> dict
     row.update(metrics.mixture_scores(samples, quality_ref["mixture"]))
   if quality_ref.get("digits") is not None:
     scorer, floor, exact = quality_ref["digits"]
-    row.update(scorer.score(samples), fd_digits_floor=floor["fd_mean"],
+    row.update(scorer.score(quality_ref.get("decode", np.asarray)(samples)),
+               fd_digits_floor=floor["fd_mean"],
                fd_digits_floor_std=floor["fd_std"], fd_digits_floor_n=floor["n"],
                fd_digits_exact=exact)
   return row
@@ -75,7 +85,9 @@ def digits_reference(config, reference: np.ndarray):
 def quality_reference(setup, reference: np.ndarray) -> dict:
   """What `score` scores distributions against: the exact mixture, or the digits data."""
   if setup.teacher.mixture is None and setup.config.teacher.get("dataset") == "digits8":
-    return {"digits": digits_reference(setup.config, reference)}
+    # (a latent teacher's samples are scored as the images they decode to)
+    return {"digits": digits_reference(setup.config, setup.decode(reference)),
+            "decode": setup.decode}
   return {"mixture": setup.teacher.mixture}
 
 
@@ -94,6 +106,67 @@ def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats
   return best
 
 
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] as the papers' samplers write them to PNG before FID:
+  clip(127.5 x + 128, 0, 255) truncated to uint8 (EDM's generate.py; DiT's sample_ddp.py the
+  same up to rounding)."""
+  return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+
+
+class FIDScorer:
+  """FID of a sampler against reference statistics (config.eval.fid): `num_samples` samples in
+  batches from noise seeded by (fid.seed, batch), the same noise for every student."""
+
+  def __init__(self, setup):
+    from diffdistill.nets import inception as inception_net  # noqa: PLC0415
+    self.setup, self.c = setup, setup.config.eval.fid
+    check_fid_config(setup)
+    self.variables = inception_net.load_inception(self.c.inception)
+    self.mu_ref, self.sigma_ref = metrics.load_statistics(self.c.reference)
+
+  def __call__(self, run, params, *, desc: str = "FID", progress: bool = True) -> dict:
+    import tqdm  # noqa: PLC0415
+    c, setup = self.c, self.setup
+    moments = metrics.StreamingMoments()
+    with tqdm.tqdm(total=c.num_samples, desc=desc, unit="img", disable=not progress) as bar:
+      for i, start in enumerate(range(0, c.num_samples, c.batch_size)):
+        key = jax.random.fold_in(jax.random.key(c.seed), i)
+        x = setup.start_noise(key, min(c.batch_size, c.num_samples - start))
+        images = to_uint8(setup.decode(np.asarray(run(params, x, jax.random.fold_in(key, 1)))))
+        if images.shape[-1] == 1:  # grayscale as RGB, as pytorch-fid's loader converts it
+          images = np.repeat(images, 3, axis=-1)
+        for pool3, _, mask in inception_eval.inception_outputs(self.variables, images,
+                                                               batch_size=c.batch_size):
+          moments.update(pool3, mask=mask)
+        bar.update(len(images))
+    mu, sigma = moments.statistics()
+    return {"fid": metrics.frechet_distance_float64(mu, sigma, self.mu_ref, self.sigma_ref),
+            "fid_num_samples": int(moments.count)}
+
+
+def check_fid_config(setup) -> None:
+  """config.eval.fid, checked before anything is trained."""
+  c = setup.config.eval.fid
+  if not (c.reference or c.inception):
+    return
+  for key in ("reference", "inception"):
+    if not c[key]:
+      raise ValueError(f"config.eval.fid.{key} is empty: FID needs both reference statistics "
+                       "(.npz / .pkl with mu, sigma) and pytorch-fid's Inception weights "
+                       "(.pth or its .npz conversion); docs/metrics.md.")
+  for key in ("reference", "inception"):
+    if not os.path.exists(c[key]):
+      raise FileNotFoundError(f"config.eval.fid.{key}={c[key]!r} does not exist.")
+  for key in ("num_samples", "batch_size"):
+    v = c[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+      raise ValueError(f"config.eval.fid.{key} must be an integer >= 2, got {v!r}.")
+  shape = tuple(setup.teacher.example_shape)
+  if not setup.latent and (len(shape) != 3 or shape[-1] not in (1, 3)):
+    raise ValueError(f"config.eval.fid: FID scores images; the teacher's samples have shape "
+                     f"{shape} (a latent teacher needs config.teacher.vae to decode them).")
+
+
 def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
              progress: bool = True) -> list[dict]:
   """Scores every student and the teacher's DDIM / best solver at the students' NFEs."""
@@ -102,6 +175,7 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
   x_start = setup.start_noise(jax.random.key(config.eval.seed), config.eval.num_samples)
   reference = setup.exact_map(np.asarray(x_start))
   quality_ref = quality_reference(setup, reference)
+  fid = FIDScorer(setup) if config.eval.fid.reference else None
   s = setup.teacher.schedule
   ends = {k: float(v) for k, v in (
       ("alpha_start", s.alpha(jnp.float32(setup.t_start))), ("sigma_start", s.sigma(jnp.float32(setup.t_start))),
@@ -120,19 +194,26 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
     rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
                  "renoised": renoises(run, params, x_start, out, seed=config.eval.seed + 1),
                  **score(out, reference, quality_ref)})
+    if fid is not None:
+      rows[-1].update(fid(run, params, desc=f"FID {student.name} NFE {student.nfe}",
+                          progress=progress))
     name = f"{file_name(student.name)}_nfe{student.nfe}"
+    images = setup.decode(out)
     np.savez(os.path.join(workdir, "samples", f"{name}.npz"),
-             x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends)
-    _image_grid(workdir, name, out, f"{student.name}, NFE {student.nfe}")
-  _image_grid(workdir, "reference", reference, "the teacher's exact PF-ODE map")
-  panels = [("teacher, exact PF-ODE map", reference)]
+             x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends,
+             **({"images": images} if setup.latent else {}))
+    _image_grid(workdir, name, images, f"{student.name}, NFE {student.nfe}")
+  reference_images = setup.decode(reference)
+  _image_grid(workdir, "reference", reference_images, "the teacher's exact PF-ODE map")
+  panels = [("teacher, exact PF-ODE map", reference_images)]
   for nfe in nfes:
     out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
     rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
+    out = setup.decode(out)
     _image_grid(workdir, f"teacher_ddim_nfe{nfe}", out, f"teacher DDIM, NFE {nfe}")
-    panels += [(f"{st.name}, NFE {nfe}", np.load(os.path.join(
-        workdir, "samples", f"{file_name(st.name)}_nfe{nfe}.npz"))["samples"])
+    panels += [(f"{st.name}, NFE {nfe}", _images(os.path.join(
+        workdir, "samples", f"{file_name(st.name)}_nfe{nfe}.npz")))
                for st in plan.students if st.nfe == nfe]
     panels.append((f"teacher DDIM, NFE {nfe}", out))
     best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
@@ -150,6 +231,12 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
                    **score(out, reference, quality_ref)})
   _image_panels(os.path.join(workdir, "samples.png"), panels)
   return rows
+
+
+def _images(path: str) -> np.ndarray:
+  """A samples file's images: the decoded `images` of a latent run, else its `samples`."""
+  with np.load(path) as f:
+    return f["images"] if "images" in f.files else f["samples"]
 
 
 def _image_grid(workdir: str, name: str, samples, title: str, num: int = 64) -> None:
@@ -184,4 +271,4 @@ def _image_panels(path: str, panels, num: int = 16) -> None:
   plt.close(fig)
 
 
-__all__ = ["evaluate", "score", "best_solver_row"]
+__all__ = ["evaluate", "score", "best_solver_row", "FIDScorer", "check_fid_config", "to_uint8"]

@@ -94,6 +94,7 @@ def validate(config, setup, workdir: str, plan: plan_lib.Plan | None = None) -> 
   for nfe in e.teacher_nfes:
     _positive_int("each of config.eval.teacher_nfes", nfe)
   optim.make_optimizer(dict(config.optim), num_steps=10**6)  # a bad optimizer, before any training
+  evaluation.check_fid_config(setup)
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved):  # a restart resumes; another run must not overwrite this one
     with open(saved) as f:

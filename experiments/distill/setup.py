@@ -9,6 +9,11 @@ Data: exact samples of an analytic teacher's mixture; a trained teacher's datase
 (`config.teacher.dataset`); an imported teacher without a dataset trains on its own samples, the
 x_0 of teacher pairs (`config.pairs`: x_T -> the teacher's solve) generated once into
 WORKDIR/teacher_samples.
+
+A latent teacher (`config.teacher.vae`: the diffusers AutoencoderKL folder it was trained with,
+e.g. DiT's SD-VAE) runs in latent space: dataset images are encoded (`Autoencoder.to_latent`, a
+posterior draw per batch seeded by (seed, step), as DiT's training encodes), everything is
+trained and coupled in latents, and `decode` turns samples into images for the figures and FID.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdistill import analytic, solvers
+from diffdistill import methods as methods_lib
 from diffdistill import data as data_lib
 from diffdistill import schedules as schedules_lib
 from diffdistill.train import step as step_lib
@@ -37,6 +43,21 @@ class Setup:
   t_start: float
   t_end: float
   workdir: str | None = None  # the run's folder (set by the run: where teacher samples are kept)
+  vae: Any = None  # a latent teacher's autoencoder (interop.Autoencoder), config.teacher.vae
+
+  @property
+  def latent(self) -> bool:
+    return self.vae is not None
+
+  def decode(self, z, batch_size: int = 64) -> np.ndarray:
+    """Images in [-1, 1] (NHWC, float32) of latent samples z (clipped, as samplers' outputs
+    are before they are saved as images); the samples themselves without a VAE."""
+    if self.vae is None:
+      return np.asarray(z)
+    fn = self.__dict__.setdefault("_decode", jax.jit(self.vae.from_latent))
+    out = [np.asarray(fn(self.vae.params, jnp.asarray(z[i:i + batch_size])))
+           for i in range(0, len(z), batch_size)]
+    return np.clip(np.concatenate(out), -1.0, 1.0)
 
   def data(self, seed: int, batch_size: int | None = None):
     """Data samples (exact samples for analytic teachers; the dataset for trained ones; the
@@ -48,7 +69,27 @@ class Setup:
       return self._teacher_samples(seed, batch_size)
     ds = data_lib.get_dataset(self.config.teacher.dataset, split="train", batch_size=batch_size,
                               seed=seed, prefetch=0)
-    return data_lib.Keys(ds, ("x", "label") if self.teacher.num_classes else ("x",))
+    source = data_lib.Keys(ds, ("x", "label") if self.teacher.num_classes else ("x",))
+    if self.vae is not None:
+      source = data_lib.Mapped(source, "x", self._encoder(), seed)
+    return source
+
+  def _encoder(self) -> Callable:
+    vae, shape = self.vae, tuple(self.teacher.example_shape)
+    encode = jax.jit(vae.to_latent)
+    f = int(vae.info.get("downsampling", 1))
+
+    def fn(x, seed, step):
+      z = np.asarray(encode(vae.params, jnp.asarray(x, jnp.float32),
+                            jax.random.fold_in(jax.random.key(seed), step)))
+      if tuple(z.shape[1:]) != shape:
+        raise ValueError(
+            f"config.teacher.dataset={self.config.teacher.dataset!r}: its images "
+            f"{tuple(np.shape(x)[1:])} encode to latents {tuple(z.shape[1:])}, but the teacher "
+            f"takes {shape}: images of {shape[0] * f}x{shape[1] * f} are needed (the VAE "
+            f"downsamples by {f}).")
+      return z
+    return fn
 
   def _teacher_samples(self, seed: int, batch_size: int):
     from diffdistill.methods import _common  # noqa: PLC0415 (methods import this module's users)
@@ -95,30 +136,56 @@ class Setup:
     return np.concatenate(out)
 
 
+def load_vae(path: str, teacher: teachers_lib.Teacher):
+  """The autoencoder of a latent teacher, checked against the teacher's input shape."""
+  from diffdistill import interop  # noqa: PLC0415 (flax when needed)
+  if not path:
+    return None
+  loaded = interop.load(path)
+  if not isinstance(loaded, interop.Autoencoder):
+    raise ValueError(f"config.teacher.vae={path!r} is not an autoencoder (a diffusers "
+                     f"AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema); it loads as "
+                     f"{type(loaded).__name__}.")
+  channels, shape = loaded.info["latent_channels"], tuple(teacher.example_shape)
+  if len(shape) != 3 or shape[-1] != channels:
+    raise ValueError(f"config.teacher.vae={path!r} has {channels} latent channels; the teacher "
+                     f"({teacher.name}) takes inputs of shape {shape}: not its latents.")
+  return loaded
+
+
 def make_setup(config) -> Setup:
   tc = config.teacher
-  kind = "file" if tc.mixture_file else tc.kind
+  if tc.get("vae") and kind_of(tc) != "import":
+    raise ValueError(f"config.teacher.vae is for an imported latent teacher (teacher.kind "
+                     f"'import'); got teacher kind {kind_of(tc)!r}.")
+  kind = kind_of(tc)
   if kind in ("workdir", "import"):  # its own schedule, unless the config names another
     teacher = teachers_lib.load(kind=kind, path=tc.path,
                                 **(dict(label=tc.label) if kind == "import" else {}))
-    if tc.schedule and kind == "import" and schedules_lib.get(
-        tc.schedule, **dict(tc.schedule_kwargs)) != teacher.schedule:
-      raise ValueError(
-          f"{config.method} trains on the {tc.schedule} schedule; an imported teacher is distilled "
-          f"on its own ({teacher.schedule.name}): a student on another schedule would be a fresh "
-          "network of another architecture, which is not wired yet. Methods that start from the "
-          "teacher's weights on its schedule, e.g. pd, kd, cd, ect, sid, dmd.")
-    if tc.schedule:
+    if kind == "import" and tc.schedule:
+      extra = getattr(methods_lib.get(config.method), "EXTRA_COND", ())
+      if extra:
+        raise ValueError(
+            f"{config.method}'s student takes {', '.join(extra)} as an input besides (x, t); an "
+            f"imported network ({teacher.name}) has no input for it, so it cannot start from the "
+            "checkpoint. Methods whose student is the teacher's own network: pd, kd, cd, ect, "
+            "scd, reflow, sid, dmd, ...")
+    if tc.schedule:  # an imported network keeps its weights behind the change of schedule
       teacher = teachers_lib.reschedule(
-          teacher, schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)))
+          teacher, schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)),
+          kind=config.student.kind if kind == "import" else None)
   else:
     schedule = schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs))
     teacher = teachers_lib.load(kind=kind, name=tc.name, path=tc.mixture_file or None,
                                 schedule=schedule)
   s = teacher.schedule
   return Setup(config=config, teacher=teacher, mesh=step_lib.make_mesh(), t_start=float(s.t_max),
-               t_end=float(s.t_min))
+               t_end=float(s.t_min), vae=load_vae(tc.get("vae", ""), teacher))
+
+
+def kind_of(tc) -> str:
+  return "file" if tc.mixture_file else tc.kind
 
 
 
-__all__ = ["Setup", "make_setup"]
+__all__ = ["Setup", "make_setup", "load_vae"]

@@ -4,8 +4,9 @@ COMMAND (from the repository root):
   python -m experiments.evaluate.main --samples=runs/distill/samples --reference=fid-refs/cifar10-32x32.npz --inception=pt_inception-2015-12-05-6726825d.pth --output=runs/distill/evaluate.json
 
 Inputs:
-  --samples     one samples .npz (key `samples`, NHWC in [-1, 1]; or `arr_0`, uint8 NHWC, ADM's
-                sample batches) or a folder of them (e.g. an experiments/distill workdir's
+  --samples     one samples .npz (key `images` or `samples`, NHWC in [-1, 1]: a latent run's
+                decoded `images` are taken before its latent `samples`; or `arr_0`, uint8 NHWC,
+                ADM's sample batches) or a folder of them (e.g. an experiments/distill workdir's
                 samples/, one <student>_nfe<k>.npz per budget): each file is scored on its own.
                 Grayscale [N, H, W, 1] samples are repeated to RGB.
   --reference   FID reference statistics (pytorch-fid / EDM .npz or .pkl with mu, sigma; ADM's
@@ -55,10 +56,10 @@ def _define_flags():
 
 
 def read_images(path: str) -> np.ndarray:
-  """NHWC images of a samples .npz: key `samples` (float in [-1, 1]) or `arr_0` (uint8); one
-  channel is repeated to RGB."""
+  """NHWC images of a samples .npz: key `images` (a latent run's decoded samples) or `samples`
+  (float in [-1, 1]), or `arr_0` (uint8); one channel is repeated to RGB."""
   with np.load(path) as f:
-    for key in ("samples", "arr_0"):
+    for key in ("images", "samples", "arr_0"):
       if key in f.files:
         images = f[key]
         break
@@ -66,7 +67,8 @@ def read_images(path: str) -> np.ndarray:
       raise ValueError(f"{path} has neither `samples` nor `arr_0` (keys: {f.files}).")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f"{path}: samples must be NHWC images [N, H, W, 3] (or 1 channel); got shape "
-                     f"{images.shape} (vectors have no Inception features).")
+                     f"{images.shape} (vectors have no Inception features; latents must be "
+                     "decoded first: experiments/distill does so with --config.teacher.vae).")
   if images.shape[-1] == 1:  # grayscale as RGB, as pytorch-fid's loader converts it
     images = np.repeat(images, 3, axis=-1)
   return images
