@@ -58,5 +58,20 @@ def test_evaluate_command_on_random_images(tmp_path):
   assert row["fid"] == pytest.approx(expected, rel=1e-4)
   assert row["is_mean"] == pytest.approx(float(metrics.inception_score(logits, num_splits=2)[0]),
                                          rel=1e-5)
+  # --statistics_out: the reference statistics of real images, with the same network
+  written = evaluate_main.write_statistics(samples=str(tmp_path / "VIRTUAL_ref.npz"),
+                                           inception=str(tmp_path / "inception.npz"),
+                                           output=str(tmp_path / "stats.npz"), batch_size=8)
+  assert written["num_samples"] == 12
+  outs = list(inception_eval.inception_outputs(loaded, real, batch_size=8))
+  keep = np.concatenate([np.asarray(m) for _, _, m in outs]) > 0
+  feats = np.concatenate([np.asarray(p, np.float64) for p, _, _ in outs])[keep]
+  mu, sigma = metrics.load_statistics(str(tmp_path / "stats.npz"))
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="statistics_out must end in .npz"):
+    evaluate_main.write_statistics(samples=str(tmp_path / "VIRTUAL_ref.npz"),
+                                   inception=str(tmp_path / "inception.npz"),
+                                   output=str(tmp_path / "stats.pkl"))
   for key in ("precision", "recall", "kid_mean", "kid_std"):
     assert np.isfinite(row[key])

@@ -31,7 +31,7 @@ METRICS = (("median", "coupling error median"), ("sliced_w2", "sliced W2"),
            ("mmd2", "MMD²"), ("mode_weight_tv", "mode weight TV"),
            ("mode_cov_error", "mode cov error"), ("mode_tail_share", "tail share"),
            ("mode_core_cov_error", "core cov error"), ("fd_digits", "FD-digits"),
-           ("is_digits", "digits IS"))
+           ("is_digits", "digits IS"), ("fid", "FID"))
 FLOORS = {"sliced_w2": "sliced_w2_floor", "mode_weight_tv": "mode_weight_tv_floor",
           "mode_cov_error": "mode_cov_error_floor", "mode_tail_share": "mode_tail_share_floor",
           "mode_core_cov_error": "mode_core_cov_error_floor", "mmd2": "mmd2_floor",

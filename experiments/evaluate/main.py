@@ -19,6 +19,11 @@ Runtime: the Inception forward dominates: 1.7 images/s measured on 2 CPU cores s
 jobs (load 12; bench/fid.md), so 50k samples are a GPU/TPU job. FID streams the moments (O(2048^2) memory); IS keeps the logits of every
 sample and P/R / KID the pool3 features of the first --num_feature_samples samples of each set.
 
+Reference statistics with this Inception (what FID against real data needs: the same port for both
+sides), from real images in one .npz:
+  python -m experiments.evaluate.main --samples=cifar10_train.npz --inception=... \
+      --statistics_out=cifar10_train_stats.npz
+
 Writes a JSON (default <samples>.evaluate.json, or evaluate.json inside a samples folder) with one
 entry per samples file, the command and the inputs.
 """
@@ -43,7 +48,9 @@ from diffdistill.nets import inception as inception_net
 def _define_flags():
   """Only when run as the program (tests call `evaluate` directly)."""
   flags.DEFINE_string("samples", None, "A samples .npz or a folder of them.", required=True)
-  flags.DEFINE_string("reference", None, "FID reference statistics (.npz / .pkl).", required=True)
+  flags.DEFINE_string("reference", None, "FID reference statistics (.npz / .pkl).")
+  flags.DEFINE_string("statistics_out", None, "Write the FID statistics (mu, sigma) of --samples "
+                      "(one .npz of real images) here instead of scoring it.")
   flags.DEFINE_string("reference_images", None, "Real images (.npz) for P/R and KID.")
   flags.DEFINE_string("inception", None, "Inception weights (.pth or .npz).", required=True)
   flags.DEFINE_string("output", None, "The JSON to write (default: beside the samples).")
@@ -98,7 +105,8 @@ def _outputs(variables, images, *, batch_size, num_features, desc):
         feats.append(np.asarray(pool3)[:min(n, num_features - kept)])
         kept += feats[-1].shape[0]
       bar.update(n)
-  return moments, np.concatenate(logits), np.concatenate(feats)
+  return (moments, np.concatenate(logits),
+          np.concatenate(feats) if feats else np.zeros((0, 2048), np.float32))
 
 
 def evaluate(*, samples: str, reference: str, inception: str, reference_images: str | None = None,
@@ -148,9 +156,30 @@ def evaluate(*, samples: str, reference: str, inception: str, reference_images: 
   return out
 
 
+def write_statistics(*, samples: str, inception: str, output: str, batch_size: int = 250) -> dict:
+  """FID reference statistics (pytorch-fid's .npz: mu, sigma) of the images in one .npz."""
+  if not output.endswith(".npz"):
+    raise ValueError(f"statistics_out must end in .npz (pytorch-fid's format), got {output!r}.")
+  if os.path.isdir(samples):
+    raise ValueError(f"--samples must be one .npz of images for --statistics_out, got the folder "
+                     f"{samples!r}.")
+  images = read_images(samples)
+  moments, _, _ = _outputs(inception_net.load_inception(inception), images,
+                           batch_size=batch_size, num_features=0, desc=os.path.basename(samples))
+  mu, sigma = moments.statistics()
+  metrics.save_statistics(output, np.asarray(mu, np.float64), np.asarray(sigma, np.float64))
+  return {"num_samples": int(moments.count), "output": output}
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.statistics_out:
+    print(json.dumps(write_statistics(samples=f.samples, inception=f.inception,
+                                      output=f.statistics_out, batch_size=f.batch_size)))
+    return
+  if not f.reference:
+    raise app.UsageError("--reference is required (or --statistics_out to write statistics).")
   out = evaluate(samples=f.samples, reference=f.reference, inception=f.inception,
                  reference_images=f.reference_images, output=f.output, batch_size=f.batch_size,
                  num_feature_samples=f.num_feature_samples, is_splits=f.is_splits,

@@ -1,0 +1,175 @@
+"""The paper tables that experiments/distill reproduces on the papers' own teachers.
+
+Each `PaperTable` names the paper, its table and numbers, the distill variant that runs it and the
+paper's settings as config overrides, the files the user supplies (no file is downloaded), the
+device budget, and what differs from the paper. `main.py` turns one into a run:
+
+  python -m experiments.paper_tables.main --list
+  python -m experiments.paper_tables.main --table=sid_cifar10_uncond \
+      --checkpoint=edm-cifar10-32x32-uncond-vp.pkl --fid_reference=cifar10_train_stats.npz \
+      --inception=pt_inception-2015-12-05-6726825d.pth --workdir=runs/paper/sid_cifar10
+
+Overrides come in two kinds: `method` (the paper's method hyperparameters: kept by `--tiny`) and
+`scale` (steps, batch size, sample counts: replaced by the tiny variant's). A table the library
+cannot run yet says what is missing in `blocked`; its command is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# where the users get the common files (never downloaded by the library)
+EDM_CIFAR10_UNCOND = ("edm-cifar10-32x32-uncond-vp.pkl, from the links in NVlabs/edm's README "
+                      "(https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/)")
+INCEPTION = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz conversion, "
+             "docs/metrics.md)")
+CIFAR10_STATS = ("FID statistics of the 50,000 CIFAR-10 training images computed with the same "
+                 "Inception (`python -m experiments.evaluate.main --samples=cifar10_train.npz "
+                 "--inception=... --statistics_out=cifar10_train_stats.npz`); EDM's "
+                 "fid-refs/cifar10-32x32.npz holds the same images' statistics under NVIDIA's port "
+                 "(close, not identical: docs/metrics.md)")
+PORT_NOTE = ("The paper's FID uses NVIDIA's Inception port (EDM's fid.py); ours is pytorch-fid's: "
+             "numbers agree to about 1e-2 FID, not to the paper's last digit (docs/metrics.md).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperTable:
+  name: str
+  paper: str              # authors, year, title
+  where: str              # the table (or abstract) the numbers come from
+  metric: str             # what the numbers measure
+  numbers: dict           # NFE -> the paper's value
+  variant: str            # experiments/distill config variant
+  files: dict             # flag of main.py -> what it is and where it comes from
+  budget: str             # the device budget the paper's run needs
+  method: dict = dataclasses.field(default_factory=dict)  # the paper's method settings
+  scale: dict = dataclasses.field(default_factory=dict)   # steps, batch, samples
+  differences: tuple = ()  # what differs from the paper, stated
+  blocked: str = ""        # non-empty: what the library lacks to run it
+  student: str = ""        # the student's row in the distill table (default: the method's name)
+
+  @property
+  def student_row(self) -> str:
+    return self.student or self.variant.rsplit("_", 1)[0]
+
+
+TABLES = {t.name: t for t in (
+    PaperTable(
+        name="sid_cifar10_uncond",
+        paper="Zhou et al. 2024, Score identity Distillation (ICML)",
+        where="Table 1 (CIFAR-10 unconditional, alpha = 1.2)",
+        metric="FID, 50k samples, one step", numbers={1: 1.92},
+        variant="sid_import", student="sid generator",
+        files={"checkpoint": EDM_CIFAR10_UNCOND, "fid_reference": CIFAR10_STATS,
+               "inception": INCEPTION},
+        budget="500M generator images at batch 256 (1.95M steps): days on 4-8 A100s "
+               "(the official run script's --duration 500)",
+        method={"dm.sid_alpha": 1.2, "dm.sigma_init": 2.5, "dm.generator_lr": 1e-5,
+                "dm.fake_lr": 1e-5, "optim.b1": 0.0, "optim.b2": 0.999,
+                "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.grad_clip": 0.0},
+        scale={"batch_size": 256, "dm.num_steps": 1_953_125, "eval.num_samples": 1024},
+        differences=(
+            "SiD draws the fake score's noise level from t <= 800 of EDM's 1000 steps (--tmax "
+            "800); dm.time_sampler here is uniform over the whole range.",
+            "SiD is data-free; without --dataset the students' data are the teacher's own samples "
+            "(config.pairs), which SiD's generator loss does not read.", PORT_NOTE)),
+    PaperTable(
+        name="ect_cifar10_uncond",
+        paper="Geng et al. 2025, Consistency Models Made Easy (ICLR)",
+        where="abstract: 2-step FID 2.73 within 1 A100 hour",
+        metric="FID, 50k samples", numbers={2: 2.73},
+        variant="ect_import",
+        files={"checkpoint": EDM_CIFAR10_UNCOND, "dataset": "cifar10 (TFDS; ECT tunes on data)",
+               "fid_reference": CIFAR10_STATS, "inception": INCEPTION},
+        budget="about 1 A100 hour for the 2.73 run",
+        method={"ect.q": 2.0, "ect.p_mean": -1.1, "ect.p_std": 2.0,
+                "ect.distance": "pseudo_huber"},
+        scale={"batch_size": 128, "ect.num_steps": 8000, "ect.stage_steps": 1000,
+               "eval.num_samples": 1024},
+        differences=(
+            "The step count of the one-hour run is ours (8000 steps at batch 128, about 1M "
+            "images); ECT's longer CIFAR-10 runs reach lower FIDs.",
+            "ECT trains with dropout 0.2 in the U-Net; the imported EDM network runs without "
+            "dropout.", PORT_NOTE)),
+    PaperTable(
+        name="pd_cifar10",
+        paper="Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion "
+              "Models (ICLR)",
+        where="CIFAR-10 results (unconditional, 1/2/4/8 sampling steps)",
+        metric="FID, 50k samples", numbers={1: 9.12, 2: 4.51, 4: 3.00, 8: 2.57},
+        variant="pd_import",
+        files={"checkpoint": EDM_CIFAR10_UNCOND, "dataset": "cifar10 (TFDS; PD distils on data)",
+               "fid_reference": CIFAR10_STATS, "inception": INCEPTION},
+        budget="13 halvings from 8192 steps, 50k updates each at batch 128: about a day on 8 "
+               "accelerators",
+        method={"pd.weighting": "truncated_snr"},  # the paper's "truncated SNR" weighting
+        scale={"batch_size": 128, "pd.teacher_steps": 8192, "pd.eval_steps": (8, 4, 2, 1),
+               "pd.steps_per_round": 50_000, "eval.num_samples": 1024},
+        differences=(
+            "The paper distils its own VP cosine-schedule teacher with v-prediction; this row "
+            "distils EDM's CIFAR-10 network (a stronger teacher, on EDM's schedule), so the "
+            "numbers are a reference, not a replication.",
+            "Steps per round and batch as we read the paper: check them against its appendix. "
+            "The paper's step grid is uniform in its cosine schedule's time; on EDM's schedule "
+            "the grid is uniform in logSNR (pd.spacing 'logsnr').",
+            PORT_NOTE)),
+    PaperTable(
+        name="scd_cifar10_uncond",
+        paper="Lu & Song 2025, Simplifying, Stabilizing and Scaling Continuous-Time Consistency "
+              "Models (ICLR)",
+        where="abstract: 2-step FID 2.06 on CIFAR-10 (1-step 2.97)",
+        metric="FID, 50k samples", numbers={1: 2.97, 2: 2.06},
+        variant="scd_import",
+        files={"checkpoint": EDM_CIFAR10_UNCOND, "dataset": "cifar10 (TFDS)",
+               "fid_reference": CIFAR10_STATS, "inception": INCEPTION},
+        budget="hundreds of thousands of steps at batch 512: days on 8 A100s",
+        method={"scd.p_mean": -1.0, "scd.p_std": 1.4, "scd.tangent_normalization": 0.1},
+        scale={"batch_size": 512, "scd.num_steps": 400_000, "scd.warmup_steps": 10_000,
+               "eval.num_samples": 1024},
+        differences=(
+            "The paper's CIFAR-10 numbers are of its own TrigFlow network (positional time "
+            "embedding, adaptive double normalization, consistency training); here sCD starts from "
+            "EDM's U-Net read on TrigFlow through the exact change of schedule "
+            "(parametrization.rescheduled_net), whose time input is EDM's log(sigma)/4.",
+            "The step count is ours.", PORT_NOTE)),
+    PaperTable(
+        name="dmd2_imagenet64",
+        paper="Yin et al. 2024, Improved Distribution Matching Distillation (NeurIPS)",
+        where="ImageNet 64x64, one step (with the GAN term, longer training)",
+        metric="FID, 50k samples, class-conditional", numbers={1: 1.28},
+        variant="dmd2_import", student="dmd2 generator",
+        files={"checkpoint": "edm-imagenet-64x64-cond-adm.pkl (NVlabs/edm)",
+               "fid_reference": "ImageNet 64x64 training statistics", "inception": INCEPTION},
+        budget="hundreds of thousands of steps on 8 A100s",
+        blocked="EDM's ImageNet-64 network is an ADM U-Net (DhariwalUNet), which interop refuses "
+                "(nets has no ADM U-Net yet); and the distill experiment distils a "
+                "class-conditional teacher at one fixed label, while DMD2 trains a generator over "
+                "all 1000 classes (labelled teacher samples are not wired)."),
+    PaperTable(
+        name="meanflow_imagenet256",
+        paper="Geng et al. 2025, Mean Flows for One-step Generative Modeling",
+        where="ImageNet 256x256 (latent), MeanFlow-XL/2, one step",
+        metric="FID, 50k samples, class-conditional", numbers={1: 3.43},
+        variant="meanflow_import",
+        files={"checkpoint": "SiT-XL-2-256x256.pt (willisma/SiT) as an initialisation",
+               "vae": "stabilityai/sd-vae-ft-ema (diffusers folder)",
+               "fid_reference": "ADM's VIRTUAL_imagenet256_labeled.npz", "inception": INCEPTION},
+        budget="240 epochs of ImageNet at batch 256 on TPU/GPU pods",
+        blocked="MeanFlow's 3.43 is trained from scratch with a DiT that takes a second time (r); "
+                "an imported DiT has no input for r (the distill experiment refuses meanflow on "
+                "an imported network), and class-conditional training over all labels with "
+                "classifier-free guidance in the target is not wired."),
+)}
+
+
+def names() -> list[str]:
+  return sorted(TABLES)
+
+
+def get(name: str) -> PaperTable:
+  if name not in TABLES:
+    raise ValueError(f"Unknown paper table {name!r}; known: {names()}.")
+  return TABLES[name]
+
+
+__all__ = ["PaperTable", "TABLES", "names", "get"]
