@@ -279,3 +279,44 @@ def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path, mo
   for bad in ("--p_std=0", "--ratio_r_neq_t=1.5"):
     with pytest.raises(ValueError, match=bad.split("=")[0]):
       mcf.main([f"--workdir={tmp_path}", bad])
+
+
+def test_consistency_closed_form_measures_zero_for_the_exact_map(tmp_path, monkeypatch):
+  """The measure: with the consistency function replaced by the closed-form flow map, every
+  error is 0; the posterior mean's at t_max is ||D - Phi|| / ||Phi|| > 0."""
+  from experiments import teachers as teachers_lib  # noqa: PLC0415
+  from experiments.distill import config as config_lib, consistency_closed_form as ccf  # noqa: PLC0415
+  from experiments.distill import setup as setup_lib  # noqa: PLC0415
+  from diffdistill import analytic  # noqa: PLC0415
+  mix = ccf.gaussian(4)
+  teachers_lib.save_mixture(str(tmp_path / "g.npz"), mix)
+  config = config_lib.get_config("ct_gmm64,tiny")
+  config.teacher.mixture_file = str(tmp_path / "g.npz")
+  setup = setup_lib.make_setup(config)
+  s = setup.teacher.schedule
+
+  def exact_f(denoise, *, schedule, t_min):  # f(params, x, t) = Phi_{t -> t_min}(x)
+    def f(params, x, t):
+      return analytic.gaussian_flow_map(setup.teacher.mixture, x, schedule=schedule,
+                                        t_start=t[0], t_end=t_min)
+    return f
+  monkeypatch.setattr(ccf.cm, "consistency_function", exact_f)
+  errors, ts = ccf.make_errors(setup, ccf._common.student_net(config, setup), n=256)
+  assert ts[0] == setup.t_start and ts[1] > ts[2]
+  np.testing.assert_allclose(errors(None, jax.random.key(0)), 0.0, atol=1e-5)
+  assert 0.1 < ccf.posterior_mean_error(setup) < 1.0
+  assert s.name.startswith("vp")
+
+
+@pytest.mark.slow
+def test_consistency_closed_form_runs_the_recipe_and_records_every_eval(tmp_path):
+  from experiments.distill import consistency_closed_form as ccf  # noqa: PLC0415
+  ccf.main([f"--workdir={tmp_path}", "--methods=ct", "--num_steps=4", "--eval_every=2",
+            "--dim=2", "--config", "copy.num_steps=4", "--config", "batch_size=32"])
+  out = json.loads((tmp_path / "curves.json").read_text())
+  curve = out["curves"]["ct"]
+  assert curve["step"] == [0, 2, 4] and all(len(curve[k]) == 3 for k in ccf.SIGMA_HATS)
+  assert all(np.isfinite(curve[k]).all() for k in ccf.SIGMA_HATS)
+  assert (tmp_path / "closed_form.png").exists()
+  with pytest.raises(ValueError, match="--methods takes ct, ict and ect"):
+    ccf.main([f"--workdir={tmp_path}", "--methods=cd"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -25,9 +25,12 @@ def _result(state: state_lib.TrainState, eval_ema: str | None) -> dict[str, Any]
   return out
 
 
-def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True) -> tuple[Results, dict]:
+def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True,
+               hooks: Callable[[Any], Sequence[loop.Hook]] | None = None
+               ) -> tuple[Results, dict]:
   """Trains every stage in order (resuming finished and interrupted ones); returns the results
-  and per-stage stats {name: {steps, seconds, final metrics}}."""
+  and per-stage stats {name: {steps, seconds, final metrics}}. `hooks(stage)` gives a stage's
+  `loop.Hook`s (e.g. a measurement every k steps while it trains)."""
   config = setup.config
   results: Results = {}
   stats = {}
@@ -58,7 +61,8 @@ def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True) -> tup
         state = loop.run(state=state, train_step=train_step, data=data, mesh=setup.mesh,
                          workdir=stage_dir, num_steps=stage.num_steps, checkpointer=checkpointer,
                          log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                         progress=progress, tensorboard=False, frozen=frozen)
+                         progress=progress, tensorboard=False, frozen=frozen,
+                         hooks=tuple(hooks(stage)) if hooks else ())
       seconds = time.perf_counter() - t0
     finally:
       checkpointer.close()
