@@ -86,7 +86,8 @@ def load_mixture(path: str) -> analytic.GaussianMixture:
 
 
 def load(*, kind: str, name: str | None = None, path: str | None = None,
-         schedule: schedules_lib.Schedule | None = None, label: int | None = None) -> Teacher:
+         schedule: schedules_lib.Schedule | None = None, label: int | None = None,
+         conditional: bool = False) -> Teacher:
   """The teacher of `kind` (module docstring).
 
   Args:
@@ -99,6 +100,8 @@ def load(*, kind: str, name: str | None = None, path: str | None = None,
     label: an imported class-conditional network is distilled at one fixed label: a class in
       [0, K) or the null class K (-1 or None: the null class, i.e. the unconditional model of
       classifier-free guidance).
+    conditional: an imported class-conditional network keeps its label input instead
+      (`apply(params, x, t, label=y)`, y in [0, K], K the null class; `num_classes` = K).
   """
   if kind not in KINDS:
     raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}.")
@@ -106,7 +109,9 @@ def load(*, kind: str, name: str | None = None, path: str | None = None,
     if schedule is not None:
       raise ValueError(f"a {'trained' if kind == 'workdir' else 'imported'} teacher brings its "
                        "own schedule; do not pass one.")
-    return _load_workdir(path) if kind == "workdir" else _load_import(path, label)
+    if conditional and kind != "import":
+      raise ValueError("conditional=True is for an imported class-conditional checkpoint.")
+    return _load_workdir(path) if kind == "workdir" else _load_import(path, label, conditional)
   schedule = schedule or schedules_lib.VPLinear()
   if kind == "analytic":
     mix, label = analytic.get_mixture(name), name
@@ -142,7 +147,7 @@ def _with_label(fn: Callable, label: int) -> Callable:
   return conditioned
 
 
-def _load_import(path: str | None, label: int | None = None) -> Teacher:
+def _load_import(path: str | None, label: int | None = None, conditional: bool = False) -> Teacher:
   from diffdistill import interop  # noqa: PLC0415 (flax when needed)
   if not path:
     raise ValueError("teacher kind 'import' needs path= a checkpoint file or folder "
@@ -153,6 +158,14 @@ def _load_import(path: str | None, label: int | None = None) -> Teacher:
                      "diffusion network's checkpoint.")
   name = f"{loaded.family}:{os.path.basename(os.path.normpath(path))}"
   apply, net_apply = loaded.apply, loaded.net_apply
+  if conditional:  # every label: the teacher and its students take `label`
+    if not loaded.num_classes:
+      raise ValueError(f"{name} is not class-conditional (no label input): drop "
+                       "conditional / --config.teacher.conditional.")
+    return Teacher(name=f"{name} (all {loaded.num_classes} classes)", apply=apply,
+                   params=loaded.params, schedule=loaded.schedule,
+                   example_shape=loaded.example_shape, module=loaded.network, kind=loaded.kind,
+                   num_classes=loaded.num_classes, net_apply=net_apply)
   if loaded.num_classes:  # one class (or the null class): the teacher is a function of (x, t)
     k = loaded.num_classes
     label = k if label is None or label < 0 else label

@@ -272,3 +272,66 @@ def test_scd_distils_an_imported_dit_on_trigflow(dit_folder, tmp_path):
   assert [r["nfe"] for r in students] == [1, 2]
   assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
   assert "on trigflow" in out["teacher"]
+
+
+# A class-conditional latent teacher over all its labels: a 10-class DiT on the VAE's latents of
+# digits8, whose labels the data carry.
+COND_DIT = dict(LATENT_DIT, num_embeds_ada_norm=10)
+
+
+@pytest.fixture(scope="module")
+def conditional_teacher(tmp_path_factory, latent_teacher):
+  dit = _write_folder(tmp_path_factory.mktemp("cond_dit"), COND_DIT,
+                      interop_dit.diffusers_leaves(dict(COND_DIT, norm_eps=1e-5), tied=False))
+  return dit, latent_teacher[1]
+
+
+def _conditional_config(method, teacher):
+  config = _config(method, teacher[0], vae=teacher[1], dataset="digits8", conditional=True)
+  return config
+
+
+def test_a_conditional_teacher_keeps_its_labels_in_the_data_the_student_and_the_samplers(
+    conditional_teacher):
+  setup = setup_lib.make_setup(_conditional_config("cd", conditional_teacher))
+  teacher = setup.teacher
+  assert setup.conditional and teacher.num_classes == 10 and "all 10 classes" in teacher.name
+  batch = next(setup.data(seed=0, batch_size=8))
+  assert set(batch) == {"x", "label"} and batch["x"].shape == (8, 4, 4, 4)
+  net = _common.student_net(setup.config, setup)
+  x = jax.random.normal(jax.random.key(0), (4, 4, 4, 4))
+  t = jnp.array([0.1, 0.4, 0.6, 0.9])
+  y = jnp.array([0, 3, 3, 9])
+  want = teacher.apply(teacher.params, x, t, label=y)
+  np.testing.assert_allclose(net.denoise(teacher.params, x, t, label=y), want, rtol=1e-6,
+                             atol=1e-6)
+  assert float(jnp.max(jnp.abs(teacher.apply(teacher.params, x, t, label=y[::-1]) - want))) > 1e-3
+  # the samplers and the exact map carry one label per row: row i equals a run at label y_i alone
+  labels = setup.labels(jax.random.key(1), 4)
+  ddim = setup.teacher_sampler("ddim", 2, labels=labels)(x)
+  alone = setup.teacher_sampler("ddim", 2, labels=labels[::3])(x[::3])  # rows 0 and 3 alone
+  np.testing.assert_allclose(ddim[::3], alone, rtol=1e-5, atol=1e-5)
+  other = setup.teacher_sampler("ddim", 2, labels=(labels + 1) % 10)(x)
+  assert float(jnp.min(jnp.max(jnp.abs(other - ddim), axis=(1, 2, 3)))) > 1e-4  # every row moved
+  with pytest.raises(ValueError, match="needs labels"):
+    setup.teacher_sampler("ddim", 2)
+
+
+def test_conditional_refusals_name_the_cause(conditional_teacher, dit_folder, latent_teacher):
+  with pytest.raises(ValueError, match="needs a labelled config.teacher.dataset"):
+    setup_lib.make_setup(_config("cd", conditional_teacher[0], conditional=True))
+  with pytest.raises(ValueError, match=r"sid does not distil a class-conditional.*\['cd', 'ct'"):
+    setup_lib.make_setup(_conditional_config("sid", conditional_teacher))
+  config = config_lib.get_config("cd_gmm64,tiny")
+  config.teacher.conditional = True
+  with pytest.raises(ValueError, match="is for an imported class-conditional checkpoint"):
+    setup_lib.make_setup(config)
+
+
+@pytest.mark.slow
+def test_cd_distils_a_conditional_latent_teacher_over_its_labels(conditional_teacher, tmp_path):
+  out = main_lib.run(_conditional_config("cd", conditional_teacher), str(tmp_path))
+  assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
+  with np.load(tmp_path / "samples" / "cd_nfe1.npz") as f:
+    labels, images = f["labels"], f["images"]
+  assert labels.shape == (128,) and len(np.unique(labels)) > 5 and images.shape == (128, 8, 8, 1)

@@ -14,6 +14,9 @@ A method module declares, in one place, everything about its method outside the 
               does not run on that testbed
     TINY      {"dotted.key": value}: the smoke-test size (`,tiny`); QUICK likewise (`,quick`)
     EXTRA_COND  the student network's extra scalar inputs (MeanFlow's r, shortcut's d, CTM's s)
+    CONDITIONAL  (optional, default False) True when its losses read batch["label"] and pass it
+              to the teacher and the student, and its sampler passes **cond on: it can distil a
+              class-conditional teacher over all its labels (experiments: teacher.conditional)
     build(config, setup) -> plan.Plan   its stages (players, how each starts, EMAs, frozen
               inputs, data) and its students
     sampler(net, *, t_start, t_end, **options) -> sample(params, x_T, *, nfe, rng=None, **cond)

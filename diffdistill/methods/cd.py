@@ -15,6 +15,7 @@ SETTINGS = {}
 TESTBEDS = {"digits": {"cd.num_steps": 800, **_consistency.DIGITS}}
 TINY = {"cd.num_steps": 20, "cd.num_intervals": 4}
 EXTRA_COND = ()
+CONDITIONAL = True  # its losses read batch["label"], its sampler passes the label on
 
 
 def sampler(net, *, t_start: float, t_end: float, mid_sigma: float = 0.8):

@@ -19,6 +19,7 @@ TESTBEDS = {"digits": {"ect.num_steps": 800, "ect.stage_steps": 200, **_consiste
             "gmm64": {"ect.q": 4.0}}
 TINY = {"ect.num_steps": 20, "ect.stage_steps": 5}
 EXTRA_COND = ()
+CONDITIONAL = True  # its losses read batch["label"], its sampler passes the label on
 
 
 def sampler(net, *, t_start: float, t_end: float, mid_sigma: float = 0.8):

@@ -17,6 +17,7 @@ SETTINGS = {}
 TESTBEDS = {"digits": {"ict.num_steps": 800, **_consistency.DIGITS}}
 TINY = {"ict.num_steps": 20}
 EXTRA_COND = ()
+CONDITIONAL = True  # its losses read batch["label"], its sampler passes the label on
 
 
 def sampler(net, *, t_start: float, t_end: float, mid_sigma: float = 0.8):

@@ -21,6 +21,7 @@ TESTBEDS = {"gmm64": {"pd.teacher_steps": 16},
 TINY = {"pd.teacher_steps": 4, "pd.steps_per_round": 20, "pd.eval_steps": (2, 1)}
 QUICK = {"pd.teacher_steps": 32, "pd.steps_per_round": 600, "pd.eval_steps": (4, 2, 1)}
 EXTRA_COND = ()
+CONDITIONAL = True  # its losses read batch["label"], its sampler passes the label on
 
 
 def sampler(net, *, t_start: float, t_end: float, spacing: str = "logsnr"):

@@ -60,9 +60,10 @@ class Student:
   params: Callable[[Results], Any]
   sample: Callable[..., Any] | None
 
-  def run(self, params, x_start, rng=None):
-    """The student's samples of x_start with its NFE (deterministic when rng is None)."""
-    return self.sample(params, x_start, nfe=self.nfe, rng=rng)
+  def run(self, params, x_start, rng=None, **cond):
+    """The student's samples of x_start with its NFE (deterministic when rng is None); `cond`
+    (e.g. label [N]) goes to its sampler."""
+    return self.sample(params, x_start, nfe=self.nfe, rng=rng, **cond)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ SETTINGS = {"teacher.schedule": "trigflow", "teacher.schedule_kwargs": dict(sigm
 TESTBEDS = {"digits": {"scd.num_steps": 800, **_consistency.DIGITS}}
 TINY = {"scd.num_steps": 20, "scd.warmup_steps": 5}
 EXTRA_COND = ()
+CONDITIONAL = True  # its losses read batch["label"], its sampler passes the label on
 
 
 def sampler(net, *, t_start: float, t_end: float, t_mid: float = 1.1):

@@ -8,6 +8,9 @@ digits' FD at the same sample count as floor), next to the teacher's DDIM and it
 training-free solver at the same NFE. Each student's samples go
 to `samples/<student>_nfe<k>.npz`.
 
+A conditional teacher (`config.teacher.conditional`) gets one label per sample (`setup.labels`),
+the same for its exact map, its solvers and every student; they are saved as `labels`.
+
 A latent teacher (`config.teacher.vae`) is coupled in latent space; its students' samples are
 also decoded, into the same file's `images` (NHWC in [-1, 1]: what `experiments.evaluate` scores)
 and into the figures. With `config.eval.fid.reference` and `.inception` set, every student gets
@@ -91,15 +94,17 @@ def quality_reference(setup, reference: np.ndarray) -> dict:
   return {"mixture": setup.teacher.mixture}
 
 
-def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats: int):
-  """The teacher's best training-free solver at exactly `nfe` calls (lowest median error)."""
+def best_solver_row(setup, nfe: int, x_start, reference, quality_ref, *, repeats: int,
+                    labels=None):
+  """The teacher's best training-free solver at exactly `nfe` calls (lowest median error); a
+  conditional teacher's at `labels`."""
   best = None
   for name in setup.config.eval.solvers:
     try:
       solvers.steps_for_nfe(name, nfe)
     except ValueError:
       continue
-    out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=repeats)
+    out, ms = _time(setup.teacher_sampler(name, nfe, labels=labels), x_start, repeats=repeats)
     row = {"method": f"teacher {name}", "nfe": nfe, "ms": ms, **score(out, reference, quality_ref)}
     if best is None or row["median"] < best["median"]:
       best = row
@@ -115,7 +120,8 @@ def to_uint8(images) -> np.ndarray:
 
 class FIDScorer:
   """FID of a sampler against reference statistics (config.eval.fid): `num_samples` samples in
-  batches from noise seeded by (fid.seed, batch), the same noise for every student."""
+  batches from noise seeded by (fid.seed, batch), the same noise for every student (and, for a
+  conditional teacher, the same uniformly drawn labels)."""
 
   def __init__(self, setup):
     from diffdistill.nets import inception as inception_net  # noqa: PLC0415
@@ -132,7 +138,10 @@ class FIDScorer:
       for i, start in enumerate(range(0, c.num_samples, c.batch_size)):
         key = jax.random.fold_in(jax.random.key(c.seed), i)
         x = setup.start_noise(key, min(c.batch_size, c.num_samples - start))
-        images = to_uint8(setup.decode(np.asarray(run(params, x, jax.random.fold_in(key, 1)))))
+        labels = setup.labels(jax.random.fold_in(key, 2), len(x))
+        cond = {} if labels is None else {"label": labels}
+        images = to_uint8(setup.decode(np.asarray(run(params, x, jax.random.fold_in(key, 1),
+                                                      **cond))))
         if images.shape[-1] == 1:  # grayscale as RGB, as pytorch-fid's loader converts it
           images = np.repeat(images, 3, axis=-1)
         for pool3, _, mask in inception_eval.inception_outputs(self.variables, images,
@@ -173,7 +182,10 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
   import tqdm  # noqa: PLC0415
   config = setup.config
   x_start = setup.start_noise(jax.random.key(config.eval.seed), config.eval.num_samples)
-  reference = setup.exact_map(np.asarray(x_start))
+  # a conditional teacher's labels, one per sample, the same for the teacher and every student
+  labels = setup.labels(jax.random.key(config.eval.seed + 17), config.eval.num_samples)
+  cond = {} if labels is None else {"label": labels}
+  reference = setup.exact_map(np.asarray(x_start), labels)
   quality_ref = quality_reference(setup, reference)
   fid = FIDScorer(setup) if config.eval.fid.reference else None
   s = setup.teacher.schedule
@@ -189,25 +201,27 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
                 | set(config.eval.get("teacher_nfes", ())))
   for student in tqdm.tqdm(plan.students, desc="students", disable=not progress):
     params = student.params(results)
-    run = jax.jit(student.run)
+    run = jax.jit(lambda p, x, rng=None, _s=student: _s.run(p, x, rng, **cond))
     out, ms = _time(run, params, x_start, repeats=config.eval.repeats)
     rows.append({"method": student.name, "nfe": student.nfe, "ms": ms,
                  "renoised": renoises(run, params, x_start, out, seed=config.eval.seed + 1),
                  **score(out, reference, quality_ref)})
     if fid is not None:
-      rows[-1].update(fid(run, params, desc=f"FID {student.name} NFE {student.nfe}",
-                          progress=progress))
+      rows[-1].update(fid(jax.jit(student.run), params,
+                          desc=f"FID {student.name} NFE {student.nfe}", progress=progress))
     name = f"{file_name(student.name)}_nfe{student.nfe}"
     images = setup.decode(out)
     np.savez(os.path.join(workdir, "samples", f"{name}.npz"),
              x_start=np.asarray(x_start), samples=out, nfe=student.nfe, **ends,
-             **({"images": images} if setup.latent else {}))
+             **({"images": images} if setup.latent else {}),
+             **({} if labels is None else {"labels": np.asarray(labels)}))
     _image_grid(workdir, name, images, f"{student.name}, NFE {student.nfe}")
   reference_images = setup.decode(reference)
   _image_grid(workdir, "reference", reference_images, "the teacher's exact PF-ODE map")
   panels = [("teacher, exact PF-ODE map", reference_images)]
   for nfe in nfes:
-    out, ms = _time(setup.teacher_sampler("ddim", nfe), x_start, repeats=config.eval.repeats)
+    out, ms = _time(setup.teacher_sampler("ddim", nfe, labels=labels), x_start,
+                    repeats=config.eval.repeats)
     rows.append({"method": "teacher ddim", "nfe": nfe, "ms": ms,
                  **score(out, reference, quality_ref)})
     out = setup.decode(out)
@@ -216,7 +230,8 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
         workdir, "samples", f"{file_name(st.name)}_nfe{nfe}.npz")))
                for st in plan.students if st.nfe == nfe]
     panels.append((f"teacher DDIM, NFE {nfe}", out))
-    best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats)
+    best = best_solver_row(setup, nfe, x_start, reference, quality_ref, repeats=config.eval.repeats,
+                           labels=labels)
     if best is not None and best["method"] != "teacher ddim":
       rows.append(best)
     for name in config.eval.always:  # solvers reported at every NFE, best or not
@@ -226,7 +241,8 @@ def evaluate(plan: Plan, setup, results: Results, workdir: str, *,
         solvers.steps_for_nfe(name, nfe)
       except ValueError:
         continue
-      out, ms = _time(setup.teacher_sampler(name, nfe), x_start, repeats=config.eval.repeats)
+      out, ms = _time(setup.teacher_sampler(name, nfe, labels=labels), x_start,
+                      repeats=config.eval.repeats)
       rows.append({"method": f"teacher {name}", "nfe": nfe, "ms": ms,
                    **score(out, reference, quality_ref)})
   _image_panels(os.path.join(workdir, "samples.png"), panels)

@@ -10,6 +10,11 @@ Data: exact samples of an analytic teacher's mixture; a trained teacher's datase
 x_0 of teacher pairs (`config.pairs`: x_T -> the teacher's solve) generated once into
 WORKDIR/teacher_samples.
 
+A class-conditional checkpoint with `config.teacher.conditional` keeps its label: the data carry
+the dataset's labels (a labelled `config.teacher.dataset` is needed), the students take `label` as
+the teacher does, and the evaluation draws one label per sample (`labels`), fed to the teacher's
+samplers, its exact map and every student alike.
+
 A latent teacher (`config.teacher.vae`: the diffusers AutoencoderKL folder it was trained with,
 e.g. DiT's SD-VAE) runs in latent space: dataset images are encoded (`Autoencoder.to_latent`, a
 posterior draw per batch seeded by (seed, step), as DiT's training encodes), everything is
@@ -48,6 +53,24 @@ class Setup:
   @property
   def latent(self) -> bool:
     return self.vae is not None
+
+  @property
+  def conditional(self) -> bool:
+    """Whether the teacher and its students take a label (config.teacher.conditional)."""
+    return bool(self.config.teacher.get("conditional")) and self.teacher.num_classes > 0
+
+  def labels(self, rng, n: int):
+    """n labels drawn uniformly from the teacher's K classes (None when not conditional)."""
+    if not self.conditional:
+      return None
+    return jax.random.randint(rng, (n,), 0, self.teacher.num_classes, jnp.int32)
+
+  def _conditioned(self):
+    """(apply, params): the teacher as a function of ((params, label), x, t), so that samplers
+    and the exact solve, which take no conditioning, carry the labels in their params."""
+    apply = self.teacher.apply
+    return (lambda pl, x, t: apply(pl[0], x, t, label=pl[1])), teachers_lib.device_params(
+        self.teacher)
 
   def decode(self, z, batch_size: int = 64) -> np.ndarray:
     """Images in [-1, 1] (NHWC, float32) of latent samples z (clipped, as samplers' outputs
@@ -112,25 +135,41 @@ class Setup:
     t = jnp.float32(self.t_start)
     return s.alpha(t) * x0 + s.sigma(t) * jax.random.normal(k1, (n, *self.teacher.example_shape))
 
-  def teacher_sampler(self, solver: str, nfe: int | None, **kw) -> Callable:
-    """jitted x_start -> x_end of the teacher with a training-free solver."""
+  def teacher_sampler(self, solver: str, nfe: int | None, labels=None, **kw) -> Callable:
+    """jitted x_start -> x_end of the teacher with a training-free solver (a conditional
+    teacher's at `labels` [N], one per row of x_start)."""
+    if self.conditional:
+      if labels is None:
+        raise ValueError("a conditional teacher's sampler needs labels (setup.labels).")
+      apply, params = self._conditioned()
+      run = solvers.make_sampler(apply, schedule=self.teacher.schedule, solver=solver, nfe=nfe,
+                                 t_start=self.t_start, t_end=self.t_end, **kw)
+      labels = jnp.asarray(labels)
+      return functools.partial(jax.jit(lambda p, y, x: run((p, y), x)), params, labels)
     return jax.jit(functools.partial(
         solvers.make_sampler(self.teacher.apply, schedule=self.teacher.schedule, solver=solver,
                              nfe=nfe, t_start=self.t_start, t_end=self.t_end, **kw),
         teachers_lib.device_params(self.teacher)))
 
-  def exact_map(self, x_start: np.ndarray) -> np.ndarray:
+  def exact_map(self, x_start: np.ndarray, labels=None) -> np.ndarray:
     """The exact flow map of x_start from t_start to t_end: an adaptive solve (Dopri8) at
     eval.ref_tol, in float64 for analytic teachers; a trained network computes in float32, where
     a float64 solve buys nothing below its tolerance and costs the U-Net many times over."""
     teacher = self.teacher
     dtype = jnp.float64 if teacher.mixture is not None else jnp.float32
+    apply = teacher.apply
+    if self.conditional:
+      if labels is None:
+        raise ValueError("a conditional teacher's exact map needs labels (setup.labels).")
+      apply = self._conditioned()[0]
     with jax.enable_x64(dtype == jnp.float64):
       params = jax.tree.map(lambda a: jnp.asarray(a, dtype), teacher.params)
       out = []
-      for chunk in np.array_split(np.asarray(x_start), max(1, len(x_start) // 2048)):
+      chunks = np.array_split(np.arange(len(x_start)), max(1, len(x_start) // 2048))
+      for rows in chunks:
+        p = (params, jnp.asarray(np.asarray(labels)[rows])) if self.conditional else params
         out.append(np.asarray(analytic.flow_map(
-            teacher.apply, params, jnp.asarray(chunk, dtype), schedule=teacher.schedule,
+            apply, p, jnp.asarray(np.asarray(x_start)[rows], dtype), schedule=teacher.schedule,
             t_start=self.t_start, t_end=self.t_end, rtol=self.config.eval.ref_tol,
             atol=self.config.eval.ref_tol)))
     return np.concatenate(out)
@@ -159,9 +198,12 @@ def make_setup(config) -> Setup:
     raise ValueError(f"config.teacher.vae is for an imported latent teacher (teacher.kind "
                      f"'import'); got teacher kind {kind_of(tc)!r}.")
   kind = kind_of(tc)
+  conditional = bool(tc.get("conditional"))
+  if conditional:
+    check_conditional(config, kind)
   if kind in ("workdir", "import"):  # its own schedule, unless the config names another
-    teacher = teachers_lib.load(kind=kind, path=tc.path,
-                                **(dict(label=tc.label) if kind == "import" else {}))
+    teacher = teachers_lib.load(kind=kind, path=tc.path, **(
+        dict(label=tc.label, conditional=conditional) if kind == "import" else {}))
     if kind == "import" and tc.schedule:
       extra = getattr(methods_lib.get(config.method), "EXTRA_COND", ())
       if extra:
@@ -183,9 +225,24 @@ def make_setup(config) -> Setup:
                t_end=float(s.t_min), vae=load_vae(tc.get("vae", ""), teacher))
 
 
+def check_conditional(config, kind: str) -> None:
+  """config.teacher.conditional: an imported checkpoint, a labelled dataset, and a method whose
+  losses and samplers carry the label (its module's CONDITIONAL)."""
+  if kind != "import":
+    raise ValueError(f"config.teacher.conditional is for an imported class-conditional "
+                     f"checkpoint (teacher kind 'import'); got {kind!r}.")
+  if not config.teacher.dataset:
+    raise ValueError("config.teacher.conditional needs a labelled config.teacher.dataset: the "
+                     "teacher's own samples carry no labels.")
+  if not getattr(methods_lib.get(config.method), "CONDITIONAL", False):
+    able = [m for m in methods_lib.names() if getattr(methods_lib.get(m), "CONDITIONAL", False)]
+    raise ValueError(f"{config.method} does not distil a class-conditional teacher over its "
+                     f"labels (its losses do not read them); methods that do: {able}.")
+
+
 def kind_of(tc) -> str:
   return "file" if tc.mixture_file else tc.kind
 
 
 
-__all__ = ["Setup", "make_setup", "load_vae"]
+__all__ = ["Setup", "make_setup", "load_vae", "check_conditional"]

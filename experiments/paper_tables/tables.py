@@ -142,9 +142,9 @@ TABLES = {t.name: t for t in (
                "fid_reference": "ImageNet 64x64 training statistics", "inception": INCEPTION},
         budget="hundreds of thousands of steps on 8 A100s",
         blocked="EDM's ImageNet-64 network is an ADM U-Net (DhariwalUNet), which interop refuses "
-                "(nets has no ADM U-Net yet); and the distill experiment distils a "
-                "class-conditional teacher at one fixed label, while DMD2 trains a generator over "
-                "all 1000 classes (labelled teacher samples are not wired)."),
+                "(nets has no ADM U-Net yet); and DMD2 trains one generator over all 1000 "
+                "classes, while the distribution-matching losses do not read labels yet "
+                "(teacher.conditional runs cd, ct, ict, ect, scd and pd over all labels)."),
     PaperTable(
         name="meanflow_imagenet256",
         paper="Geng et al. 2025, Mean Flows for One-step Generative Modeling",
@@ -157,7 +157,7 @@ TABLES = {t.name: t for t in (
         budget="240 epochs of ImageNet at batch 256 on TPU/GPU pods",
         blocked="MeanFlow's 3.43 is trained from scratch with a DiT that takes a second time (r); "
                 "an imported DiT has no input for r (the distill experiment refuses meanflow on "
-                "an imported network), and class-conditional training over all labels with "
+                "an imported network), and MeanFlow's class-conditional training with "
                 "classifier-free guidance in the target is not wired."),
 )}
 
