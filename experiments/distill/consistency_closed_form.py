@@ -102,11 +102,12 @@ def run(method: str, mixture_file: str, workdir: str, args) -> dict:
   errors, ts = make_errors(setup, net)
   curve = {"step": [], **{name: [] for name in SIGMA_HATS}}
 
-  def record(step, params):
+  def record(step, params):  # also logged: metrics.jsonl's closed_form/<time> while it trains
     e = np.asarray(errors(params, jax.random.key(10_000 + step)))
     curve["step"].append(int(step))
     for name, val in zip(SIGMA_HATS, e):
       curve[name].append(float(val))
+    return {name.split(" (")[0].replace(" ", "_"): float(v) for name, v in zip(SIGMA_HATS, e)}
 
   def hooks(stage):
     if stage.name != method:
