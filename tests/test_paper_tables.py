@@ -52,6 +52,15 @@ def test_config_refusals_name_the_missing_file_or_key():
   assert all(f"| {name} |" in listing for name in tables.names())
 
 
+def test_command_line_overrides_are_read_as_json_where_they_parse():
+  from experiments.distill import config as config_lib
+  assert config_lib.parse_overrides(["dm.num_steps=100", "optim.name=adam", "pd.eval_steps=[2, 1]",
+                                     "progress=false"]) == {
+      "dm.num_steps": 100, "optim.name": "adam", "pd.eval_steps": [2, 1], "progress": False}
+  with pytest.raises(ValueError, match="--config takes KEY=VALUE, got 'dm.num_steps'"):
+    config_lib.parse_overrides(["dm.num_steps"])
+
+
 def test_compare_sets_the_students_fid_beside_the_papers():
   table = tables.get("pd_cifar10")
   rows = [{"method": "pd", "nfe": 1, "fid": 11.0}, {"method": "pd", "nfe": 2, "fid": 6.0},

@@ -28,6 +28,8 @@ Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the 
 quickstart's budget (`config.py:pd_ring2d,quick`).
 """
 
+import json
+
 import ml_collections
 
 from diffdistill import methods
@@ -189,6 +191,21 @@ def _quick(c, module):
   c.copy.num_steps = 1500
   c.eval.num_samples = 1024
   _common.apply_overrides(c, getattr(module, "QUICK", {}))
+
+
+def parse_overrides(items) -> dict:
+  """{"dotted.key": value} from command-line "KEY=VALUE" strings (a value is read as JSON where
+  it parses, e.g. 0.5, true, [1, 2], else kept as the string)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--config takes KEY=VALUE, got {item!r}.")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
 
 
 def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:

@@ -147,19 +147,6 @@ def figure(curves: dict, path: str) -> None:
   plt.close(fig)
 
 
-def _parse(items) -> dict:
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--config takes KEY=VALUE, got {item!r}.")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
@@ -175,7 +162,7 @@ def main(argv=None):
   unknown = sorted(set(methods) - {"ct", "ict", "ect"})
   if unknown:
     raise ValueError(f"--methods takes ct, ict and ect; got {unknown}.")
-  args.config = _parse(args.config)
+  args.config = config_lib.parse_overrides(args.config)
   os.makedirs(args.workdir, exist_ok=True)
   mixture_file = os.path.join(args.workdir, f"gaussian{args.dim}.npz")
   teachers.save_mixture(mixture_file, gaussian(args.dim))

@@ -123,19 +123,6 @@ def run(table: tables_lib.PaperTable, workdir: str, **kw) -> dict:
   return result
 
 
-def _parse(items) -> dict:
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--config takes KEY=VALUE, got {item!r}.")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -144,9 +131,11 @@ def main(argv):
     return
   if not FLAGS.table or not FLAGS.workdir:
     raise app.UsageError("--table and --workdir are required (or --list).")
+  from experiments.distill import config as config_lib  # noqa: PLC0415 (jax when needed)
   result = run(tables_lib.get(FLAGS.table), FLAGS.workdir,
                **{k: getattr(FLAGS, k) or "" for k in _FILES}, tiny=FLAGS.tiny,
-               fid_samples=FLAGS.fid_samples, overrides=_parse(FLAGS.config))
+               fid_samples=FLAGS.fid_samples,
+               overrides=config_lib.parse_overrides(FLAGS.config))
   print(markdown(result))
 
 
