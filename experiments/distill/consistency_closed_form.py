@@ -38,7 +38,7 @@ from diffdistill.methods import _common, _consistency
 from diffdistill.train import loop
 from experiments import teachers
 from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
-from experiments.distill import stages as stages_lib
+from experiments.distill import curves as curves_lib, stages as stages_lib
 
 SIGMA_HATS = {"one call (t_max)": None, "mid (sigma/alpha = 0.8)": 0.8,
               "low (sigma/alpha = 0.1)": 0.1}
@@ -128,23 +128,11 @@ def run(method: str, mixture_file: str, workdir: str, args) -> dict:
 
 
 def figure(curves: dict, path: str) -> None:
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, axes = plt.subplots(1, len(SIGMA_HATS), figsize=(4 * len(SIGMA_HATS), 3.4), sharey=True)
-  for ax, name in zip(axes, SIGMA_HATS):
-    for method, c in curves.items():
-      ax.semilogy(c["step"], c[name], label=method)
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel("step")
-    ax.grid(True, which="both", alpha=0.3)
+  """One panel per time of SIGMA_HATS, one line per recipe, the posterior mean as reference."""
   pm = next(iter(curves.values()))["posterior_mean"]
-  axes[0].axhline(pm, color="k", ls=":", lw=1, label="posterior mean (1 DDIM step)")
-  axes[0].set_ylabel("||f_theta - Phi|| / ||Phi|| (closed form)")
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  curves_lib.error_panels(curves, SIGMA_HATS, path,
+                          ylabel="||f_theta - Phi|| / ||Phi|| (closed form)",
+                          reference=(pm, "posterior mean (1 DDIM step)"))
 
 
 def main(argv=None):

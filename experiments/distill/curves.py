@@ -82,6 +82,33 @@ def plot(labelled: dict[str, list[list[dict]]], keys, out: str, title: str = "")
   plt.close(fig)
 
 
+def error_panels(curves: dict[str, dict], panels, path: str, *, ylabel: str,
+                 reference: tuple[float, str] | None = None) -> None:
+  """One log-scale panel per name of `panels`, one line per label of `curves` ({label: {"step":
+  [...], panel: [...]}}), e.g. a student's error against a closed form while it trains;
+  `reference` (value, label) is drawn as a dotted line in the first panel."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  panels = list(panels)
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True,
+                           squeeze=False)
+  axes = axes[0]
+  for ax, name in zip(axes, panels):
+    for label, c in curves.items():
+      ax.semilogy(c["step"], c[name], label=label)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(True, which="both", alpha=0.3)
+  if reference is not None:
+    axes[0].axhline(reference[0], color="k", ls=":", lw=1, label=reference[1])
+  axes[0].set_ylabel(ylabel)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("runs", nargs="+", help="LABEL=DIR (a run folder or a seeds sweep)")

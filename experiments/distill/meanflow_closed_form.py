@@ -36,6 +36,7 @@ import optax
 
 from diffdistill import nets, schedules
 from diffdistill.losses import meanflow
+from experiments.distill import curves as curves_lib
 
 JUMPS = {"one call (t_min -> 1)": (None, 1.0), "half (0.5 -> 1)": (0.5, 1.0),
          "half (t_min -> 0.5)": (None, 0.5), "flow (r = t = 0.5)": (0.5, 0.5)}
@@ -105,21 +106,9 @@ def run(p: float, args, m, v, schedule) -> dict:
 
 
 def figure(curves: dict, path: str) -> None:
-  import matplotlib  # noqa: PLC0415
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, axes = plt.subplots(1, len(JUMPS), figsize=(4 * len(JUMPS), 3.4), sharey=True)
-  for ax, name in zip(axes, JUMPS):
-    for p, c in curves.items():
-      ax.semilogy(c["step"], c[name], label=f"p = {p}")
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel("step")
-    ax.grid(True, which="both", alpha=0.3)
-  axes[0].set_ylabel("||u_theta - u|| / ||u|| (closed form)")
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  """One panel per jump of JUMPS, one line per adaptive-weight power p."""
+  curves_lib.error_panels({f"p = {p}": c for p, c in curves.items()}, JUMPS, path,
+                          ylabel="||u_theta - u|| / ||u|| (closed form)")
 
 
 def main(argv=None):
