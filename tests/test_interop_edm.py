@@ -1,9 +1,10 @@
 """EDM snapshot pickles against a torch reference on random weights (float32, <= 1e-4 relative).
 
-The reference is EDM's DDPM++ `SongUNet` inside `EDMPrecond`, written here from the architecture
-of NVlabs/edm (training/networks.py) with its module names, and pickled the way EDM's
-`torch_utils.persistence` writes a snapshot: each network as `_reconstruct_persistent_obj(meta)`
-with its module source embedded. The source embedded here would raise if it were ever executed.
+The references are EDM's DDPM++ `SongUNet` and ADM `DhariwalUNet` inside `EDMPrecond` or
+`VPPrecond`, written here from the architecture of NVlabs/edm (training/networks.py) with its
+module names, and pickled the way EDM's `torch_utils.persistence` writes a snapshot: each network
+as `_reconstruct_persistent_obj(meta)` with its module source embedded. The source embedded here
+would raise if it were ever executed.
 """
 
 import math
@@ -27,6 +28,10 @@ pytestmark = pytest.mark.torch
 RES, C = 8, 3
 ARCH = dict(model_channels=8, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[4],
             dropout=0.0, augment_dim=2)
+# ADM: widths 32, 64, 128 at 8x8, 4x4, 2x2, attention everywhere: 0 heads (EDM: width < 64),
+# 1 and 2 heads; the stem is model_channels * channel_mult[0] = 32 wide
+ADM_ARCH = dict(model_channels=16, channel_mult=[2, 4, 8], channel_mult_emb=2, num_blocks=1,
+                attn_resolutions=[8, 4, 2], dropout=0.0, augment_dim=2)
 EMBEDDED_SOURCE = "open('EXECUTED', 'w').close()\nraise SystemExit('the embedded source ran')\n"
 
 
@@ -90,40 +95,54 @@ class GroupNorm(PersistentMixin, tnn.Module):
 
 
 class PositionalEmbedding(PersistentMixin, tnn.Module):
-  def __init__(self, num_channels):
+  def __init__(self, num_channels, endpoint=False):
     super().__init__()
-    self.num_channels = num_channels
+    self.num_channels, self.endpoint = num_channels, endpoint
 
   def forward(self, x):
-    freqs = (1 / 10000) ** (torch.arange(self.num_channels // 2) / (self.num_channels // 2 - 1))
+    half = self.num_channels // 2
+    freqs = (1 / 10000) ** (torch.arange(half) / (half - (1 if self.endpoint else 0)))
     x = x.ger(freqs)
     return torch.cat([x.cos(), x.sin()], dim=1)
 
 
 class UNetBlock(PersistentMixin, tnn.Module):
-  def __init__(self, cin, cout, emb, up=False, down=False, attention=False):
+  """SongUNet's block (adm=False) or DhariwalUNet's (scale-shift norm, skip scale 1, eps 1e-5,
+  no skip projection when the width is kept, one head per 64 channels)."""
+
+  def __init__(self, cin, cout, emb, up=False, down=False, attention=False, adm=False):
     super().__init__()
-    self.in_channels, self.attention = cin, attention
-    self.norm0 = GroupNorm(cin, eps=1e-6)
+    eps = 1e-5 if adm else 1e-6
+    self.in_channels, self.adm = cin, adm
+    self.heads = (cout // 64 if adm else 1) if attention else 0
+    self.norm0 = GroupNorm(cin, eps=eps)
     self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
-    self.affine = Linear(emb, cout)
-    self.norm1 = GroupNorm(cout, eps=1e-6)
+    self.affine = Linear(emb, 2 * cout if adm else cout)
+    self.norm1 = GroupNorm(cout, eps=eps)
     self.conv1 = Conv2d(cout, cout, 3)
-    self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
-    if attention:
-      self.norm2 = GroupNorm(cout, eps=1e-6)
+    self.skip = None
+    if cin != cout or up or down:
+      self.skip = Conv2d(cin, cout, 1 if (cin != cout or not adm) else 0, up=up, down=down)
+    if self.heads:
+      self.norm2 = GroupNorm(cout, eps=eps)
       self.qkv = Conv2d(cout, 3 * cout, 1)
       self.proj = Conv2d(cout, cout, 1)
 
   def forward(self, x, emb):
-    orig = x
+    orig, skip_scale = x, 1.0 if self.adm else math.sqrt(0.5)
     x = self.conv0(F.silu(self.norm0(x)))
-    x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None]))
-    x = (self.conv1(x) + (self.skip(orig) if self.skip is not None else orig)) * math.sqrt(0.5)
-    if self.attention:
-      q, k, v = self.qkv(self.norm2(x)).reshape(x.shape[0], x.shape[1], 3, -1).unbind(2)
+    p = self.affine(emb)[:, :, None, None]
+    if self.adm:
+      scale, shift = p.chunk(2, dim=1)
+      x = F.silu(shift + self.norm1(x) * (scale + 1))
+    else:
+      x = F.silu(self.norm1(x + p))
+    x = (self.conv1(x) + (self.skip(orig) if self.skip is not None else orig)) * skip_scale
+    if self.heads:
+      b, c = x.shape[:2]
+      q, k, v = self.qkv(self.norm2(x)).reshape(b * self.heads, c // self.heads, 3, -1).unbind(2)
       w = torch.softmax(torch.einsum("ncq,nck->nqk", q, k / math.sqrt(q.shape[1])), dim=2)
-      x = (self.proj(torch.einsum("nqk,nck->ncq", w, v).reshape(*x.shape)) + x) * math.sqrt(0.5)
+      x = (self.proj(torch.einsum("nqk,nck->ncq", w, v).reshape(*x.shape)) + x) * skip_scale
     return x
 
 
@@ -140,7 +159,7 @@ class SongUNet(PersistentMixin, tnn.Module):
                              channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
                              attn_resolutions=attn_resolutions, dropout=dropout)
     emb, noise = model_channels * channel_mult_emb, model_channels
-    self.map_noise = PositionalEmbedding(noise)
+    self.map_noise = PositionalEmbedding(noise, endpoint=True)
     self.map_label = Linear(label_dim, noise) if label_dim else None
     self.map_augment = Linear(augment_dim, noise, bias=False) if augment_dim else None
     self.map_layer0, self.map_layer1 = Linear(noise, emb), Linear(emb, emb)
@@ -193,11 +212,76 @@ class SongUNet(PersistentMixin, tnn.Module):
         x = block(x, emb)
 
 
+class DhariwalUNet(PersistentMixin, tnn.Module):
+  """ADM as EDM writes it, EDM's module names."""
+
+  def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+               model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
+               attn_resolutions=(32, 16, 8), dropout=0.1):
+    super().__init__()
+    self._init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
+                             out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
+                             model_channels=model_channels, channel_mult=channel_mult,
+                             channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                             attn_resolutions=attn_resolutions, dropout=dropout)
+    emb = model_channels * channel_mult_emb
+    blk = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, adm=True, **kw)  # noqa: E731
+    self.map_noise = PositionalEmbedding(model_channels)
+    self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
+    self.map_layer0, self.map_layer1 = Linear(model_channels, emb), Linear(emb, emb)
+    self.map_label = Linear(label_dim, emb, bias=False) if label_dim else None
+    self.enc, self.dec = tnn.ModuleDict(), tnn.ModuleDict()
+    cout, widths = in_channels, []
+    for level, mult in enumerate(channel_mult):
+      res = img_resolution >> level
+      if level == 0:
+        cin, cout = cout, model_channels * mult
+        self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
+      else:
+        self.enc[f"{res}x{res}_down"] = blk(cout, cout, down=True)
+      widths.append(cout)
+      for idx in range(num_blocks):
+        cin, cout = cout, model_channels * mult
+        self.enc[f"{res}x{res}_block{idx}"] = blk(cin, cout, attention=res in attn_resolutions)
+        widths.append(cout)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+      res = img_resolution >> level
+      if level == len(channel_mult) - 1:
+        self.dec[f"{res}x{res}_in0"] = blk(cout, cout, attention=True)
+        self.dec[f"{res}x{res}_in1"] = blk(cout, cout)
+      else:
+        self.dec[f"{res}x{res}_up"] = blk(cout, cout, up=True)
+      for idx in range(num_blocks + 1):
+        cin, cout = cout + widths.pop(), model_channels * mult
+        self.dec[f"{res}x{res}_block{idx}"] = blk(cin, cout, attention=res in attn_resolutions)
+    self.out_norm = GroupNorm(cout)
+    self.out_conv = Conv2d(cout, out_channels, 3)
+
+  def forward(self, x, noise_labels, class_labels):
+    emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels))))
+    if self.map_label is not None:
+      emb = emb + self.map_label(class_labels)
+    emb = F.silu(emb)
+    skips = []
+    for block in self.enc.values():
+      x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+      skips.append(x)
+    for block in self.dec.values():
+      if x.shape[1] != block.in_channels:
+        x = torch.cat([x, skips.pop()], dim=1)
+      x = block(x, emb)
+    return self.out_conv(F.silu(self.out_norm(x)))
+
+
+NETWORKS = {"SongUNet": (SongUNet, ARCH), "DhariwalUNet": (DhariwalUNet, ADM_ARCH)}
+
+
 class EDMPrecond(PersistentMixin, tnn.Module):
-  def __init__(self, label_dim=0, sigma_data=0.5, **arch):
+  def __init__(self, label_dim=0, sigma_data=0.5, network="SongUNet"):
     super().__init__()
     self.label_dim, self.sigma_data, self.sigma_min, self.sigma_max = label_dim, sigma_data, 0, float("inf")
-    self.model = SongUNet(RES, C, C, label_dim=label_dim, **arch)
+    cls, arch = NETWORKS[network]
+    self.model = cls(RES, C, C, label_dim=label_dim, **arch)
 
   def forward(self, x, sigma, class_labels=None):
     sigma, sd = sigma.reshape(-1, 1, 1, 1), self.sigma_data
@@ -208,13 +292,35 @@ class EDMPrecond(PersistentMixin, tnn.Module):
     return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)
 
 
-def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="edm-tiny.pkl"):
+class VPPrecond(PersistentMixin, tnn.Module):
+  """EDM's VP preconditioning (Song et al.'s continuous VP, eps prediction at time (M - 1) t)."""
+
+  def __init__(self, label_dim=0, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
+               network="SongUNet"):
+    super().__init__()
+    self.label_dim, self.beta_d, self.beta_min, self.M = label_dim, beta_d, beta_min, M
+    self.epsilon_t = epsilon_t
+    cls, arch = NETWORKS[network]
+    self.model = cls(RES, C, C, label_dim=label_dim, **arch)
+
+  def sigma_inv(self, sigma):
+    return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt()
+            - self.beta_min) / self.beta_d
+
+  def forward(self, x, sigma, class_labels=None):
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    c_in, c_noise = 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+    return x - sigma * self.model(c_in * x, c_noise.flatten(), class_labels)
+
+
+def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="edm-tiny.pkl",
+              precond=EDMPrecond, network="SongUNet", **precond_kwargs):
   persistence = types.ModuleType("torch_utils.persistence")
   persistence._reconstruct_persistent_obj = _fake_reconstruct
   monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
   monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
   torch.manual_seed(seed)
-  net = EDMPrecond(label_dim=label_dim, sigma_data=0.5, **ARCH)
+  net = precond(label_dim=label_dim, network=network, **precond_kwargs)
   with torch.no_grad():  # N(0, 1/fan_in) kernels, N(0, 0.5^2) norms and biases
     for p in net.parameters():
       p.copy_(torch.randn(p.shape) * (1 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.5))
@@ -231,13 +337,15 @@ def _rel_err(out, ref):
   return np.abs(out - ref).max() / np.abs(ref).max()
 
 
+@pytest.mark.parametrize("network", ["SongUNet", "DhariwalUNet"])
 @pytest.mark.parametrize("label_dim", [0, 4])
-def test_edm_pickle_matches_the_reference(tmp_path, monkeypatch, label_dim):
-  net, path = _snapshot(tmp_path, monkeypatch, label_dim=label_dim)
+def test_edm_pickle_matches_the_reference(tmp_path, monkeypatch, label_dim, network):
+  net, path = _snapshot(tmp_path, monkeypatch, label_dim=label_dim, network=network)
   monkeypatch.chdir(tmp_path)
   teacher = interop.load(path)
   assert not os.path.exists(tmp_path / "EXECUTED")
   assert teacher.kind == "edm" and isinstance(teacher.schedule, schedules.EDM)
+  assert teacher.network.layout == ("adm" if network == "DhariwalUNet" else "ddpmpp")
   rng = np.random.default_rng(1)
   x = rng.standard_normal((3, RES, RES, C)).astype(np.float32)
   sigma = np.array([0.002, 1.0, 80.0], np.float32)
@@ -263,6 +371,32 @@ def test_edm_pickle_matches_the_reference(tmp_path, monkeypatch, label_dim):
   assert _rel_err(x0, ref) <= 1e-4
 
 
+def test_vp_precond_pickle_matches_the_reference(tmp_path, monkeypatch):
+  """EDM's VP baseline: raw is VPPrecond.forward on EDM's axis; apply is the eps-kind denoiser
+  on the continuous VP with the pickle's betas: apply(x_t, t) = D(x_t / alpha_t; sigma_t/alpha_t)."""
+  net, path = _snapshot(tmp_path, monkeypatch, precond=VPPrecond, beta_d=18.0, beta_min=0.2)
+  teacher = interop.load(path)
+  sch = teacher.schedule
+  assert teacher.kind == "eps" and isinstance(sch, schedules.VPLinear)
+  assert (sch.beta_min, sch.beta_max, sch.t_min) == pytest.approx((0.2, 18.2, 1e-5))
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((3, RES, RES, C)).astype(np.float32) * 3
+  sigma = np.array([0.01, 1.0, 50.0], np.float32)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma)).numpy()
+  ref = ref.transpose(0, 2, 3, 1)
+  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma))
+  assert _rel_err(out, ref) <= 1e-4, _rel_err(out, ref)
+  t = jnp.array([1e-3, 0.4, 0.9])
+  alpha, sig = (np.asarray(f(t), np.float32) for f in (sch.alpha, sch.sigma))
+  x_t = x / np.sqrt(1 + sigma[:, None, None, None] ** 2)
+  with torch.no_grad():
+    ref_t = net(torch.from_numpy((x_t / alpha[:, None, None, None]).transpose(0, 3, 1, 2)),
+                torch.from_numpy(sig / alpha)).numpy().transpose(0, 2, 3, 1)
+  out_t = jax.jit(teacher.apply)(teacher.params, jnp.asarray(x_t), t)
+  assert _rel_err(out_t, ref_t) <= 1e-4, _rel_err(out_t, ref_t)
+
+
 class _Evil:
   def __reduce__(self):
     return (os.system, ("touch EVIL",))
@@ -274,11 +408,18 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
   interop.load(path)
   assert not os.path.exists(tmp_path / "EVIL") and not os.path.exists(tmp_path / "EXECUTED")
   net, _ = _snapshot(tmp_path, monkeypatch)
-  net.__class__ = type("VPPrecond", (EDMPrecond,), {})
-  with open(tmp_path / "vp.pkl", "wb") as f:
+  net.__class__ = type("VEPrecond", (EDMPrecond,), {})
+  with open(tmp_path / "ve.pkl", "wb") as f:
     pickle.dump(dict(ema=net), f)
-  with pytest.raises(ValueError, match="found 'VPPrecond'"):
-    interop.load(str(tmp_path / "vp.pkl"))
+  with pytest.raises(ValueError, match="found 'VEPrecond'"):
+    interop.load(str(tmp_path / "ve.pkl"))
+  net.__class__ = EDMPrecond
+  net.model.__class__ = type("NCSNpp", (SongUNet,), {})
+  with open(tmp_path / "other.pkl", "wb") as f:
+    pickle.dump(dict(ema=net), f)
+  with pytest.raises(ValueError, match="wraps 'NCSNpp'"):
+    interop.load(str(tmp_path / "other.pkl"))
+  net.model.__class__ = SongUNet
   net.__class__ = EDMPrecond
   del net.model.dec["4x4_in1"]
   with open(tmp_path / "bad.pkl", "wb") as f:

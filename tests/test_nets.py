@@ -38,6 +38,10 @@ def test_sinusoidal_embedding_matches_its_formula():
   phase = np.asarray(t)[:, None] * freqs
   np.testing.assert_allclose(emb, np.concatenate([np.sin(phase), np.cos(phase)], 1), atol=2e-4)
   assert emb.shape == (3, 8) and emb.dtype == jnp.float32
+  # without endpoint (EDM's default, its ADM network): exponents -i / (dim/2)
+  emb = embeddings.SinusoidalEmbedding(dim=8, scale=1.0, endpoint=False).apply({}, t)
+  phase = np.asarray(t)[:, None] * 10000.0 ** (-np.arange(4) / 4)
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(phase), np.cos(phase)], 1), atol=1e-6)
 
 
 def test_fourier_embedding_is_fixed_and_has_the_requested_scale():
@@ -242,6 +246,23 @@ def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
   shapes_d = jax.eval_shape(lambda k: nets.init_params(digits, k, jnp.zeros((1, 8, 8, 1))),
                             jax.random.key(0))
   assert 0.5e6 < nets.num_params(shapes_d) < 2e6
+
+
+def test_imagenet64_adm_has_edms_parameter_count_and_attention_layout():
+  """EDM's ImageNet-64 ADM (Karras et al. 2022, Table 7: 295.90M parameters; their label layer
+  has no null row: ours adds 768). Shapes only. One head per 64 channels; attention in every
+  block at 32, 16 and 8 (decoder included), none at 64."""
+  module = nets.get_network("unet_adm_imagenet64", num_classes=1000)
+  shapes = jax.eval_shape(lambda k: nets.init_params(module, k, jnp.zeros((1, 64, 64, 3))),
+                          jax.random.key(0))
+  assert round((nets.num_params(shapes) - 768) / 1e4) == 29590
+  attn = [p for p, _ in jax.tree_util.tree_leaves_with_path(shapes)
+          if "SelfAttention" in str(p) and "Conv_0" in str(p) and "kernel" in str(p)]
+  # encoder 3 x 3 levels, the middle's in0, decoder 4 x 3 levels (num_blocks + 1 each)
+  assert len(attn) == 9 + 1 + 12
+  with pytest.raises(ValueError, match="layout must be one of"):
+    nets.get_network("unet", layout="adm2").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                                 jnp.zeros((1,)))
 
 
 def test_extra_conditioning_starts_as_the_source_network_then_depends_on_its_input():

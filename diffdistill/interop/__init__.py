@@ -21,8 +21,9 @@ Formats (docs/teachers.md says where each file comes from and what was verified)
     no torch needed;
   * a diffusers `AutoencoderKL` folder (the SD-VAE of latent teachers), loaded as an
     `Autoencoder` with encode / decode and the latent scaling: no torch needed;
-  * an EDM snapshot pickle (`edm-*.pkl`: EDMPrecond around a DDPM++ SongUNet), read by a
-    restricted unpickler that never executes the source code EDM embeds in it; torch needed;
+  * an EDM snapshot pickle (`edm-*.pkl`: EDMPrecond or VPPrecond around a DDPM++ SongUNet or
+    an ADM DhariwalUNet), read by a restricted unpickler that never executes the source code
+    EDM embeds in it; torch needed;
   * an original DiT or SiT `.pt` state dict (facebookresearch/DiT, willisma/SiT key names; a
     training checkpoint's 'ema' entry): torch needed to read it (weights_only, no code runs).
     A file whose name starts with "SiT" is a SiT (linear interpolant, velocity); any other a DiT;
@@ -127,8 +128,8 @@ def load(path: str, *, family: str | None = None,
     return Teacher(params, apply, raw, schedule, kind, family, info["num_classes"], module,
                    dict(info, format="pt"), net_apply)
   if os.path.isfile(path) and path.endswith(".pkl"):
-    module, params, raw, apply, schedule, info, net_apply = edm.load_edm(path)
-    return Teacher(params, apply, raw, schedule, "edm", "edm", info["label_dim"], module, info,
+    module, params, raw, apply, schedule, kind, info, net_apply = edm.load_edm(path)
+    return Teacher(params, apply, raw, schedule, kind, "edm", info["label_dim"], module, info,
                    net_apply)
   raise ValueError(f"{path}: not a supported checkpoint; expected a diffusers folder "
                    "(DiTTransformer2DModel, UNet2DModel, AutoencoderKL), an original DiT / SiT "

@@ -5,22 +5,31 @@ and rebuilds it, when loaded by `pickle`, by executing that source. Here a restr
 rebuilds every persistent object as an inert `Persistent(class_name, state)` record (the source
 is kept as text and never executed), every other class the pickle names as an inert record too,
 and only tensors through torch's own rebuild functions (storages read with
-`torch.load(weights_only=True)`). The tensors are then mapped by name onto `nets.UNet`, whose
-DDPM++ layout is EDM's `SongUNet` (positional embedding, standard encoder and decoder, resample
-filter [1, 1]), and the network is wrapped with EDM's preconditioning (`EDMPrecond`):
+`torch.load(weights_only=True)`). The tensors are then mapped by name onto `nets.UNet`:
+EDM's `SongUNet` (DDPM++: positional embedding, standard encoder and decoder, resample filter
+[1, 1]) is its layout "ddpmpp", EDM's `DhariwalUNet` (the ADM network of the ImageNet-64
+snapshot) its layout "adm". The preconditioner becomes the schedule and the output kind:
 
-    D(x; sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4),  c_skip = sd^2 / (sigma^2 + sd^2), ...
+  * `EDMPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4), c_skip = sd^2 /
+    (sigma^2 + sd^2), ..., which is `parametrization`'s kind 'edm' on `schedules.EDM`;
+  * `VPPrecond` (EDM's VP baselines, the DDPM++ cont. VP network of Song et al. 2021):
+    D(x; sigma) = x - sigma F(x / sqrt(1 + sigma^2), (M - 1) t(sigma)), i.e. F is the eps
+    prediction at x_t = alpha x0 + sigma_vp eps on the continuous VP (`schedules.VPLinear` with
+    the pickle's beta_min, beta_min + beta_d and epsilon_t): kind 'eps', the network's time
+    input t scaled by M - 1 = 999 in its embedding.
 
-which is `parametrization`'s kind 'edm' on `schedules.EDM`. Supported: `EDMPrecond` around a
-`SongUNet` in that layout (the EDM CIFAR-10 and AFHQ / FFHQ 64x64 'ddpmpp' snapshots); other
-preconditioners and networks (VPPrecond, VEPrecond, DhariwalUNet, NCSN++'s Fourier / residual
-variants) are refused by name. EDM's class labels are one-hot vectors; the all-zero vector (no
-class) is the null class K of the library's label table. The augmentation-label embedding
-(`map_augment`, used only when training with EDM's augment pipe; absent at sampling) is dropped.
+`raw(params, x, sigma, class_labels=None)` is the preconditioner's forward on EDM's axis
+(x = x0 + sigma n) for both. Other preconditioners (VEPrecond, whose NCSN++ network has no
+counterpart in `nets` yet, iDDPMPrecond) and SongUNet variants (Fourier embedding, residual /
+skip encoders and decoders) are refused by name. EDM's class labels are one-hot vectors; the
+all-zero vector (no class) is the null class K of the library's label table. The
+augmentation-label embedding (`map_augment`, used only when training with EDM's augment pipe;
+absent at sampling) is dropped.
 
 References:
   Karras et al., Elucidating the Design Space of Diffusion-Based Generative Models, NeurIPS 2022.
-  Song et al., Score-Based Generative Modeling through SDEs, ICLR 2021 (DDPM++).
+  Song et al., Score-Based Generative Modeling through SDEs, ICLR 2021 (DDPM++, the VP SDE).
+  Dhariwal & Nichol, Diffusion Models Beat GANs on Image Synthesis, NeurIPS 2021 (ADM).
 """
 
 from __future__ import annotations
@@ -44,6 +53,14 @@ SONG_UNET_DEFAULTS = dict(augment_dim=0, model_channels=128, channel_mult=(1, 2,
                           decoder_type="standard", resample_filter=(1, 1))
 SUPPORTED = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                  decoder_type="standard", resample_filter=(1, 1))
+# DhariwalUNet's defaults (the same file): the ADM network of EDM's ImageNet-64 snapshot
+DHARIWAL_UNET_DEFAULTS = dict(augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4),
+                              channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
+                              dropout=0.10, label_dropout=0)
+ADM_CHANNELS_PER_HEAD = 64  # DhariwalUNet's attention heads: one per 64 channels
+NETWORKS = {"SongUNet": ("ddpmpp", SONG_UNET_DEFAULTS),
+            "DhariwalUNet": ("adm", DHARIWAL_UNET_DEFAULTS)}
+PRECONDITIONERS = ("EDMPrecond", "VPPrecond")
 
 
 class Record:
@@ -138,16 +155,18 @@ def _qkv(w):
   return w.reshape(c3 // 3, 3, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
 
 
-def _block(k, key, c_in, c_out, emb, *, attention, resample):
+def _block(k, key, c_in, c_out, emb, *, attention, resample, layout="ddpmpp", heads=1):
+  lay = nets.unet.LAYOUTS[layout]
   path = (f"UNetBlock_{k}",)
   leaves = _norm((*path, "GroupNorm_0"), f"{key}.norm0", c_in)
   leaves += _conv((*path, "Conv_0"), f"{key}.conv0", c_out, c_in, 3)
-  leaves += ckpt.linear((*path, "Dense_0"), f"{key}.affine", c_out, emb)
+  leaves += ckpt.linear((*path, "Dense_0"), f"{key}.affine",
+                        2 * c_out if lay["adaptive_scale"] else c_out, emb)
   leaves += _norm((*path, "GroupNorm_1"), f"{key}.norm1", c_out)
   leaves += _conv((*path, "Conv_1"), f"{key}.conv1", c_out, c_out, 3)
-  if c_in != c_out or resample:
+  if c_in != c_out or (resample and lay["resample_proj"]):
     leaves += _conv((*path, "Conv_2"), f"{key}.skip", c_out, c_in, 1)
-  if attention:
+  if attention and heads:
     a = (*path, "SelfAttention_0")
     leaves += _norm((*a, "GroupNorm_0"), f"{key}.norm2", c_out)
     leaves += [ckpt.Leaf((*a, "Conv_0", "kernel"), (f"{key}.qkv.weight",), ((3 * c_out, c_out, 1, 1),),
@@ -157,70 +176,111 @@ def _block(k, key, c_in, c_out, emb, *, attention, resample):
   return leaves
 
 
-def song_unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, prefix="model."):
-  """Every tensor of a SongUNet (DDPM++ layout) mapped onto nets.UNet's params, and the names
-  to ignore (the augmentation-label embedding, unused at sampling; the fixed resample filters)."""
+def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, layout="ddpmpp",
+                prefix="model."):
+  """Every tensor of a SongUNet (DDPM++ layout) or a DhariwalUNet (layout "adm") mapped onto
+  nets.UNet's params. The module names are EDM's: enc.{res}x{res}_{conv,down,block<i>},
+  dec.{res}x{res}_{in0,in1,up,block<i>}, and the head (SongUNet's dec.*_aux_norm / aux_conv,
+  DhariwalUNet's out_norm / out_conv)."""
+  adm = layout == "adm"
   mc, mult, n = cfg["model_channels"], tuple(cfg["channel_mult"]), cfg["num_blocks"]
-  noise, emb = mc * cfg["channel_mult_noise"], mc * cfg["channel_mult_emb"]
+  noise = mc * (1 if adm else cfg["channel_mult_noise"])
+  emb = mc * cfg["channel_mult_emb"]
   attn = tuple(cfg["attn_resolutions"])
-  leaves = ckpt.linear(("ConditionEmbedding_0", "map0"), f"{prefix}map_layer0", emb, noise)
+  heads = lambda c: c // ADM_CHANNELS_PER_HEAD if adm else 1  # noqa: E731
+  if adm:  # EDM's embedding is [cos, sin]; nets.embeddings' [sin, cos]: swap map_layer0's inputs
+    half = noise // 2
+    leaves = [ckpt.Leaf(("ConditionEmbedding_0", "map0", "kernel"), (f"{prefix}map_layer0.weight",),
+                        ((emb, noise),), lambda w: np.concatenate([w[:, half:], w[:, :half]], 1).T),
+              ckpt.Leaf(("ConditionEmbedding_0", "map0", "bias"), (f"{prefix}map_layer0.bias",),
+                        ((emb,),), lambda b: b)]
+  else:  # SongUNet swaps them itself
+    leaves = ckpt.linear(("ConditionEmbedding_0", "map0"), f"{prefix}map_layer0", emb, noise)
   leaves += ckpt.linear(("ConditionEmbedding_0", "map1"), f"{prefix}map_layer1", emb, emb)
-  if label_dim:
+  if label_dim and adm:  # emb += W onehot (no bias; the all-zero row, no class, adds nothing)
+    leaves.append(ckpt.Leaf(("ConditionEmbedding_0", "label_embed", "embedding"),
+                            (f"{prefix}map_label.weight",), ((emb, label_dim),),
+                            lambda w: np.concatenate([w.T, np.zeros((1, emb), w.dtype)], axis=0)))
+  elif label_dim:  # e += W (sqrt(K) onehot) + b, before the mapping layers
     scale = math.sqrt(label_dim)
     leaves.append(ckpt.Leaf(("ConditionEmbedding_0", "label_embed", "embedding"),
                             (f"{prefix}map_label.weight", f"{prefix}map_label.bias"),
                             ((noise, label_dim), (noise,)),
                             lambda w, b: np.concatenate([scale * w.T + b, b[None]], axis=0)))
+  block = lambda k, key, cin, cout, **kw: _block(k, key, cin, cout, emb, layout=layout,  # noqa: E731
+                                                 heads=heads(cout), **kw)
   k, skips, cout = 0, [], in_channels
   for level, m in enumerate(mult):
     res = img_resolution >> level
     if level == 0:
-      leaves += _conv(("Conv_0",), f"{prefix}enc.{res}x{res}_conv", mc, cout, 3)
-      cout = mc
+      leaves += _conv(("Conv_0",), f"{prefix}enc.{res}x{res}_conv", mc * (m if adm else 1), cout, 3)
+      cout = mc * (m if adm else 1)
     else:
-      leaves += _block(k, f"{prefix}enc.{res}x{res}_down", cout, cout, emb, attention=False, resample=True)
+      leaves += block(k, f"{prefix}enc.{res}x{res}_down", cout, cout, attention=False, resample=True)
       k += 1
     skips.append(cout)
     for idx in range(n):
       cin, cout = cout, mc * m
-      leaves += _block(k, f"{prefix}enc.{res}x{res}_block{idx}", cin, cout, emb, attention=res in attn,
-                       resample=False)
+      leaves += block(k, f"{prefix}enc.{res}x{res}_block{idx}", cin, cout, attention=res in attn,
+                      resample=False)
       k += 1
       skips.append(cout)
   for level, m in reversed(list(enumerate(mult))):
     res = img_resolution >> level
     if level == len(mult) - 1:
-      leaves += _block(k, f"{prefix}dec.{res}x{res}_in0", cout, cout, emb, attention=True, resample=False)
-      leaves += _block(k + 1, f"{prefix}dec.{res}x{res}_in1", cout, cout, emb, attention=False, resample=False)
+      leaves += block(k, f"{prefix}dec.{res}x{res}_in0", cout, cout, attention=True, resample=False)
+      leaves += block(k + 1, f"{prefix}dec.{res}x{res}_in1", cout, cout, attention=False,
+                      resample=False)
       k += 2
     else:
-      leaves += _block(k, f"{prefix}dec.{res}x{res}_up", cout, cout, emb, attention=False, resample=True)
+      leaves += block(k, f"{prefix}dec.{res}x{res}_up", cout, cout, attention=False, resample=True)
       k += 1
     for idx in range(n + 1):
       cin, cout = cout + skips.pop(), mc * m
-      leaves += _block(k, f"{prefix}dec.{res}x{res}_block{idx}", cin, cout, emb,
-                       attention=idx == n and res in attn, resample=False)
+      leaves += block(k, f"{prefix}dec.{res}x{res}_block{idx}", cin, cout,
+                      attention=(idx == n or adm) and res in attn, resample=False)
       k += 1
-  leaves += _norm(("GroupNorm_0",), f"{prefix}dec.{img_resolution}x{img_resolution}_aux_norm", cout)
-  leaves += _conv(("Conv_1",), f"{prefix}dec.{img_resolution}x{img_resolution}_aux_conv", out_channels, cout, 3)
+  head = (f"{prefix}out_norm", f"{prefix}out_conv") if adm else (
+      f"{prefix}dec.{img_resolution}x{img_resolution}_aux_norm",
+      f"{prefix}dec.{img_resolution}x{img_resolution}_aux_conv")
+  leaves += _norm(("GroupNorm_0",), head[0], cout)
+  leaves += _conv(("Conv_1",), head[1], out_channels, cout, 3)
   return leaves
 
 
+def _precond(net, path):
+  """(schedule, kind, embedding_scale, sigma_data or None) of a supported preconditioner."""
+  st = net.state
+  if net.class_name == "EDMPrecond":
+    sd = float(st.get("sigma_data", 0.5))
+    return schedules.EDM(sigma_data=sd), "edm", 1.0, sd  # EDM's sampling range [0.002, 80]
+  # VPPrecond: D = x - sigma F(x / sqrt(1 + sigma^2), (M - 1) t(sigma)) on the continuous VP
+  # of Song et al. 2021: F is the eps prediction at x_t = alpha x0 + sigma_vp eps, time t
+  beta_min, beta_d = float(st.get("beta_min", 0.1)), float(st.get("beta_d", 19.9))
+  m, eps_t = int(st.get("M", 1000)), float(st.get("epsilon_t", 1e-5))
+  schedule = schedules.VPLinear(beta_min=beta_min, beta_max=beta_min + beta_d, t_min=eps_t,
+                                t_max=1.0)
+  return schedule, "eps", float(m - 1), None
+
+
 def load_edm(path: str):
-  """(module, params, raw, apply, schedule, info) of an EDM snapshot pickle (module docstring)."""
+  """(module, params, raw, apply, schedule, info, net_apply) of an EDM snapshot pickle (module
+  docstring)."""
   data = read_pickle(path)
   net = data.get("ema") if isinstance(data, dict) else data
-  if not isinstance(net, Persistent) or net.class_name != "EDMPrecond":
+  if not isinstance(net, Persistent) or net.class_name not in PRECONDITIONERS:
     found = net.class_name if isinstance(net, Persistent) else type(net).__name__
-    raise ValueError(f"{path}: expected an EDMPrecond network (under 'ema'), found {found!r}; "
-                     "VPPrecond, VEPrecond and other networks are not supported.")
+    raise ValueError(f"{path}: expected one of the preconditioners {PRECONDITIONERS} (under "
+                     f"'ema'), found {found!r}; VEPrecond and iDDPMPrecond are not supported.")
   model = (net.state.get("_modules") or {}).get("model")
-  if not isinstance(model, Persistent) or model.class_name != "SongUNet":
+  if not isinstance(model, Persistent) or model.class_name not in NETWORKS:
     found = model.class_name if isinstance(model, Persistent) else type(model).__name__
-    raise ValueError(f"{path}: the EDMPrecond wraps {found!r}; only 'SongUNet' is supported.")
+    raise ValueError(f"{path}: the {net.class_name} wraps {found!r}; supported: "
+                     f"{sorted(NETWORKS)}.")
+  layout, defaults = NETWORKS[model.class_name]
   kwargs = dict(model.state.get("_init_kwargs") or {})
-  cfg = {**SONG_UNET_DEFAULTS, **kwargs}
-  for name, value in SUPPORTED.items():
+  cfg = {**defaults, **kwargs}
+  for name, value in (SUPPORTED.items() if layout == "ddpmpp" else ()):
     got = tuple(cfg[name]) if isinstance(value, tuple) else cfg[name]
     if got != value:
       raise ValueError(f"{path}: SongUNet {name}={cfg[name]!r} is not supported (only {value!r}).")
@@ -233,33 +293,42 @@ def load_edm(path: str):
     if state[key].shape[-2:] != (2, 2) or not np.allclose(state[key][..., :, :], flt):
       raise ValueError(f"{path}: key {key!r} is not the [1, 1] resample filter.")
     ignore.append(key)
-  leaves = song_unet_leaves(cfg, img_resolution=res, in_channels=cin, out_channels=cout, label_dim=label_dim)
+  leaves = unet_leaves(cfg, img_resolution=res, in_channels=cin, out_channels=cout,
+                       label_dim=label_dim, layout=layout)
   params = ckpt.assemble(state, leaves, ignore=ignore, source=path)
+  schedule, kind, emb_scale, sd = _precond(net, path)
   module = nets.UNet(model_channels=cfg["model_channels"], channel_mult=tuple(cfg["channel_mult"]),
                      num_blocks=cfg["num_blocks"], attn_resolutions=tuple(cfg["attn_resolutions"]),
                      dropout=cfg["dropout"], channel_mult_emb=cfg["channel_mult_emb"],
-                     embedding="positional", embedding_scale=1.0, num_classes=label_dim)
-  sd = float(net.state.get("sigma_data", 0.5))
-  schedule = schedules.EDM(sigma_data=sd)  # EDM's sampling range [0.002, 80]
-  net_apply = nets.make_apply(module)  # F of EDM's preconditioning: the library's "edm" kind
-  denoise = parametrization.as_denoiser(net_apply, kind="edm", schedule=schedule)
+                     embedding="positional", embedding_scale=emb_scale, num_classes=label_dim,
+                     layout=layout,
+                     channels_per_head=ADM_CHANNELS_PER_HEAD if layout == "adm" else None)
+  net_apply = nets.make_apply(module)  # F of the preconditioning: the library's kind
+  denoise = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, **({} if label is None else dict(label=label)))
 
   def raw(params, x, sigma, *, class_labels=None):
+    """The preconditioner's forward(x, sigma, class_labels): D on EDM's axis x = x0 + sigma n."""
     label = None
     if label_dim:
       if class_labels is None:
-        raise ValueError(f"this EDMPrecond is class-conditional: class_labels [B, {label_dim}] needed.")
+        raise ValueError(f"this {net.class_name} is class-conditional: class_labels "
+                         f"[B, {label_dim}] needed.")
       onehot = jnp.asarray(class_labels)
       label = jnp.where(onehot.sum(-1) > 0, jnp.argmax(onehot, -1), label_dim)
-    return apply(params, x, jnp.asarray(sigma, jnp.float32), label=label)
+    sigma = jnp.asarray(sigma, jnp.float32)
+    if kind == "edm":
+      return apply(params, x, sigma, label=label)
+    t = schedule.t_from_logsnr(-2.0 * jnp.log(sigma))  # VP: x_t = x / sqrt(1 + sigma^2) at t
+    return apply(params, x / jnp.sqrt(1.0 + sigma ** 2)[:, None, None, None], t, label=label)
 
-  info = dict(format="edm_pkl", img_resolution=res, in_channels=cin, label_dim=label_dim,
-              sigma_data=sd, ignored=sorted(k for k in ignore if "map_augment" in k))
-  return module, params, raw, apply, schedule, info, net_apply
+  info = dict(format="edm_pkl", precond=net.class_name, network=model.class_name,
+              img_resolution=res, in_channels=cin, label_dim=label_dim, sigma_data=sd,
+              ignored=sorted(k for k in ignore if "map_augment" in k))
+  return module, params, raw, apply, schedule, kind, info, net_apply
 
 
-__all__ = ["load_edm", "read_pickle", "state_dict", "song_unet_leaves", "RestrictedUnpickler",
+__all__ = ["load_edm", "read_pickle", "state_dict", "unet_leaves", "RestrictedUnpickler",
            "Record", "Persistent"]

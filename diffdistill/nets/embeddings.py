@@ -4,6 +4,7 @@ Both map a scalar network time input s (shape [B]) to a [B, dim] feature vector:
 
     positional:  f_i = scale * max_positions^(-i / (dim/2 - 1)),  i = 0 .. dim/2 - 1
                  emb = [sin(f s), cos(f s)]
+                 (endpoint=False: the exponent -i / (dim/2), EDM's ADM embedding)
     fourier:     f_i ~ N(0, scale^2) drawn once at init (a non-trainable constant),
                  emb = [sin(2 pi f s), cos(2 pi f s)]
 
@@ -50,11 +51,16 @@ def _as_batch_times(t: Array) -> Array:
 
 
 class SinusoidalEmbedding(nn.Module):
-  """emb = [sin(f s), cos(f s)], f_i = scale * max_positions^(-i/(dim/2 - 1)); [B] -> [B, dim]."""
+  """emb = [sin(f s), cos(f s)], f_i = scale * max_positions^(-i/(dim/2 - 1)); [B] -> [B, dim].
+
+  endpoint=False divides by dim/2 instead (the slowest frequency stops short of
+  scale / max_positions), as EDM's PositionalEmbedding does by default (its DhariwalUNet).
+  """
 
   dim: int
   scale: float = 1000.0
   max_positions: float = 10000.0
+  endpoint: bool = True
 
   @nn.compact
   def __call__(self, t: Array) -> Array:
@@ -62,7 +68,8 @@ class SinusoidalEmbedding(nn.Module):
       raise ValueError(f"SinusoidalEmbedding: dim must be even and >= 4, got dim={self.dim}.")
     t = _as_batch_times(t)
     half = self.dim // 2
-    freqs = self.scale * jnp.exp(-math.log(self.max_positions) * jnp.arange(half) / (half - 1))
+    denom = half - 1 if self.endpoint else half
+    freqs = self.scale * jnp.exp(-math.log(self.max_positions) * jnp.arange(half) / denom)
     phase = t[:, None] * freqs[None, :]  # [B, dim/2]
     return jnp.concatenate([jnp.sin(phase), jnp.cos(phase)], axis=-1)
 
@@ -89,15 +96,21 @@ class FourierEmbedding(nn.Module):
     return jnp.concatenate([jnp.sin(phase), jnp.cos(phase)], axis=-1)
 
 
+LABEL_POSITIONS = ("input", "output")
 TIME_EMBEDDINGS = {"positional": SinusoidalEmbedding, "fourier": FourierEmbedding}
 DEFAULT_SCALES = {"positional": 1000.0, "fourier": 16.0}
 
 
-def time_embedding(kind: str, dim: int, scale: float | None = None) -> nn.Module:
-  """Builds a time embedding by name ('positional' or 'fourier'); scale=None takes its default."""
+def time_embedding(kind: str, dim: int, scale: float | None = None, *,
+                   endpoint: bool = True) -> nn.Module:
+  """Builds a time embedding by name ('positional' or 'fourier'); scale=None takes its default;
+  endpoint: the positional embedding's (SinusoidalEmbedding), ignored by 'fourier'."""
   if kind not in TIME_EMBEDDINGS:
     raise ValueError(f"Unknown time embedding {kind!r}; expected one of {sorted(TIME_EMBEDDINGS)}.")
-  return TIME_EMBEDDINGS[kind](dim=dim, scale=DEFAULT_SCALES[kind] if scale is None else scale)
+  scale = DEFAULT_SCALES[kind] if scale is None else scale
+  if kind == "positional":
+    return SinusoidalEmbedding(dim=dim, scale=scale, endpoint=endpoint)
+  return TIME_EMBEDDINGS[kind](dim=dim, scale=scale)
 
 
 class ConditionEmbedding(nn.Module):
@@ -112,6 +125,11 @@ class ConditionEmbedding(nn.Module):
   a shortcut model's step size d, guided distillation's w, CTM's target time s). Each gets the
   same kind of embedding as t and a zero-initialized projection, e += W_n embed(c_n), so a student
   with extra inputs starts as the network it is initialized from (its params are a superset).
+
+  `label_at` places the label: "input" adds Embed(label) (noise_dim wide) to the time embedding,
+  as above (EDM's SongUNet); "output" adds it (emb_dim wide) after W2, before the last silu,
+  emb = silu(W2 silu(W1 e) + Embed(label)) (EDM's DhariwalUNet, the ADM network). `endpoint`:
+  the positional embedding's (SinusoidalEmbedding).
   """
 
   noise_dim: int
@@ -121,17 +139,23 @@ class ConditionEmbedding(nn.Module):
   num_classes: int = 0
   dtype: jnp.dtype = jnp.float32
   extra: tuple[str, ...] = ()
+  label_at: str = "input"
+  endpoint: bool = True
 
   @nn.compact
   def __call__(self, t: Array, label: Array | None = None,
                extra: dict[str, Array] | None = None) -> Array:
-    e = time_embedding(self.embedding, self.noise_dim, self.scale)(t)  # [B, noise_dim]
+    if self.label_at not in LABEL_POSITIONS:
+      raise ValueError(f"label_at must be one of {LABEL_POSITIONS}, got {self.label_at!r}.")
+    embed = lambda s: time_embedding(self.embedding, self.noise_dim, self.scale,  # noqa: E731
+                                     endpoint=self.endpoint)(s)
+    e = embed(t)  # [B, noise_dim]
     extra = extra or {}
     if set(extra) != set(self.extra):
       raise ValueError(f"extra conditioning inputs {sorted(extra)} do not match the network's "
                        f"extra_cond {sorted(self.extra)}.")
     for name in self.extra:
-      c = time_embedding(self.embedding, self.noise_dim, self.scale)(extra[name])
+      c = embed(extra[name])
       e = e + nn.Dense(self.noise_dim, dtype=self.dtype, name=f"{name}_embed",
                        kernel_init=nn.initializers.zeros)(c)
     if not self.num_classes and label is not None:
@@ -141,11 +165,16 @@ class ConditionEmbedding(nn.Module):
         raise ValueError(f"a class-conditional network needs label of shape {t.shape} (use the null "
                          f"label {self.num_classes} for unconditional), got "
                          f"{None if label is None else label.shape}.")
-      e = e + nn.Embed(self.num_classes + 1, self.noise_dim, name="label_embed")(label)
+    label_embed = lambda width: nn.Embed(self.num_classes + 1, width,  # noqa: E731
+                                         name="label_embed")(label)
+    if self.num_classes and self.label_at == "input":
+      e = e + label_embed(self.noise_dim)
     dense = lambda name: nn.Dense(self.emb_dim, dtype=self.dtype, name=name,  # noqa: E731
                                   kernel_init=nn.initializers.xavier_uniform())  # as EDM's SongUNet
-    e = nn.silu(dense("map0")(e))
-    return nn.silu(dense("map1")(e))  # [B, emb_dim]
+    e = dense("map1")(nn.silu(dense("map0")(e)))
+    if self.num_classes and self.label_at == "output":
+      e = e + label_embed(self.emb_dim)
+    return nn.silu(e)  # [B, emb_dim]
 
 
 __all__ = ["SinusoidalEmbedding", "FourierEmbedding", "TIME_EMBEDDINGS", "DEFAULT_SCALES",

@@ -23,11 +23,21 @@ each residual branch, the attention projection and the head start at zero (EDM's
 EDM's CIFAR-10 DDPM++ net (model_channels 128, channel_mult (2, 2, 2), 4 blocks, attention at
 16x16, dropout 0.13) has about 56M parameters; `PRESETS["ddpmpp_cifar10"]`.
 
+`layout="adm"` is the ADM network of Dhariwal & Nichol (2021) as EDM writes it (`DhariwalUNet`,
+the ImageNet-64 model): the same skeleton with adaptive group norm in the block,
+h = silu(GN(h) (1 + s) + b) with (s, b) = W emb, skip scale 1, GroupNorm eps 1e-5, a resampled
+skip without a projection when the width is kept, attention (one head per `channels_per_head`
+channels; none below that width, as EDM) in every block of an attention resolution, decoder
+included, the positional embedding without endpoint, and the label added after the mapping
+network's second layer (nets.embeddings.ConditionEmbedding, label_at="output").
+`PRESETS["adm_imagenet64"]` is EDM's ImageNet-64 configuration (about 296M parameters).
+
 References:
   Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020 (the U-Net).
   Song et al., Score-Based Generative Modeling through SDEs, ICLR 2021 (DDPM++, skip scale 1/sqrt 2).
   Karras et al., Elucidating the Design Space of Diffusion Models, NeurIPS 2022 (Table 7, App. F.2).
   Wu & He, Group Normalization, ECCV 2018.
+  Dhariwal & Nichol, Diffusion Models Beat GANs on Image Synthesis, NeurIPS 2021 (ADM).
 """
 
 from __future__ import annotations
@@ -47,10 +57,20 @@ _XAVIER = nn.initializers.xavier_uniform()
 _ATTN_INIT = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")  # EDM: sqrt(0.2) Xavier
 _ZERO = nn.initializers.zeros
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
+# what a layout fixes (module docstring): the skip scale, the GroupNorm eps, scale-shift norm,
+# a 1x1 projection on every resampled skip, attention in every decoder block of an attention
+# resolution (not only the last), the embedding's endpoint, where the label enters it, and the
+# stem's width (model_channels, or model_channels * channel_mult[0])
+LAYOUTS = {
+    "ddpmpp": dict(skip_scale=SKIP_SCALE, eps=1e-6, adaptive_scale=False, resample_proj=True,
+                   decoder_attention="last", endpoint=True, label_at="input", stem_mult=False),
+    "adm": dict(skip_scale=1.0, eps=1e-5, adaptive_scale=True, resample_proj=False,
+                decoder_attention="all", endpoint=False, label_at="output", stem_mult=True),
+}
 
 
-def _group_norm(channels: int, dtype) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=1e-6, dtype=dtype)
+def _group_norm(channels: int, dtype, eps: float = 1e-6) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=eps, dtype=dtype)
 
 
 def _downsample(x: Array) -> Array:
@@ -69,6 +89,8 @@ class SelfAttention(nn.Module):
 
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  skip_scale: float = SKIP_SCALE
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -76,16 +98,18 @@ class SelfAttention(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"SelfAttention: {c} channels do not split into num_heads={self.num_heads}.")
     ch = c // self.num_heads
-    qkv = nn.Conv(3 * c, (1, 1), dtype=self.dtype, kernel_init=_ATTN_INIT)(_group_norm(c, self.dtype)(x))
+    qkv = nn.Conv(3 * c, (1, 1), dtype=self.dtype,
+                  kernel_init=_ATTN_INIT)(_group_norm(c, self.dtype, self.eps)(x))
     q, k, v = jnp.split(qkv.reshape(b, h * w, 3, self.num_heads, ch), 3, axis=2)  # [B, HW, 1, heads, ch]
     logits = jnp.einsum("bqhc,bkhc->bhqk", q[:, :, 0], k[:, :, 0]).astype(jnp.float32) / math.sqrt(ch)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [B, heads, HW, HW]
     a = jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :, 0]).reshape(b, h, w, c)
-    return (x + nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=_ZERO)(a)) * SKIP_SCALE
+    return (x + nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=_ZERO)(a)) * self.skip_scale
 
 
 class UNetBlock(nn.Module):
-  """DDPM++ residual block (module docstring), optionally resampling and with self-attention."""
+  """DDPM++ (or ADM) residual block (module docstring), optionally resampling and with
+  self-attention (num_heads = 0: none)."""
 
   out_channels: int
   up: bool = False
@@ -94,23 +118,33 @@ class UNetBlock(nn.Module):
   num_heads: int = 1
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  layout: str = "ddpmpp"
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, deterministic: bool = True) -> Array:
+    lay = LAYOUTS[self.layout]
+    norm = lambda c: _group_norm(c, self.dtype, lay["eps"])  # noqa: E731
     resample = _upsample if self.up else (_downsample if self.down else (lambda a: a))
     c_in, c_out = x.shape[-1], self.out_channels
-    h = nn.silu(_group_norm(c_in, self.dtype)(x))
+    h = nn.silu(norm(c_in)(x))
     h = nn.Conv(c_out, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(resample(h))
-    h = h + nn.Dense(c_out, dtype=self.dtype, kernel_init=_XAVIER)(emb)[:, None, None, :]
-    h = nn.silu(_group_norm(c_out, self.dtype)(h))
+    width = 2 * c_out if lay["adaptive_scale"] else c_out
+    p = nn.Dense(width, dtype=self.dtype, kernel_init=_XAVIER)(emb)[:, None, None, :]
+    if lay["adaptive_scale"]:
+      scale, shift = jnp.split(p, 2, axis=-1)
+      h = nn.silu(norm(c_out)(h) * (scale + 1.0) + shift)
+    else:
+      h = nn.silu(norm(c_out)(h + p))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = nn.Conv(c_out, (3, 3), dtype=self.dtype, kernel_init=_ZERO)(h)
     skip = x
     if c_out != c_in or self.up or self.down:
-      skip = nn.Conv(c_out, (1, 1), dtype=self.dtype, kernel_init=_XAVIER)(resample(x))
-    x = (h + skip) * SKIP_SCALE
-    if self.attention:
-      x = SelfAttention(self.num_heads, self.dtype)(x)
+      skip = resample(x)
+      if lay["resample_proj"] or c_out != c_in:
+        skip = nn.Conv(c_out, (1, 1), dtype=self.dtype, kernel_init=_XAVIER)(skip)
+    x = (h + skip) * lay["skip_scale"]
+    if self.attention and self.num_heads:
+      x = SelfAttention(self.num_heads, self.dtype, lay["skip_scale"], lay["eps"])(x)
     return x
 
 
@@ -128,6 +162,9 @@ class UNet(nn.Module):
     embedding / embedding_scale: the time embedding ('positional' or 'fourier'; nets.embeddings).
     num_classes: K > 0 makes it class-conditional (labels 0..K-1, null label K).
     num_heads: attention heads (EDM's DDPM++: 1).
+    channels_per_head: if set, each attention layer has width // channels_per_head heads
+      instead (ADM: 64; a layer narrower than that has none, as in EDM's DhariwalUNet).
+    layout: "ddpmpp" (EDM's SongUNet) or "adm" (EDM's DhariwalUNet); module docstring.
     dtype: computation dtype (params stay float32; `nets.precision`).
     extra_cond: names of extra scalar inputs (e.g. ("w",) for guided distillation).
     remat: rematerialisation (`nets.remat`): "none", "block" (each residual block's activations
@@ -144,6 +181,8 @@ class UNet(nn.Module):
   embedding_scale: float | None = None
   num_classes: int = 0
   num_heads: int = 1
+  channels_per_head: int | None = None
+  layout: str = "ddpmpp"
   dtype: jnp.dtype = jnp.float32
   extra_cond: tuple[str, ...] = ()
   remat: str = "none"
@@ -152,6 +191,9 @@ class UNet(nn.Module):
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
                extra: dict[str, Array] | None = None, deterministic: bool = True) -> Array:
     check_remat(self.remat)
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"UNet: layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}.")
+    lay = LAYOUTS[self.layout]
     if x.ndim != 4:
       raise ValueError(f"UNet: x must be NHWC images [B, H, W, C], got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
@@ -161,14 +203,19 @@ class UNet(nn.Module):
     cls = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat == "block" else UNetBlock
     count = iter(range(10 ** 6))
     # explicit names: the remat'd class would otherwise rename every block's params
-    block = lambda c, **kw: cls(c, num_heads=self.num_heads, dropout=self.dropout,  # noqa: E731
-                                dtype=self.dtype, name=f"UNetBlock_{next(count)}", **kw)
+    heads = lambda c: (c // self.channels_per_head if self.channels_per_head  # noqa: E731
+                       else self.num_heads)
+    block = lambda c, **kw: cls(c, num_heads=heads(c), dropout=self.dropout,  # noqa: E731
+                                dtype=self.dtype, layout=self.layout,
+                                name=f"UNetBlock_{next(count)}", **kw)
     emb = ConditionEmbedding(self.model_channels, self.model_channels * self.channel_mult_emb,
                              self.embedding, self.embedding_scale, self.num_classes,
-                             self.dtype, self.extra_cond)(t, label, extra)  # [B, E]
+                             self.dtype, self.extra_cond, label_at=lay["label_at"],
+                             endpoint=lay["endpoint"])(t, label, extra)  # [B, E]
     det = (deterministic,)
 
-    h = nn.Conv(self.model_channels, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(x)
+    stem = self.model_channels * (self.channel_mult[0] if lay["stem_mult"] else 1)
+    h = nn.Conv(stem, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(x)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       res = x.shape[1] >> level
@@ -189,10 +236,11 @@ class UNet(nn.Module):
         h = block(h.shape[-1], up=True)(h, emb, *det)
       for idx in range(self.num_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        attention = idx == self.num_blocks and res in self.attn_resolutions
+        last_only = lay["decoder_attention"] == "last"
+        attention = (idx == self.num_blocks or not last_only) and res in self.attn_resolutions
         h = block(self.model_channels * mult, attention=attention)(h, emb, *det)
 
-    h = nn.silu(_group_norm(h.shape[-1], self.dtype)(h))
+    h = nn.silu(_group_norm(h.shape[-1], self.dtype, lay["eps"])(h))
     out = nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, kernel_init=_ZERO)(h)
     return out.astype(x.dtype)  # [B, H, W, C]
 
@@ -202,8 +250,12 @@ PRESETS = {
     "ddpmpp_cifar10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
                            attn_resolutions=(16,), dropout=0.13),
     # A CPU-sized net for 8x8 digits: levels 8x8 and 4x4, attention at 4x4.
+    # Karras et al. 2022's ImageNet-64 ADM (Dhariwal & Nichol's architecture; about 296M params).
+    "adm_imagenet64": dict(layout="adm", model_channels=192, channel_mult=(1, 2, 3, 4),
+                           num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1,
+                           channels_per_head=64),
     "digits8": dict(model_channels=32, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(4,),
                     dropout=0.1),
 }
 
-__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE"]
+__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE", "LAYOUTS"]
