@@ -320,8 +320,8 @@ def test_a_conditional_teacher_keeps_its_labels_in_the_data_the_student_and_the_
 def test_conditional_refusals_name_the_cause(conditional_teacher, dit_folder, latent_teacher):
   with pytest.raises(ValueError, match="needs a labelled config.teacher.dataset"):
     setup_lib.make_setup(_config("cd", conditional_teacher[0], conditional=True))
-  with pytest.raises(ValueError, match=r"sid does not distil a class-conditional.*\['cd', 'ct'"):
-    setup_lib.make_setup(_conditional_config("sid", conditional_teacher))
+  with pytest.raises(ValueError, match=r"kd does not distil a class-conditional.*\['cd', 'ct'"):
+    setup_lib.make_setup(_conditional_config("kd", conditional_teacher))
   config = config_lib.get_config("cd_gmm64,tiny")
   config.teacher.conditional = True
   with pytest.raises(ValueError, match="is for an imported class-conditional checkpoint"):
@@ -333,5 +333,16 @@ def test_cd_distils_a_conditional_latent_teacher_over_its_labels(conditional_tea
   out = main_lib.run(_conditional_config("cd", conditional_teacher), str(tmp_path))
   assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
   with np.load(tmp_path / "samples" / "cd_nfe1.npz") as f:
+    labels, images = f["labels"], f["images"]
+  assert labels.shape == (128,) and len(np.unique(labels)) > 5 and images.shape == (128, 8, 8, 1)
+
+
+@pytest.mark.slow
+def test_dmd2_distils_a_conditional_latent_teacher_over_its_labels(conditional_teacher, tmp_path):
+  """DMD2 with its GAN head: G(z, label), the teacher and the fake score at the batch's labels
+  (tests/test_distribution_matching.py checks the routing in closed form)."""
+  out = main_lib.run(_conditional_config("dmd2", conditional_teacher), str(tmp_path))
+  assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
+  with np.load(tmp_path / "samples" / "dmd2_generator_nfe1.npz") as f:
     labels, images = f["labels"], f["images"]
   assert labels.shape == (128,) and len(np.unique(labels)) > 5 and images.shape == (128, 8, 8, 1)

@@ -171,6 +171,33 @@ def test_gan_head_features_of_an_mlp_are_its_last_block():
   assert mf(mp, jnp.ones((5, 2)), jnp.full((5,), 0.3)).shape == (5, 32) and mdim == 32
 
 
+def test_gan_head_features_of_a_dit_are_its_last_blocks_tokens_in_the_nets_own_conventions():
+  """A DiT's features: its last block's tokens averaged, read from the network as the Net runs
+  it: with an imported network's `apply_fn` (here DiT's step index 1000 t - 1 and a label), the
+  features are those of the block at that step and label."""
+  module = nets.get_network("dit", patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                            num_classes=3)
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+  t, label = jnp.array([0.2, 0.5, 0.9]), jnp.array([0, 2, 3])
+  params = module.init(jax.random.key(1), x, t, label)["params"]
+  leaves, tree = jax.tree.flatten(params)  # adaLN-Zero starts every block at the identity
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape)
+                                     for a, k in zip(leaves, keys)])
+  raw = nets.make_apply(module)
+  step = lambda p, x, t, **c: raw(p, x, 1000.0 * t - 1.0, **c)  # noqa: E731
+  net = nets.Net(module=module, kind="eps", schedule=schedules.VPLinear(), example_shape=(4, 4, 2),
+                 apply_fn=step)
+  features, dim = nets.trunk_features(net)
+  f = features(params, x, t, label=label)
+  _, state = module.apply({"params": params}, x, 1000.0 * t - 1.0, label,
+                          capture_intermediates=True, mutable=["intermediates"])
+  h = state["intermediates"]["blocks_1"]["__call__"][0]  # [B, tokens, D]
+  assert dim == 16 and f.shape == (3, 16)
+  np.testing.assert_allclose(f, h.mean(axis=1), rtol=1e-6)
+  assert not np.allclose(f, features(params, x, t, label=label[::-1]))
+
+
 @pytest.mark.slow  # ~10-30 s: compiling a U-Net; the digits DMD2 run reads these features
 def test_gan_head_features_are_the_unet_bottleneck_averaged_over_space():
   module = nets.get_network("unet", model_channels=8, channel_mult=(1, 2), num_blocks=1,

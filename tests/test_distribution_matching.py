@@ -286,3 +286,77 @@ def test_particle_recipes_wire_and_their_samples_are_the_particles(name):
   results["dm"] = {"particles": players["particles"].params}
   out = student.run(student.params(results), setup.start_noise(jax.random.key(0), config.eval.num_samples))
   np.testing.assert_array_equal(out, players["particles"].params)
+
+
+# -- class-conditional distillation: every network of the game reads the batch's labels --------
+# Networks that ignore x and return a per-label constant: G(z, k) = c_g[k], D_d(., k) = m[k],
+# D_f(., k) = c_f[k]. Each loss's gradient (value, for SiD) is then closed-form per label, and
+# wrong with a dropped or shuffled label anywhere (the null label K gives other constants).
+K, D_LAB = 3, 5
+
+
+def _per_label(table_key):
+  return lambda params, x, t, label=None: params[table_key][label] + 0.0 * x
+
+
+def _labelled():
+  r = np.random.default_rng(0)
+  m = jnp.asarray(r.standard_normal((K + 1, D_LAB)), jnp.float32)
+  gp = {"c": jnp.asarray(r.standard_normal((K + 1, D_LAB)), jnp.float32)}
+  fp = {"c": jnp.asarray(r.standard_normal((K + 1, D_LAB)), jnp.float32)}
+  labels = jnp.array([0, 2, 2, 1, 2, 0])
+  batch = {"x": jnp.zeros((labels.shape[0], D_LAB)), "label": labels}
+  counts = np.bincount(np.asarray(labels), minlength=K + 1)[:, None]
+  return m, gp, fp, batch, counts
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_game_routes_labels_to_generator_teacher_and_fake_score(steps):
+  sch = schedules.VPLinear()
+  m, gp, fp, batch, n = _labelled()
+  b = batch["x"].shape[0]
+  gen = (dm.one_step_generator(_per_label("c"), schedule=sch) if steps == 1 else
+         dm.multi_step_generator(_per_label("c"), schedule=sch, times=[0.9, 0.6, 0.3]))
+  teacher = lambda params, x, t, label=None: m[label] + 0.0 * x  # noqa: E731
+  fake = _per_label("c")
+  rng = jax.random.key(0)
+  x_init = gen.noise(rng, batch["x"])
+  np.testing.assert_allclose(gen.sample(gp, x_init, rng, label=batch["label"]),
+                             gp["c"][batch["label"]], rtol=1e-6)
+  kw = dict(teacher_params=None, fake_params=fp)
+  c_g, c_f = np.asarray(gp["c"]), np.asarray(fp["c"])
+  grad = jax.grad(lambda p: dm.diff_instruct_loss(gen, teacher, fake, schedule=sch)(
+      p, batch, rng, **kw)[0])(gp)["c"]
+  np.testing.assert_allclose(grad, n * (c_f - m) / (D_LAB * b), rtol=1e-5, atol=1e-7)
+  grad = jax.grad(lambda p: dm.dmd_loss(gen, teacher, fake, schedule=sch)(
+      p, batch, rng, **kw)[0])(gp)["c"]
+  norm = np.abs(c_g - m).mean(1, keepdims=True) + 1e-6
+  np.testing.assert_allclose(grad, n * (c_f - m) / norm / (D_LAB * b), rtol=1e-5, atol=1e-7)
+  value = dm.sid_loss(gen, teacher, fake, schedule=sch, alpha=1.2)(gp, batch, rng, **kw)[0]
+  lab = np.asarray(batch["label"])
+  diff = m[lab] - c_f[lab]
+  per = (-0.2 * diff ** 2 + diff * (c_f[lab] - c_g[lab])).mean(1) / norm[lab, 0]
+  np.testing.assert_allclose(value, per.mean(), rtol=1e-5)
+  grad = jax.grad(lambda p: dm.fake_score_loss(gen, fake, schedule=sch)(
+      p, batch, rng, generator_params=gp)[0])(fp)["c"]
+  np.testing.assert_allclose(grad, n * 2 * (c_f - c_g) / (D_LAB * b), rtol=1e-5, atol=1e-7)
+
+
+def test_dmd2s_discriminator_and_gan_term_read_the_labels():
+  """Features = one-hot(label): the head's logit is w[label] + b for real and fake alike."""
+  sch = schedules.VPLinear()
+  m, gp, fp, batch, n = _labelled()
+  gen = dm.one_step_generator(_per_label("c"), schedule=sch)
+  features = lambda params, x_t, t, label=None: jax.nn.one_hot(label, K + 1)  # noqa: E731
+  head = {"w": jnp.array([0.3, -0.5, 1.1, 2.0]), "b": jnp.array(0.2)}
+  logit = np.asarray(head["w"])[np.asarray(batch["label"])] + 0.2
+  disc = dmd2.discriminator_loss(gen, features, schedule=sch)
+  value = disc(head, batch, jax.random.key(1), generator_params=gp, fake_params=fp)[0]
+  softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
+  np.testing.assert_allclose(value, np.mean(softplus(-logit) + softplus(logit)), rtol=1e-6)
+  teacher = lambda params, x, t, label=None: m[label] + 0.0 * x  # noqa: E731
+  loss = dmd2.generator_loss(gen, teacher, _per_label("c"), schedule=sch, features=features,
+                             gan_weight=1.0)
+  _, aux = loss(gp, batch, jax.random.key(2), teacher_params=None, fake_params=fp,
+                discriminator_params=head)
+  np.testing.assert_allclose(aux["gan"], np.mean(softplus(-logit)), rtol=1e-6)

@@ -277,11 +277,11 @@ NETWORKS = {"SongUNet": (SongUNet, ARCH), "DhariwalUNet": (DhariwalUNet, ADM_ARC
 
 
 class EDMPrecond(PersistentMixin, tnn.Module):
-  def __init__(self, label_dim=0, sigma_data=0.5, network="SongUNet"):
+  def __init__(self, label_dim=0, sigma_data=0.5, network="SongUNet", img_channels=C):
     super().__init__()
     self.label_dim, self.sigma_data, self.sigma_min, self.sigma_max = label_dim, sigma_data, 0, float("inf")
     cls, arch = NETWORKS[network]
-    self.model = cls(RES, C, C, label_dim=label_dim, **arch)
+    self.model = cls(RES, img_channels, img_channels, label_dim=label_dim, **arch)
 
   def forward(self, x, sigma, class_labels=None):
     sigma, sd = sigma.reshape(-1, 1, 1, 1), self.sigma_data
@@ -296,12 +296,12 @@ class VPPrecond(PersistentMixin, tnn.Module):
   """EDM's VP preconditioning (Song et al.'s continuous VP, eps prediction at time (M - 1) t)."""
 
   def __init__(self, label_dim=0, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5,
-               network="SongUNet"):
+               network="SongUNet", img_channels=C):
     super().__init__()
     self.label_dim, self.beta_d, self.beta_min, self.M = label_dim, beta_d, beta_min, M
     self.epsilon_t = epsilon_t
     cls, arch = NETWORKS[network]
-    self.model = cls(RES, C, C, label_dim=label_dim, **arch)
+    self.model = cls(RES, img_channels, img_channels, label_dim=label_dim, **arch)
 
   def sigma_inv(self, sigma):
     return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt()
@@ -314,12 +314,14 @@ class VPPrecond(PersistentMixin, tnn.Module):
 
 
 def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="edm-tiny.pkl",
-              precond=EDMPrecond, network="SongUNet", **precond_kwargs):
+              precond=EDMPrecond, network="SongUNet", arch=None, **precond_kwargs):
   persistence = types.ModuleType("torch_utils.persistence")
   persistence._reconstruct_persistent_obj = _fake_reconstruct
   monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
   monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
   torch.manual_seed(seed)
+  if arch is not None:  # another size of the same network (the NETWORKS table's default)
+    monkeypatch.setitem(NETWORKS, network, (NETWORKS[network][0], arch))
   net = precond(label_dim=label_dim, network=network, **precond_kwargs)
   with torch.no_grad():  # N(0, 1/fan_in) kernels, N(0, 0.5^2) norms and biases
     for p in net.parameters():

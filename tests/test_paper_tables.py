@@ -84,6 +84,12 @@ def test_runnable_tables_run_tiny_on_a_random_edm_snapshot(tmp_path, monkeypatch
   from tests.test_evaluate import _random_weights
   from tests.test_interop_edm import _snapshot
   _, checkpoint = _snapshot(tmp_path, monkeypatch)
+  # a class-conditional table: EDM's ADM over 10 labels, on the 8x8 digits with their labels
+  # (widths 16 and 32: no attention, which the equivalence tests cover; a small compile)
+  arch = dict(model_channels=16, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1,
+              attn_resolutions=[4], dropout=0.0)
+  _, adm = _snapshot(tmp_path, monkeypatch, network="DhariwalUNet", label_dim=10, img_channels=1,
+                     name="edm-adm.pkl", arch=arch)
   rng = np.random.default_rng(0)
   np.savez(tmp_path / "inception.npz",
            **inception_net.state_dict_from_variables(_random_weights(rng)))
@@ -93,7 +99,9 @@ def test_runnable_tables_run_tiny_on_a_random_edm_snapshot(tmp_path, monkeypatch
     if table.blocked:
       continue
     workdir = tmp_path / name
-    result = paper_main.run(table, str(workdir), checkpoint=checkpoint, tiny=True,
+    conditional = table.method.get("teacher.conditional", False)
+    files = dict(checkpoint=adm, dataset="digits8") if conditional else dict(checkpoint=checkpoint)
+    result = paper_main.run(table, str(workdir), tiny=True, **files,
                             inception=str(tmp_path / "inception.npz"),
                             fid_reference=str(tmp_path / "ref.npz"))
     rows = json.loads((workdir / "results.json").read_text())["rows"]

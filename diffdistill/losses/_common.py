@@ -1,6 +1,7 @@
 """Pieces every distillation loss needs: the data of a batch and the forward noising.
 
     x0 = data(batch)                          # batch["x"] in at least float32
+    cond = condition(batch)                   # {"label": batch["label"]} or {} (unconditional)
     x_t = noised(schedule, x0, t, eps)        # alpha(t) x0 + sigma(t) eps, t of shape [B]
     x_end = pushforward(flow_map, params, x, times=[1.0, 0.5, 0.0])   # a flow map's few-step sampler
 """
@@ -23,6 +24,12 @@ def data(batch: Mapping[str, Array]) -> Array:
     raise ValueError(f"batch must hold 'x' (data samples); got keys {sorted(batch)}.")
   x0 = jnp.asarray(batch["x"])
   return x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
+
+
+def condition(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """The network conditioning a batch carries: {"label": batch["label"]} when it holds labels
+  (a class-conditional teacher distilled over its labels), else {}; passed on as **cond."""
+  return {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
 
 
 def noised(schedule: schedules_lib.Schedule, x0: Array, t: Array, eps: Array) -> Array:

@@ -266,7 +266,7 @@ def cd_loss(student: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule,
     i = jax.random.randint(i_rng, (b,), 0, n)
     t, tp = grid(i, n), grid(i + 1, n)
     x_t = _common.noised(schedule, x0, t, jax.random.normal(z_rng, x0.shape, x0.dtype))
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
     x_tp = jax.lax.stop_gradient(solver_step(teach, x_t, t, tp, schedule=schedule))
     terms, online, target = pair(params, target_params, x_t, t, x_tp, tp, d_rng, cond)
@@ -316,7 +316,7 @@ def ct_loss(student: Apply, *, schedule: schedules_lib.Schedule, num_steps: Call
     t, tp = grid(i, n), grid(i + 1, n)
     z = jax.random.normal(z_rng, x0.shape, x0.dtype)
     x_t, x_tp = _common.noised(schedule, x0, t, z), _common.noised(schedule, x0, tp, z)
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     terms, online, target = pair(params, target_params, x_t, t, x_tp, tp, d_rng, cond)
     return jnp.mean(terms), _aux(terms, online, target, n)
 
@@ -353,7 +353,7 @@ def ect_loss(student: Apply, *, schedule: schedules_lib.Schedule, stage_steps: i
     tp = jnp.clip(schedule.t_from_logsnr(-2.0 * jnp.log(shp)), schedule.t_min, schedule.t_max)
     z = jax.random.normal(z_rng, x0.shape, x0.dtype)
     x_t, x_tp = _common.noised(schedule, x0, t, z), _common.noised(schedule, x0, tp, z)
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     terms, online, target = pair(params, jax.lax.stop_gradient(params), x_t, t, x_tp, tp, d_rng,
                                  cond)
     aux = _aux(terms, online, target, jnp.int32(0))

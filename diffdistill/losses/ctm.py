@@ -196,7 +196,7 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     n, grid, i, j, x_t = draw(x0, i_rng, j_rng, z_rng)
     k = jax.random.randint(k_rng, (b,), i + 1, jnp.minimum(j, i + loops) + 1)
     t, s, u, t0 = grid(i), grid(j), grid(k), grid(jnp.full((b,), n))
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     extra = {"dropout_rng": d_rng} if dropout else {}
     teach = lambda x, tt: teacher(teacher_params, x, tt, **cond)  # noqa: E731
 
@@ -241,7 +241,7 @@ def ctm_loss(denoise: Apply, teacher: Apply, *, schedule: schedules_lib.Schedule
     x0 = _common.data(batch)
     n, grid, i, j, x_t = draw(x0, *jax.random.split(rng, 3))
     t, s, t0 = grid(i), grid(j), grid(jnp.full((x0.shape[0],), n))
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     tp = jax.lax.stop_gradient(target_params)
     return x0, G(tp, G(params, x_t, t, s, **cond), s, t0, **cond)
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import distances, dsm
+from diffdistill.losses import _common, distances, dsm
 from diffdistill.method import Method, Update
 
 Array = jax.Array
@@ -67,9 +67,12 @@ Apply = Callable[..., Array]
 class Generator:
   """A generator whose input is noise at level sigma_init: x_init = sigma_init * z.
 
-  sample(params, x_init, rng) -> x: the generator as it is evaluated.
-  train_sample(params, x_init, rng) -> x: the sample the losses differentiate (the same map for
-    a one-step generator; one backward-simulated step for a multi-step one).
+  sample(params, x_init, rng, **cond) -> x: the generator as it is evaluated.
+  train_sample(params, x_init, rng, **cond) -> x: the sample the losses differentiate (the same
+    map for a one-step generator; one backward-simulated step for a multi-step one).
+  cond: the network conditioning (a class-conditional generator's `label`), passed to its
+  denoiser; the losses take it from the batch (`losses._common.condition`), so a batch with
+  labels trains G(z, label) against the teacher and the fake score at the same label.
   """
 
   sample: Callable[..., Array]
@@ -94,9 +97,9 @@ def one_step_generator(denoise: Apply, *, schedule: schedules_lib.Schedule,
     raise ValueError(f"t_init must lie in [t_min, t_max] = [{schedule.t_min}, {schedule.t_max}], "
                      f"got {t_init}.")
 
-  def sample(params, x_init, rng=None):
+  def sample(params, x_init, rng=None, **cond):
     del rng
-    return denoise(params, x_init, jnp.full((x_init.shape[0],), t_init, x_init.dtype))
+    return denoise(params, x_init, jnp.full((x_init.shape[0],), t_init, x_init.dtype), **cond)
 
   return Generator(sample=sample, train_sample=sample,
                    sigma_init=float(schedule.sigma(jnp.float32(t_init))))
@@ -117,10 +120,10 @@ def multi_step_generator(denoise: Apply, *, schedule: schedules_lib.Schedule,
   t_arr = jnp.asarray(ts, jnp.float32)
   k = len(ts)
 
-  def levels(params, x_init, rng):
+  def levels(params, x_init, rng, cond):
     """[k, B, ...]: the generator's input at each t_i; [k, B, ...] its outputs."""
     def body(x, i):
-      x0 = denoise(params, x, jnp.full((x.shape[0],), t_arr[i], x.dtype))
+      x0 = denoise(params, x, jnp.full((x.shape[0],), t_arr[i], x.dtype), **cond)
       nxt = t_arr[jnp.minimum(i + 1, k - 1)]
       eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
       return schedule.alpha(nxt) * x0 + schedule.sigma(nxt) * eps, (x, x0)
@@ -128,17 +131,17 @@ def multi_step_generator(denoise: Apply, *, schedule: schedules_lib.Schedule,
     _, (xs, x0s) = jax.lax.scan(body, x_init, jnp.arange(k))
     return xs, x0s
 
-  def sample(params, x_init, rng=None):
+  def sample(params, x_init, rng=None, **cond):
     rng = jax.random.key(0) if rng is None else rng
-    return levels(params, x_init, rng)[1][-1]
+    return levels(params, x_init, rng, cond)[1][-1]
 
-  def train_sample(params, x_init, rng):
+  def train_sample(params, x_init, rng, **cond):
     i_rng, s_rng = jax.random.split(rng)
     b = x_init.shape[0]
     i = jax.random.randint(i_rng, (b,), 0, k)  # [B]
-    xs, _ = levels(jax.lax.stop_gradient(params), x_init, s_rng)
+    xs, _ = levels(jax.lax.stop_gradient(params), x_init, s_rng, cond)
     x_i = jax.lax.stop_gradient(xs[i, jnp.arange(b)])
-    return denoise(params, x_i, t_arr[i])
+    return denoise(params, x_i, t_arr[i], **cond)
 
   return Generator(sample=sample, train_sample=train_sample,
                    sigma_init=float(schedule.sigma(jnp.float32(ts[0]))))
@@ -198,19 +201,20 @@ def fake_score_loss(generator: Generator, fake: Apply, *, schedule: schedules_li
     time_sampler: the distribution of t.
 
   Returns:
-    loss_fn(params, batch, rng, *, generator_params) -> (loss, aux); the batch only sets the shape
-    (its 'x' or 'x_T'). aux: x0_mse (unweighted), nonfinite.
+    loss_fn(params, batch, rng, *, generator_params) -> (loss, aux); the batch sets the shape
+    (its 'x' or 'x_T') and, with 'label', the labels of G's samples and of the fake score.
+    aux: x0_mse (unweighted), nonfinite.
   """
   weight_fn = dsm.x0_weighting(weighting, **weighting_options)
   sampler = schedules_lib.resolve_time_sampler(time_sampler, "time_sampler")
 
   def loss_fn(params, batch, rng, *, generator_params):
-    like = batch_like(batch)
+    like, cond = batch_like(batch), _common.condition(batch)
     z_rng, g_rng, n_rng = jax.random.split(rng, 3)
     x = jax.lax.stop_gradient(generator.train_sample(generator_params, generator.noise(z_rng, like),
-                                                     g_rng))
+                                                     g_rng, **cond))
     x_t, t, lam = noised(x, n_rng, schedule=schedule, sampler=sampler)
-    err = mean_over_dims(jnp.square(fake(params, x_t, t) - x))  # [B]
+    err = mean_over_dims(jnp.square(fake(params, x_t, t, **cond) - x))  # [B]
     terms = weight_fn(lam) * err
     return jnp.mean(terms), {"x0_mse": jnp.mean(err), "nonfinite": jnp.sum(~jnp.isfinite(terms))}
 
@@ -223,17 +227,19 @@ def generator_terms(generator, teacher, fake, *, schedule, sampler, score_grad: 
   `with_x_t`, x, D_d(x_t), D_f(x_t), x_t, t).
 
   score_grad=False stops the gradient at x_t (Diff-Instruct, DMD: the score networks take none);
-  True lets it flow through both networks' inputs (SiD).
+  True lets it flow through both networks' inputs (SiD). A batch with 'label' conditions the
+  generator, the teacher and the fake score on those labels.
   """
 
   def terms(params, batch, rng, teacher_params, fake_params):
-    like = batch_like(batch)
+    like, cond = batch_like(batch), _common.condition(batch)
     z_rng, g_rng, n_rng = jax.random.split(rng, 3)
-    x = generator.train_sample(params, generator.noise(z_rng, like), g_rng)
+    x = generator.train_sample(params, generator.noise(z_rng, like), g_rng, **cond)
     x_t, t, lam = noised(x, n_rng, schedule=schedule, sampler=sampler)
     if not score_grad:
       x_t = jax.lax.stop_gradient(x_t)
-    d_real, d_fake = teacher(teacher_params, x_t, t), fake(fake_params, x_t, t)
+    d_real = teacher(teacher_params, x_t, t, **cond)
+    d_fake = fake(fake_params, x_t, t, **cond)
     return (x, d_real, d_fake, x_t, t) if with_x_t else (x, d_real, d_fake, lam)
 
   return terms
@@ -307,7 +313,8 @@ def dmd_loss(generator: Generator, teacher: Apply, fake: Apply, *,
         raise ValueError("dmd_loss with regression_weight > 0 needs teacher pairs, batch "
                          f"{{'x_T', 'x'}}; got {sorted(batch)}.")
       x_T = jnp.asarray(batch["x_T"])
-      out = generator.sample(params, pair_noise_scale * x_T, jax.random.fold_in(rng, 7))
+      out = generator.sample(params, pair_noise_scale * x_T, jax.random.fold_in(rng, 7),
+                             **_common.condition(batch))
       reg = jnp.mean(dist(out, jnp.asarray(batch["x"])))
       aux["regression"] = reg
       loss = loss + regression_weight * reg

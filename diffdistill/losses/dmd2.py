@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
-from diffdistill.losses import distribution_matching as dm
+from diffdistill.losses import _common, distribution_matching as dm
 from diffdistill.method import Method, Update
 
 Array = jax.Array
-Features = Callable[..., Array]  # features(fake_params, x_t, t) -> [B, F]
+Features = Callable[..., Array]  # features(fake_params, x_t, t, **cond) -> [B, F]
 
 
 def linear_head(params: Mapping[str, Array], features: Array) -> Array:
@@ -66,14 +66,14 @@ def discriminator_loss(generator: dm.Generator, features: Features, *,
   def loss_fn(params, batch, rng, *, generator_params, fake_params):
     if "x" not in batch:
       raise ValueError(f"discriminator_loss needs data samples batch['x']; got {sorted(batch)}.")
-    real = jnp.asarray(batch["x"]).astype(jnp.float32)
+    real, cond = jnp.asarray(batch["x"]).astype(jnp.float32), _common.condition(batch)
     z_rng, g_rng, r_rng, f_rng = jax.random.split(rng, 4)
     fake = jax.lax.stop_gradient(generator.train_sample(
-        generator_params, generator.noise(z_rng, real), g_rng))
+        generator_params, generator.noise(z_rng, real), g_rng, **cond))
     logits = []
     for x, key in ((real, r_rng), (fake, f_rng)):
       x_t, t, _ = dm.noised(x, key, schedule=schedule, sampler=sampler)
-      logits.append(head(params, features(fake_params, x_t, t)))
+      logits.append(head(params, features(fake_params, x_t, t, **cond)))
     l_real, l_fake = logits
     terms = jax.nn.softplus(-l_real) + jax.nn.softplus(l_fake)  # [B]
     accuracy = 0.5 * (jnp.mean(l_real > 0) + jnp.mean(l_fake < 0))
@@ -106,11 +106,12 @@ def generator_loss(generator: dm.Generator, teacher: Callable, fake: Callable, *
 
   def loss_fn(params, batch, rng, *, teacher_params, fake_params, discriminator_params):
     loss, aux = base(params, batch, rng, teacher_params=teacher_params, fake_params=fake_params)
-    like = dm.batch_like(batch)
+    like, cond = dm.batch_like(batch), _common.condition(batch)
     z_rng, g_rng, n_rng = jax.random.split(jax.random.fold_in(rng, 11), 3)
-    x = generator.train_sample(params, generator.noise(z_rng, like), g_rng)
+    x = generator.train_sample(params, generator.noise(z_rng, like), g_rng, **cond)
     x_t, t, _ = dm.noised(x, n_rng, schedule=schedule, sampler=sampler)
-    gan = jnp.mean(jax.nn.softplus(-head(discriminator_params, features(fake_params, x_t, t))))
+    logit = head(discriminator_params, features(fake_params, x_t, t, **cond))
+    gan = jnp.mean(jax.nn.softplus(-logit))
     aux = {**aux, "gan": gan}
     return loss + gan_weight * gan, aux
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
+from diffdistill.losses import _common
 from diffdistill.losses import distribution_matching as dm
 from diffdistill.losses import dmd2
 from diffdistill.method import Method
@@ -72,7 +73,7 @@ def generator_loss(generator: dm.Generator, teacher: Callable, fake: Callable, *
   """The f-divergence generator loss (module docstring).
 
   Args:
-    log_ratio: log_ratio(discriminator_params, fake_params, x_t, t) -> [B], the estimate of
+    log_ratio: log_ratio(discriminator_params, fake_params, x_t, t, **cond) -> [B], the estimate of
       log p_t(x_t) / q_t(x_t) (e.g. a head on the fake score's features); unused (may be None)
       for reverse_kl.
     normalize: divide h by its batch mean.
@@ -94,8 +95,8 @@ def generator_loss(generator: dm.Generator, teacher: Callable, fake: Callable, *
     x, d_real, d_fake, x_t, t = terms_fn(params, batch, rng, teacher_params, fake_params)
     diff = d_fake - d_real
     if needs_ratio:
-      l = jnp.clip(log_ratio(discriminator_params, fake_params, x_t, t), -max_log_ratio,
-                   max_log_ratio)
+      l = jnp.clip(log_ratio(discriminator_params, fake_params, x_t, t,
+                             **_common.condition(batch)), -max_log_ratio, max_log_ratio)
       h = weight(jax.lax.stop_gradient(l), divergence=divergence)  # [B]
       if normalize:
         h = h / jnp.mean(h)
@@ -130,8 +131,8 @@ def f_distill(generator: dm.Generator, teacher: Callable, fake: Callable, *,
     raise ValueError(f"divergence={divergence!r} needs features(fake_params, x_t, t), the fake "
                      "network's features the discriminator's head reads.")
 
-  def log_ratio(disc_params, fake_params, x_t, t):
-    return head(disc_params, features(fake_params, x_t, t))
+  def log_ratio(disc_params, fake_params, x_t, t, **cond):
+    return head(disc_params, features(fake_params, x_t, t, **cond))
 
   gen = generator_loss(generator, teacher, fake, schedule=schedule, divergence=divergence,
                        log_ratio=log_ratio, **options)

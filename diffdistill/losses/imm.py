@@ -178,7 +178,7 @@ def imm_loss(flow_map: Apply, *, schedule: schedules_lib.Schedule, group_size: i
     if b % m:
       raise ValueError(f"batch_size={b} is not a multiple of group_size={m}.")
     ng = b // m
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     t_rng, s_rng, e_rng = jax.random.split(rng, 3)
     t = jnp.clip(sampler.sample(t_rng, (ng,), schedule=schedule, dtype=x.dtype), t_lo, t_hi)
     s = t_lo + jax.random.uniform(s_rng, (ng,), x.dtype) * (t - t_lo)

@@ -83,7 +83,7 @@ def meanflow_loss(u_apply: Apply, teacher: Apply | None = None, *,
                        "from data takes neither.")
     x = _common.data(batch)
     b = x.shape[0]
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     t_rng, e_rng = jax.random.split(rng)
     t, r = sample_times(t_rng, b, p_mean=p_mean, p_std=p_std, ratio_r_neq_t=ratio_r_neq_t,
                         t_min=schedule.t_min, t_max=schedule.t_max, dtype=x.dtype)

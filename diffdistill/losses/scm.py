@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from diffdistill import schedules as schedules_lib
+from diffdistill.losses import _common
 from diffdistill.method import Method, Update
 
 Array = jax.Array
@@ -136,7 +137,7 @@ def scm_loss(flow_apply: Apply, teacher: Apply | None = None, *,
     x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.float32))
     b = x0.shape[0]
     net = params["net"] if adaptive_weighting else params
-    cond = {"label": jnp.asarray(batch["label"])} if "label" in batch else {}
+    cond = _common.condition(batch)
     t_rng, z_rng, w_rng = jax.random.split(rng, 3)
     teacher_cond = cond
     if guidance is not None:

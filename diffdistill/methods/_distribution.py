@@ -31,6 +31,7 @@ import numpy as np
 
 from diffdistill import metrics, nets
 from diffdistill.losses import distribution_matching as dm
+from diffdistill.losses import _common as _losses_common
 from diffdistill.losses import dmd2 as dmd2_lib
 from diffdistill.method import Method
 from diffdistill.methods import _common, plan as plan_lib
@@ -67,7 +68,7 @@ def with_sliced_w2(method: Method, generator: dm.Generator, *, every: int,
           ref = jnp.asarray(batch["x"], jnp.float32)
           x = generator.sample(jax.lax.stop_gradient(params),
                                generator.noise(jax.random.fold_in(rng, 99), ref),
-                               jax.random.fold_in(rng, 98))
+                               jax.random.fold_in(rng, 98), **_losses_common.condition(batch))
           return metrics.sliced_wasserstein(x, ref, num_projections=num_projections)
         aux = {**aux, "sliced_w2": jax.lax.cond((step + 1) % every == 0, sw2,
                                                  lambda: jnp.zeros((), jnp.float32))}
@@ -109,8 +110,7 @@ def generator_sampler(name: str, net, *, t_start: float, sigma_init: float = 2.5
 
   def sample(params, x, *, nfe, rng=None, **cond):
     plan_lib.check_nfe(f"{name} (dm.generator_steps={generator_steps})", nfe, (generator_steps,))
-    plan_lib.check_unconditional(name, cond)
-    return generator.sample(params, to_init * x, rng)
+    return generator.sample(params, to_init * x, rng, **cond)
 
   return sample
 

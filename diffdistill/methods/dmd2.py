@@ -20,6 +20,7 @@ TESTBEDS = {"digits": {**_distribution.DIGITS, "dm.num_steps": 200},
             "gmm64": {"dm.generator_lr": 4e-4, "dm.fake_lr": 8e-4}}
 TINY = dict(_distribution.TINY)
 EXTRA_COND = ()
+CONDITIONAL = True  # G, teacher and fake score read batch["label"]; the sampler passes it on
 
 
 def sampler(net, *, t_start: float, sigma_init: float = 2.5, generator_steps: int = 1, **_):

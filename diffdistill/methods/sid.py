@@ -14,6 +14,7 @@ SETTINGS = dict(_distribution.SETTINGS)
 TESTBEDS = {"digits": dict(_distribution.DIGITS)}
 TINY = dict(_distribution.TINY)
 EXTRA_COND = ()
+CONDITIONAL = True  # G, teacher and fake score read batch["label"]; the sampler passes it on
 
 
 def sampler(net, *, t_start: float, sigma_init: float = 2.5, generator_steps: int = 1, **_):

@@ -22,10 +22,12 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from diffdistill import parametrization
 from diffdistill import schedules as schedules_lib
+from diffdistill.nets import dit as dit_lib
 from diffdistill.nets import mlp as mlp_lib
 from diffdistill.nets import unet as unet_lib
 
@@ -62,10 +64,14 @@ class Net:
 
 
 def trunk_features(net: Net) -> tuple[Callable, int]:
-  """(features(params, x_t, t) -> [B, F], F): a network's trunk features, which a GAN head reads
-  (DMD2's on the fake score, CTM's on a frozen network copy). A ScoreMLP gives its last residual
-  block's output; a U-Net the output of its bottleneck (the second middle block at the lowest
-  resolution), averaged over space."""
+  """(features(params, x_t, t, label=None) -> [B, F], F): a network's trunk features, which a GAN
+  head reads (DMD2's on the fake score, CTM's on a frozen network copy). A ScoreMLP gives its
+  last residual block's output; a U-Net the output of its bottleneck (the second middle block at
+  the lowest resolution), averaged over space; a DiT its last block's tokens, averaged.
+
+  The features are taken from the network as the Net runs it (`net.apply`, by intercepting the
+  block's call), so an imported network's own conventions (a DiT checkpoint's step index) hold
+  for them too."""
   module = net.module
   if isinstance(module, unet_lib.UNet):
     levels = len(module.channel_mult)
@@ -76,16 +82,27 @@ def trunk_features(net: Net) -> tuple[Callable, int]:
   elif isinstance(module, mlp_lib.ScoreMLP):
     last = f"MLPBlock_{module.num_blocks - 1}"
     dim = module.features
+  elif isinstance(module, dit_lib.DiT):
+    last = f"blocks_{module.depth - 1}"
+    dim = module.hidden_size
   else:
-    raise ValueError(f"A GAN head reads a ScoreMLP's or a UNet's trunk; got {type(module).__name__}. "
-                     "Set the GAN weight to 0 (--config.dm.gan_weight=0 / --config.ctm.gan_weight=0).")
+    raise ValueError(f"A GAN head reads a ScoreMLP's, a UNet's or a DiT's trunk; got "
+                     f"{type(module).__name__}. Set the GAN weight to 0 "
+                     "(--config.dm.gan_weight=0 / --config.ctm.gan_weight=0).")
 
-  def features(params, x_t, t):
+  def features(params, x_t, t, label=None):
     x_in, t_in = parametrization.net_inputs(x_t, t, kind=net.kind, schedule=net.schedule)
-    _, state = module.apply({"params": params}, x_in, t_in, None,
-                            capture_intermediates=lambda m, name: m.name == last and name == "__call__",
-                            mutable=["intermediates"])
-    h = state["intermediates"][last]["__call__"][0]
+    captured = []
+
+    def grab(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and context.module.name == last:
+        captured.append(out)
+      return out
+
+    with nn.intercept_methods(grab):
+      net.apply(params, x_in, t_in, **({} if label is None else {"label": label}))
+    h = captured[-1]
     return h.reshape(h.shape[0], -1, h.shape[-1]).mean(axis=1) if h.ndim > 2 else h
 
   return features, dim
