@@ -179,7 +179,7 @@ def test_gan_head_features_of_a_dit_are_its_last_blocks_tokens_in_the_nets_own_c
                             num_classes=3)
   x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
   t, label = jnp.array([0.2, 0.5, 0.9]), jnp.array([0, 2, 3])
-  params = module.init(jax.random.key(1), x, t, label)["params"]
+  params = jax.jit(module.init)(jax.random.key(1), x, t, label)["params"]  # eager: ~8 s
   leaves, tree = jax.tree.flatten(params)  # adaLN-Zero starts every block at the identity
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree.unflatten(tree, [a + 0.2 * jax.random.normal(k, a.shape)
@@ -189,9 +189,11 @@ def test_gan_head_features_of_a_dit_are_its_last_blocks_tokens_in_the_nets_own_c
   net = nets.Net(module=module, kind="eps", schedule=schedules.VPLinear(), example_shape=(4, 4, 2),
                  apply_fn=step)
   features, dim = nets.trunk_features(net)
+  features = jax.jit(features)  # eager DiT ops are slow
   f = features(params, x, t, label=label)
-  _, state = module.apply({"params": params}, x, 1000.0 * t - 1.0, label,
-                          capture_intermediates=True, mutable=["intermediates"])
+  _, state = jax.jit(lambda p: module.apply({"params": p}, x, 1000.0 * t - 1.0, label,
+                                            capture_intermediates=True,
+                                            mutable=["intermediates"]))(params)
   h = state["intermediates"]["blocks_1"]["__call__"][0]  # [B, tokens, D]
   assert dim == 16 and f.shape == (3, 16)
   np.testing.assert_allclose(f, h.mean(axis=1), rtol=1e-6)

@@ -40,6 +40,18 @@ def test_grouped_mmd2_matches_a_direct_computation(estimator):
     imm.grouped_mmd2(jnp.asarray(y), jnp.asarray(z), jnp.asarray(scale), estimator="w")
 
 
+def test_v_is_u_plus_a_pull_of_each_particle_to_its_own_target():
+  """V = ((M - 1) / M) U + (2 / M) mean_i (1 - k(y_i, ytil_i)) (the module docstring)."""
+  rs = np.random.RandomState(1)
+  m = 8
+  y, z = rs.randn(2, m, 5), rs.randn(2, m, 5) * 0.7
+  scale = np.array([0.3, 1.5])
+  u, v = (np.asarray(imm.grouped_mmd2(jnp.asarray(y), jnp.asarray(z), jnp.asarray(scale),
+                                      estimator=e)) for e in ("u", "v"))
+  pull = np.mean(1 - np.exp(-scale[:, None] * np.linalg.norm(y - z, axis=-1)), axis=1)
+  np.testing.assert_allclose(v, (m - 1) / m * u + 2 / m * pull, rtol=1e-5, atol=1e-7)
+
+
 def test_r_is_a_constant_eta_decrement_clipped_at_s():
   sch = schedules.VPLinear()
   t = jnp.linspace(0.05, 1.0, 40)

@@ -27,9 +27,15 @@ k(y, y') + k(ytil, ytil') - k(y, ytil') - k(y', ytil): pairs of *different* part
 M-particle form here, `estimator="u"` (default), averages every distinct pair (i != j) of the
 M x M kernel matrices: the unbiased MMD^2, whose expectation is the population MMD^2 between
 the two jump distributions, so the exact flow map is a stationary point in expectation
-(tests/test_imm.py). `estimator="v"` averages all M^2 pairs including i = j: it adds
-(2/M)(1 - E k(y^i, ytil^i)), a pull of each particle towards its own target (a consistency
-model's loss: the paper's M = 1 limit), which biases the minimiser by O(1/M).
+(tests/test_imm.py). `estimator="v"` averages all M^2 pairs including i = j:
+
+    V = ((M - 1) / M) U + (2 / M) mean_i (1 - k(y^i, ytil^i)),
+
+the U statistic plus a pull of each particle towards its own target (a consistency model's loss
+with the Laplace kernel's distance, ~||y - ytil|| / length when close: the paper's M = 1 limit),
+of weight 2 / (M - 1) relative to U. It biases the minimiser by O(1/M) and ties each particle's
+t -> s jump to its own r -> s jump along the same (x, eps), which keeps one call's mode weights
+on gmm64 (docs/consistency.md, IMM).
 
 Sampling (pushforward): x <- f(x; t_{i+1}, t_i) along t_start = t_0 > ... > t_n = t_end.
 
