@@ -207,8 +207,10 @@ def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, la
                             (f"{prefix}map_label.weight", f"{prefix}map_label.bias"),
                             ((noise, label_dim), (noise,)),
                             lambda w, b: np.concatenate([scale * w.T + b, b[None]], axis=0)))
-  block = lambda k, key, cin, cout, **kw: _block(k, key, cin, cout, emb, layout=layout,  # noqa: E731
-                                                 heads=heads(cout), **kw)
+
+  def block(k, key, cin, cout, **kw):
+    return _block(k, key, cin, cout, emb, layout=layout, heads=heads(cout), **kw)
+
   k, skips, cout = 0, [], in_channels
   for level, m in enumerate(mult):
     res = img_resolution >> level
@@ -216,7 +218,8 @@ def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, la
       leaves += _conv(("Conv_0",), f"{prefix}enc.{res}x{res}_conv", mc * (m if adm else 1), cout, 3)
       cout = mc * (m if adm else 1)
     else:
-      leaves += block(k, f"{prefix}enc.{res}x{res}_down", cout, cout, attention=False, resample=True)
+      leaves += block(k, f"{prefix}enc.{res}x{res}_down", cout, cout, attention=False,
+                      resample=True)
       k += 1
     skips.append(cout)
     for idx in range(n):
