@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python bench/jvp_cost.py                      # the gmm64 MLP (a minute on 2 cores)
     PYTHONPATH=. python bench/jvp_cost.py --nets=mlp,unet_digits8 --batch_size=64
+    PYTHONPATH=. python bench/jvp_cost.py --nets=dit_B_2 --batch_size=64 --dtype=bfloat16  # a GPU
+
+The DiTs (`dit_S_2`, `dit_B_2`, `dit_L_2`, `dit_XL_2`) run on 32x32x4 latents: 256 tokens, the
+ImageNet-256 setting of DiT and MeanFlow; their forward and DSM-step rows are also the network's
+throughput (examples/s = batch / time).
 
 Each step is one jitted `value_and_grad` of the loss plus an Adam update, timed after a warm-up
 call: median (and min) over `--repeats` timings of `--inner` back-to-back steps. Next to the steps,
@@ -26,7 +31,9 @@ from absl import app, flags
 from diffdistill import nets, schedules
 from diffdistill.losses import dsm, meanflow, scm
 
-_NETS = flags.DEFINE_list("nets", ["mlp"], "Networks: mlp (64-D), unet_digits8.")
+_NETS = flags.DEFINE_list("nets", ["mlp"], "Networks: mlp (64-D), unet_digits8, dit_{S,B,L,XL}_2.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of the network (params stay float32).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timings per entry (median reported).")
 _INNER = flags.DEFINE_integer("inner", 5, "Steps per timing.")
@@ -34,6 +41,10 @@ _OUT = flags.DEFINE_string("out", os.path.dirname(os.path.abspath(__file__)), "O
 
 
 def _net(name):
+  if name.startswith("dit_"):  # 32x32x4 latents, patch 2: 256 tokens
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[_DTYPE.value]
+    return nets.get_network(name, dtype=dtype), (32, 32, 4), \
+        nets.get_network(name, dtype=dtype, extra_cond=("r",))
   if name == "mlp":
     return nets.get_network("mlp", features=256, num_blocks=3, emb_dim=128), (64,), \
         nets.get_network("mlp", features=256, num_blocks=3, emb_dim=128, extra_cond=("r",))
@@ -41,7 +52,7 @@ def _net(name):
     kw = dict(dropout=0.0)
     return nets.get_network("unet_digits8", **kw), (8, 8, 1), \
         nets.get_network("unet_digits8", extra_cond=("r",), **kw)
-  raise ValueError(f"Unknown net {name!r}; expected mlp or unet_digits8.")
+  raise ValueError(f"Unknown net {name!r}; expected mlp, unet_digits8 or dit_{{S,B,L,XL}}_2.")
 
 
 def _timed(fn, *args) -> tuple[float, float]:
@@ -117,11 +128,11 @@ def main(argv):
   rows = [r for name in _NETS.value for r in measure(name)]
   meta = {"backend": jax.default_backend(), "devices": str(jax.devices()[0]),
           "machine": platform.machine(), "batch_size": _BATCH.value, "repeats": _REPEATS.value,
-          "inner": _INNER.value, "jax": jax.__version__}
+          "inner": _INNER.value, "dtype": _DTYPE.value, "jax": jax.__version__}
   with open(os.path.join(_OUT.value, "jvp_cost.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"# JVP cost ({meta['backend']}, {meta['devices']}, batch {meta['batch_size']}, "
-           f"median of {meta['repeats']} x {meta['inner']} steps)", "",
+           f"{meta['dtype']}, median of {meta['repeats']} x {meta['inner']} steps)", "",
            "| net | what | median ms | min ms | / DSM step | / forward |",
            "|---|---|---:|---:|---:|---:|"]
   for r in rows:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device-machine run (H100/H200): the CIFAR-10 U-Net train step in float32 and bfloat16, and
-# the solvers-vs-peers benchmark on the GPU. Expects the peers' and ml_collections' wheels in .whl/
+# One device-machine run (H100/H200): the CIFAR-10 U-Net train step in float32 and bfloat16, the
+# solvers-vs-peers benchmark on the GPU, and the DiT jvp / throughput rows of bench/jvp_cost.py. Expects the peers' and ml_collections' wheels in .whl/
 # (see bench/README.md) and writes everything under $OUT. Each part has its own time limit, so one
 # slow part cannot take the others' results with it.
 set -u
@@ -16,4 +16,11 @@ for dt in float32 bfloat16; do
 done
 timeout 200 python3 -m bench.solvers_vs_peers --repeats 5 --overhead-repeats 20 --out $OUT/peers \
   >> $LOG 2>&1; echo "peers rc $?"
+# the jvp step against the DSM step of a DiT-B/2 at 256 tokens (issue: scale to pods), and the
+# DiT-XL/2 forward and DSM step (fwd + bwd + Adam) at batch 64 in bfloat16 (real teachers)
+mkdir -p $OUT/jvp_dit_B_2 $OUT/dit_XL_2
+timeout 200 python3 bench/jvp_cost.py --nets=dit_B_2 --batch_size=64 --dtype=bfloat16 --repeats=5 \
+  --out=$OUT/jvp_dit_B_2 >> $LOG 2>&1; echo "jvp dit_B_2 rc $?"
+timeout 200 python3 bench/jvp_cost.py --nets=dit_XL_2 --batch_size=64 --dtype=bfloat16 --repeats=5 \
+  --out=$OUT/dit_XL_2 >> $LOG 2>&1; echo "dit_XL_2 rc $?"
 tail -60 $LOG
