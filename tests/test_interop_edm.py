@@ -43,6 +43,11 @@ _fake_reconstruct.__module__ = "torch_utils.persistence"
 _fake_reconstruct.__qualname__ = _fake_reconstruct.__name__ = "_reconstruct_persistent_obj"
 
 
+def _init_kwargs(args):
+  """A network's constructor arguments, as EDM's persistence records them (`_init_kwargs`)."""
+  return {k: v for k, v in args.items() if k not in ("self", "__class__")}
+
+
 class PersistentMixin:
   """EDM's persistent_class.__reduce__: the object's state plus its module's source code."""
 
@@ -153,11 +158,7 @@ class SongUNet(PersistentMixin, tnn.Module):
                model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
                attn_resolutions=(16,), dropout=0.1):
     super().__init__()
-    self._init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
-                             out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
-                             model_channels=model_channels, channel_mult=channel_mult,
-                             channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-                             attn_resolutions=attn_resolutions, dropout=dropout)
+    self._init_kwargs = _init_kwargs(locals())
     emb, noise = model_channels * channel_mult_emb, model_channels
     self.map_noise = PositionalEmbedding(noise, endpoint=True)
     self.map_label = Linear(label_dim, noise) if label_dim else None
@@ -219,11 +220,7 @@ class DhariwalUNet(PersistentMixin, tnn.Module):
                model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3,
                attn_resolutions=(32, 16, 8), dropout=0.1):
     super().__init__()
-    self._init_kwargs = dict(img_resolution=img_resolution, in_channels=in_channels,
-                             out_channels=out_channels, label_dim=label_dim, augment_dim=augment_dim,
-                             model_channels=model_channels, channel_mult=channel_mult,
-                             channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
-                             attn_resolutions=attn_resolutions, dropout=dropout)
+    self._init_kwargs = _init_kwargs(locals())
     emb = model_channels * channel_mult_emb
     blk = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, adm=True, **kw)  # noqa: E731
     self.map_noise = PositionalEmbedding(model_channels)
