@@ -4,6 +4,7 @@ teacher; its students start from its weights and train on its own samples.
 
 The EDM-format snapshot's run is in test_interop_edm.py (it needs torch to write the pickle)."""
 
+import functools
 import json
 
 import jax
@@ -317,9 +318,27 @@ def test_a_conditional_teacher_keeps_its_labels_in_the_data_the_student_and_the_
     setup.teacher_sampler("ddim", 2)
 
 
+def test_a_conditional_teacher_without_a_dataset_trains_on_its_samples_at_drawn_labels(
+    conditional_teacher, tmp_path):
+  """Without teacher.dataset the data are the teacher's own samples, each at a label drawn
+  uniformly and stored with it: x is the teacher's sampler at that label from x_T."""
+  config = _config("cd", conditional_teacher[0], vae=conditional_teacher[1], conditional=True)
+  setup = setup_lib.make_setup(config)
+  setup.workdir = str(tmp_path)
+  pairs = next(_common.teacher_pairs(config, setup, "pairs", _common.teacher_pair_sampler(
+      config, setup), str(tmp_path), batch_size=16))
+  assert set(pairs) == {"x_T", "x", "label"} and len(np.unique(pairs["label"])) > 3
+  sample = functools.partial(setup.teacher_sampler, config.pairs.solver, config.pairs.nfe)
+  x_T = jnp.asarray(pairs["x_T"])
+  np.testing.assert_allclose(pairs["x"], sample(labels=pairs["label"])(x_T), rtol=1e-4, atol=1e-3)
+  other = sample(labels=(pairs["label"] + 1) % 10)(x_T)
+  assert float(jnp.min(jnp.max(jnp.abs(other - pairs["x"]), axis=(1, 2, 3)))) > 1e-4
+  batch = next(setup.data(seed=0, batch_size=8))  # the students' data: the samples and labels
+  assert set(batch) == {"x", "label"} and batch["x"].shape == (8, 4, 4, 4)
+  assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+
+
 def test_conditional_refusals_name_the_cause(conditional_teacher, dit_folder, latent_teacher):
-  with pytest.raises(ValueError, match="needs a labelled config.teacher.dataset"):
-    setup_lib.make_setup(_config("cd", conditional_teacher[0], conditional=True))
   with pytest.raises(ValueError, match=r"kd does not distil a class-conditional.*\['cd', 'ct'"):
     setup_lib.make_setup(_conditional_config("kd", conditional_teacher))
   config = config_lib.get_config("cd_gmm64,tiny")

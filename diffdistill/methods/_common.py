@@ -122,24 +122,37 @@ def ddim_sampler(net: nets.Net, *, t_start: float, t_end: float, spacing: str = 
 def teacher_pairs(config, setup, name: str, sample_fn, directory: str, *, seed: int | None = None,
                   batch_size: int | None = None):
   """The pairs' pipeline: x_T from the teacher's marginal at t_start, x_0 = sample_fn(x_T);
-  batches of `batch_size` (default config.batch_size) in the order of `seed` (config.seed)."""
+  batches of `batch_size` (default config.batch_size) in the order of `seed` (config.seed).
+  A conditional teacher's (setup.conditional) pairs carry labels drawn uniformly per chunk:
+  x_0 = sample_fn(x_T, labels), batches {"x_T", "x", "label"}."""
   c = config.pairs
   base = jax.random.key(config.seed + 1000)
   noise = lambda i: np.asarray(setup.start_noise(jax.random.fold_in(base, i), c.chunk_size))  # noqa: E731
-  source = pairs_lib.generate(lambda x: np.asarray(sample_fn(jnp.asarray(x))), noise,
+  labelled = bool(getattr(setup, "conditional", False))
+  label_fn = None
+  if labelled:
+    label_base = jax.random.key(config.seed + 2000)
+    label_fn = lambda i: np.asarray(setup.labels(jax.random.fold_in(label_base, i),  # noqa: E731
+                                                 c.chunk_size))
+  source = pairs_lib.generate(lambda x, *y: np.asarray(sample_fn(jnp.asarray(x), *y)), noise,
                               directory=os.path.join(directory, name), num_pairs=c.num_pairs,
-                              chunk_size=c.chunk_size, progress=config.progress)
+                              chunk_size=c.chunk_size, progress=config.progress,
+                              label_fn=label_fn,
+                              num_classes=setup.teacher.num_classes if labelled else 0)
   return Keys(pipeline.Pipeline(source, batch_size=batch_size or config.batch_size,
                                 seed=config.seed if seed is None else seed, prefetch=0),
-              ("x_T", "x"))
+              ("x_T", "x", "label") if labelled else ("x_T", "x"))
 
 
 def teacher_pair_sampler(config, setup):
-  """x_T -> x_0 of the teacher with config.pairs' solver (adaptive at pairs.tol by default)."""
+  """x_T -> x_0 of the teacher with config.pairs' solver (adaptive at pairs.tol by default); a
+  conditional teacher's (x_T, labels) -> x_0."""
   c = config.pairs
+  make = setup.labelled_teacher_sampler if getattr(setup, "conditional", False) else (
+      setup.teacher_sampler)
   if c.solver == "adaptive":
-    return setup.teacher_sampler("adaptive", None, rtol=c.tol, atol=c.tol)
-  return setup.teacher_sampler(c.solver, c.nfe)
+    return make("adaptive", None, rtol=c.tol, atol=c.tol)
+  return make(c.solver, c.nfe)
 
 
 def pairs_data(config, setup, name: str = "pairs", sample_fn=None):

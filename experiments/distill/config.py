@@ -56,7 +56,7 @@ def _base() -> ml_collections.ConfigDict:
   c.teacher.path = ""                # a train_teacher workdir (kind 'workdir'), a checkpoint ('import')
   c.teacher.dataset = ""             # the data of a trained teacher (its config's dataset)
   c.teacher.label = -1               # an imported class-conditional teacher's class (-1: null)
-  c.teacher.conditional = False      # or every class: students take the label (a labelled dataset)
+  c.teacher.conditional = False      # or every class: students take the label (the dataset's or drawn)
   c.teacher.vae = ""                 # a latent teacher's AutoencoderKL folder (kind 'import')
   c.teacher.schedule = "vp_linear"
   c.teacher.schedule_kwargs = ml_collections.ConfigDict()

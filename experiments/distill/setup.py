@@ -11,7 +11,8 @@ x_0 of teacher pairs (`config.pairs`: x_T -> the teacher's solve) generated once
 WORKDIR/teacher_samples.
 
 A class-conditional checkpoint with `config.teacher.conditional` keeps its label: the data carry
-the dataset's labels (a labelled `config.teacher.dataset` is needed), the students take `label` as
+the dataset's labels (or, without a dataset, the teacher's own samples carry labels drawn
+uniformly, stored with them), the students take `label` as
 the teacher does, and the evaluation draws one label per sample (`labels`), fed to the teacher's
 samplers, its exact map and every student alike.
 
@@ -72,6 +73,14 @@ class Setup:
     return (lambda pl, x, t: apply(pl[0], x, t, label=pl[1])), teachers_lib.device_params(
         self.teacher)
 
+  def labelled_teacher_sampler(self, solver: str, nfe: int | None, **kw) -> Callable:
+    """A conditional teacher's (x_start, labels) -> x_end, compiled once for every label set."""
+    apply, params = self._conditioned()
+    run = solvers.make_sampler(apply, schedule=self.teacher.schedule, solver=solver, nfe=nfe,
+                               t_start=self.t_start, t_end=self.t_end, **kw)
+    fn = jax.jit(lambda p, y, x: run((p, y), x))
+    return lambda x, labels: fn(params, jnp.asarray(labels), x)
+
   def decode(self, z, batch_size: int = 64) -> np.ndarray:
     """Images in [-1, 1] (NHWC, float32) of latent samples z (clipped, as samplers' outputs
     are before they are saved as images); the samples themselves without a VAE."""
@@ -121,7 +130,7 @@ class Setup:
     source = _common.teacher_pairs(self.config, self, "teacher_samples",
                                    _common.teacher_pair_sampler(self.config, self), self.workdir,
                                    seed=seed, batch_size=batch_size)
-    return data_lib.Keys(source, ("x",))
+    return data_lib.Keys(source, ("x", "label") if self.conditional else ("x",))
 
   def start_noise(self, rng, n: int) -> jax.Array:
     """n samples of the teacher's marginal at t_start: alpha x0 + sigma eps (exact for analytic
@@ -141,11 +150,8 @@ class Setup:
     if self.conditional:
       if labels is None:
         raise ValueError("a conditional teacher's sampler needs labels (setup.labels).")
-      apply, params = self._conditioned()
-      run = solvers.make_sampler(apply, schedule=self.teacher.schedule, solver=solver, nfe=nfe,
-                                 t_start=self.t_start, t_end=self.t_end, **kw)
-      labels = jnp.asarray(labels)
-      return functools.partial(jax.jit(lambda p, y, x: run((p, y), x)), params, labels)
+      return functools.partial(self.labelled_teacher_sampler(solver, nfe, **kw),
+                               labels=jnp.asarray(labels))
     return jax.jit(functools.partial(
         solvers.make_sampler(self.teacher.apply, schedule=self.teacher.schedule, solver=solver,
                              nfe=nfe, t_start=self.t_start, t_end=self.t_end, **kw),
@@ -226,14 +232,12 @@ def make_setup(config) -> Setup:
 
 
 def check_conditional(config, kind: str) -> None:
-  """config.teacher.conditional: an imported checkpoint, a labelled dataset, and a method whose
-  losses and samplers carry the label (its module's CONDITIONAL)."""
+  """config.teacher.conditional: an imported checkpoint and a method whose losses and samplers
+  carry the label (its module's CONDITIONAL). The data: a labelled dataset, or the teacher's own
+  samples at labels drawn uniformly (stored with them)."""
   if kind != "import":
     raise ValueError(f"config.teacher.conditional is for an imported class-conditional "
                      f"checkpoint (teacher kind 'import'); got {kind!r}.")
-  if not config.teacher.dataset:
-    raise ValueError("config.teacher.conditional needs a labelled config.teacher.dataset: the "
-                     "teacher's own samples carry no labels.")
   if not getattr(methods_lib.get(config.method), "CONDITIONAL", False):
     able = [m for m in methods_lib.names() if getattr(methods_lib.get(m), "CONDITIONAL", False)]
     raise ValueError(f"{config.method} does not distil a class-conditional teacher over its "
