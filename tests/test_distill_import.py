@@ -348,21 +348,14 @@ def test_conditional_refusals_name_the_cause(conditional_teacher, dit_folder, la
 
 
 @pytest.mark.slow
-def test_cd_distils_a_conditional_latent_teacher_over_its_labels(conditional_teacher, tmp_path):
-  out = main_lib.run(_conditional_config("cd", conditional_teacher), str(tmp_path))
+@pytest.mark.parametrize("method, samples", [("cd", "cd_nfe1"), ("dmd2", "dmd2_generator_nfe1")])
+def test_a_method_distils_a_conditional_latent_teacher_over_its_labels(
+    conditional_teacher, tmp_path, method, samples):
+  """CD, and DMD2 with its GAN head (G(z, label), the teacher and the fake score at the batch's
+  labels; tests/test_distribution_matching.py checks the routing in closed form)."""
+  out = main_lib.run(_conditional_config(method, conditional_teacher), str(tmp_path))
   assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
-  with np.load(tmp_path / "samples" / "cd_nfe1.npz") as f:
-    labels, images = f["labels"], f["images"]
-  assert labels.shape == (128,) and len(np.unique(labels)) > 5 and images.shape == (128, 8, 8, 1)
-
-
-@pytest.mark.slow
-def test_dmd2_distils_a_conditional_latent_teacher_over_its_labels(conditional_teacher, tmp_path):
-  """DMD2 with its GAN head: G(z, label), the teacher and the fake score at the batch's labels
-  (tests/test_distribution_matching.py checks the routing in closed form)."""
-  out = main_lib.run(_conditional_config("dmd2", conditional_teacher), str(tmp_path))
-  assert all(np.isfinite(r["median"]) and not r["nan"] for r in out["rows"])
-  with np.load(tmp_path / "samples" / "dmd2_generator_nfe1.npz") as f:
+  with np.load(tmp_path / "samples" / f"{samples}.npz") as f:
     labels, images = f["labels"], f["images"]
   assert labels.shape == (128,) and len(np.unique(labels)) > 5 and images.shape == (128, 8, 8, 1)
 

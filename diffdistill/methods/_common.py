@@ -128,7 +128,7 @@ def teacher_pairs(config, setup, name: str, sample_fn, directory: str, *, seed: 
   c = config.pairs
   base = jax.random.key(config.seed + 1000)
   noise = lambda i: np.asarray(setup.start_noise(jax.random.fold_in(base, i), c.chunk_size))  # noqa: E731
-  labelled = bool(getattr(setup, "conditional", False))
+  labelled = setup.conditional
   label_fn = None
   if labelled:
     label_base = jax.random.key(config.seed + 2000)
@@ -148,8 +148,7 @@ def teacher_pair_sampler(config, setup):
   """x_T -> x_0 of the teacher with config.pairs' solver (adaptive at pairs.tol by default); a
   conditional teacher's (x_T, labels) -> x_0."""
   c = config.pairs
-  make = setup.labelled_teacher_sampler if getattr(setup, "conditional", False) else (
-      setup.teacher_sampler)
+  make = setup.labelled_teacher_sampler if setup.conditional else setup.teacher_sampler
   if c.solver == "adaptive":
     return make("adaptive", None, rtol=c.tol, atol=c.tol)
   return make(c.solver, c.nfe)
