@@ -1,7 +1,7 @@
 """EDM snapshot pickles against a torch reference on random weights (float32, <= 1e-4 relative).
 
-The references are EDM's DDPM++ `SongUNet` and ADM `DhariwalUNet` inside `EDMPrecond` or
-`VPPrecond`, written here from the architecture of NVlabs/edm (training/networks.py) with its
+The references are EDM's `SongUNet` (DDPM++ and NCSN++) and ADM `DhariwalUNet` inside
+`EDMPrecond`, `VPPrecond` or `VEPrecond`, written here from the architecture of NVlabs/edm (training/networks.py) with its
 module names, and pickled the way EDM's `torch_utils.persistence` writes a snapshot: each network
 as `_reconstruct_persistent_obj(meta)` with its module source embedded. The source embedded here
 would raise if it were ever executed.
@@ -32,6 +32,11 @@ ARCH = dict(model_channels=8, channel_mult=[1, 2], channel_mult_emb=2, num_block
 # 1 and 2 heads; the stem is model_channels * channel_mult[0] = 32 wide
 ADM_ARCH = dict(model_channels=16, channel_mult=[2, 4, 8], channel_mult_emb=2, num_blocks=1,
                 attn_resolutions=[8, 4, 2], dropout=0.0, augment_dim=2)
+# NCSN++ as EDM writes it (its VE configuration): Fourier embedding twice as wide, residual
+# encoder, FIR resample filter [1, 3, 3, 1]; three levels (8x8, 4x4, 2x2): two residual merges
+NCSN_ARCH = dict(model_channels=8, channel_mult=[1, 2, 2], channel_mult_emb=2, num_blocks=1,
+                 attn_resolutions=[4], dropout=0.0, augment_dim=2, embedding_type="fourier",
+                 channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
 EMBEDDED_SOURCE = "open('EXECUTED', 'w').close()\nraise SystemExit('the embedded source ran')\n"
 
 
@@ -59,22 +64,32 @@ class PersistentMixin:
 
 
 class Conv2d(PersistentMixin, tnn.Module):
-  def __init__(self, cin, cout, kernel, up=False, down=False):
+  """EDM's Conv2d: optional up/down-sampling by the separable filter outer(f, f) / sum(f)^2, and
+  the fused form (conv padded by both, then the strided filter) of NCSN++'s residual encoder."""
+
+  def __init__(self, cin, cout, kernel, up=False, down=False, resample_filter=(1, 1), fused=False):
     super().__init__()
-    self.up, self.down = up, down
+    self.up, self.down, self.fused = up, down, fused
     self.weight = tnn.Parameter(torch.randn(cout, cin, kernel, kernel)) if kernel else None
     self.bias = tnn.Parameter(torch.randn(cout)) if kernel else None
-    f = torch.tensor([1.0, 1.0])
+    f = torch.tensor(resample_filter, dtype=torch.float32)
     self.register_buffer("resample_filter", (f.ger(f)[None, None] / f.sum() ** 2) if up or down else None)
 
   def forward(self, x):
-    f, c = self.resample_filter, x.shape[1]
+    f = self.resample_filter
+    w_pad = self.weight.shape[-1] // 2 if self.weight is not None else 0
+    f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+    if self.fused and self.down:
+      x = F.conv2d(x, self.weight, padding=w_pad + f_pad)
+      x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2)
+      return x + self.bias.reshape(1, -1, 1, 1)
     if self.up:
-      x = F.conv_transpose2d(x, (f * 4).tile([c, 1, 1, 1]), groups=c, stride=2)
+      x = F.conv_transpose2d(x, (f * 4).tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2,
+                             padding=f_pad)
     if self.down:
-      x = F.conv2d(x, f.tile([c, 1, 1, 1]), groups=c, stride=2)
+      x = F.conv2d(x, f.tile([x.shape[1], 1, 1, 1]), groups=x.shape[1], stride=2, padding=f_pad)
     if self.weight is not None:
-      x = F.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2) + self.bias.reshape(1, -1, 1, 1)
+      x = F.conv2d(x, self.weight, padding=w_pad) + self.bias.reshape(1, -1, 1, 1)
     return x
 
 
@@ -111,23 +126,37 @@ class PositionalEmbedding(PersistentMixin, tnn.Module):
     return torch.cat([x.cos(), x.sin()], dim=1)
 
 
+class FourierEmbedding(PersistentMixin, tnn.Module):
+  """NCSN++'s embedding: random frequencies N(0, 16^2) kept as a buffer, [cos, sin]."""
+
+  def __init__(self, num_channels, scale=16):
+    super().__init__()
+    self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+  def forward(self, x):
+    x = x.ger(2 * np.pi * self.freqs)
+    return torch.cat([x.cos(), x.sin()], dim=1)
+
+
 class UNetBlock(PersistentMixin, tnn.Module):
   """SongUNet's block (adm=False) or DhariwalUNet's (scale-shift norm, skip scale 1, eps 1e-5,
   no skip projection when the width is kept, one head per 64 channels)."""
 
-  def __init__(self, cin, cout, emb, up=False, down=False, attention=False, adm=False):
+  def __init__(self, cin, cout, emb, up=False, down=False, attention=False, adm=False,
+               resample_filter=(1, 1)):
     super().__init__()
     eps = 1e-5 if adm else 1e-6
     self.in_channels, self.adm = cin, adm
     self.heads = (cout // 64 if adm else 1) if attention else 0
     self.norm0 = GroupNorm(cin, eps=eps)
-    self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+    self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, resample_filter=resample_filter)
     self.affine = Linear(emb, 2 * cout if adm else cout)
     self.norm1 = GroupNorm(cout, eps=eps)
     self.conv1 = Conv2d(cout, cout, 3)
     self.skip = None
     if cin != cout or up or down:
-      self.skip = Conv2d(cin, cout, 1 if (cin != cout or not adm) else 0, up=up, down=down)
+      self.skip = Conv2d(cin, cout, 1 if (cin != cout or not adm) else 0, up=up, down=down,
+                         resample_filter=resample_filter)
     if self.heads:
       self.norm2 = GroupNorm(cout, eps=eps)
       self.qkv = Conv2d(cout, 3 * cout, 1)
@@ -152,42 +181,52 @@ class UNetBlock(PersistentMixin, tnn.Module):
 
 
 class SongUNet(PersistentMixin, tnn.Module):
-  """DDPM++ (standard encoder / decoder, positional embedding), EDM's module names."""
+  """DDPM++ (positional embedding, standard encoder, filter [1, 1]) or NCSN++ (Fourier
+  embedding twice as wide, residual encoder, filter [1, 3, 3, 1]); standard decoder; EDM's
+  module names."""
 
   def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4,
-               attn_resolutions=(16,), dropout=0.1):
+               attn_resolutions=(16,), dropout=0.1, embedding_type="positional",
+               channel_mult_noise=1, encoder_type="standard", resample_filter=(1, 1)):
     super().__init__()
     self._init_kwargs = _init_kwargs(locals())
-    emb, noise = model_channels * channel_mult_emb, model_channels
-    self.map_noise = PositionalEmbedding(noise, endpoint=True)
+    emb, noise = model_channels * channel_mult_emb, model_channels * channel_mult_noise
+    blk = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, resample_filter=resample_filter, **kw)  # noqa: E731
+    self.map_noise = (PositionalEmbedding(noise, endpoint=True) if embedding_type == "positional"
+                      else FourierEmbedding(noise))
     self.map_label = Linear(label_dim, noise) if label_dim else None
     self.map_augment = Linear(augment_dim, noise, bias=False) if augment_dim else None
     self.map_layer0, self.map_layer1 = Linear(noise, emb), Linear(emb, emb)
     self.enc, self.dec = tnn.ModuleDict(), tnn.ModuleDict()
-    cout = in_channels
+    cout, caux = in_channels, in_channels
     for level, mult in enumerate(channel_mult):
       res = img_resolution >> level
       if level == 0:
         cin, cout = cout, model_channels
         self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
       else:
-        self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, emb, down=True)
+        self.enc[f"{res}x{res}_down"] = blk(cout, cout, down=True)
+        if encoder_type == "residual":
+          self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, fused=True,
+                                                         resample_filter=resample_filter)
+          caux = cout
       for idx in range(num_blocks):
         cin, cout = cout, model_channels * mult
-        self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, emb, attention=res in attn_resolutions)
-    skips = [b.weight.shape[0] if isinstance(b, Conv2d) else b.conv1.weight.shape[0] for b in self.enc.values()]
+        self.enc[f"{res}x{res}_block{idx}"] = blk(cin, cout, attention=res in attn_resolutions)
+    skips = [b.weight.shape[0] if isinstance(b, Conv2d) else b.conv1.weight.shape[0]
+             for name, b in self.enc.items() if "aux" not in name]
     for level, mult in reversed(list(enumerate(channel_mult))):
       res = img_resolution >> level
       if level == len(channel_mult) - 1:
-        self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, emb, attention=True)
-        self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, emb)
+        self.dec[f"{res}x{res}_in0"] = blk(cout, cout, attention=True)
+        self.dec[f"{res}x{res}_in1"] = blk(cout, cout)
       else:
-        self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, emb, up=True)
+        self.dec[f"{res}x{res}_up"] = blk(cout, cout, up=True)
       for idx in range(num_blocks + 1):
         cin, cout = cout + skips.pop(), model_channels * mult
-        self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-            cin, cout, emb, attention=idx == num_blocks and res in attn_resolutions)
+        self.dec[f"{res}x{res}_block{idx}"] = blk(
+            cin, cout, attention=idx == num_blocks and res in attn_resolutions)
     self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout, eps=1e-6)
     self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3)
 
@@ -197,8 +236,11 @@ class SongUNet(PersistentMixin, tnn.Module):
     if self.map_label is not None:
       emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
     emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-    skips = []
-    for block in self.enc.values():
+    skips, aux = [], x
+    for name, block in self.enc.items():
+      if "aux_residual" in name:  # NCSN++'s residual encoder
+        x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+        continue
       x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
       skips.append(x)
     tmp = None
@@ -310,6 +352,23 @@ class VPPrecond(PersistentMixin, tnn.Module):
     return x - sigma * self.model(c_in * x, c_noise.flatten(), class_labels)
 
 
+class VEPrecond(PersistentMixin, tnn.Module):
+  """EDM's VE preconditioning (Song et al.'s VE SDE): D = x + sigma F(x, log(sigma / 2))."""
+
+  def __init__(self, label_dim=0, sigma_min=0.02, sigma_max=100.0, network="SongUNet",
+               img_channels=C):
+    super().__init__()
+    self.label_dim, self.sigma_min, self.sigma_max = label_dim, sigma_min, sigma_max
+    cls, arch = NETWORKS[network]
+    self.model = cls(RES, img_channels, img_channels, label_dim=label_dim, **arch)
+
+  def forward(self, x, sigma, class_labels=None):
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    if self.label_dim:
+      class_labels = torch.zeros([1, self.label_dim]) if class_labels is None else class_labels
+    return x + sigma * self.model(x, (0.5 * sigma).log().flatten(), class_labels)
+
+
 def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="edm-tiny.pkl",
               precond=EDMPrecond, network="SongUNet", arch=None, **precond_kwargs):
   persistence = types.ModuleType("torch_utils.persistence")
@@ -396,6 +455,55 @@ def test_vp_precond_pickle_matches_the_reference(tmp_path, monkeypatch):
   assert _rel_err(out_t, ref_t) <= 1e-4, _rel_err(out_t, ref_t)
 
 
+@pytest.mark.parametrize("precond,label_dim", [(EDMPrecond, 0), (VEPrecond, 4)])
+def test_ncsnpp_pickle_matches_the_reference(tmp_path, monkeypatch, precond, label_dim):
+  """EDM's NCSN++ (`--arch=ncsnpp`): under EDMPrecond (EDM's own VE-architecture snapshots) and
+  under VEPrecond (the VE baseline: kind eps on schedules.VE with the pickle's sigma range, the
+  noise input log(sigma / 2) affine in t, F = -eps)."""
+  net, path = _snapshot(tmp_path, monkeypatch, precond=precond, arch=NCSN_ARCH, label_dim=label_dim,
+                        **(dict(sigma_min=0.01, sigma_max=50.0) if precond is VEPrecond else {}))
+  teacher = interop.load(path)
+  module = teacher.network
+  assert (module.embedding, module.encoder, module.resample_filter, module.channel_mult_noise) == (
+      "fourier", "residual", (1, 3, 3, 1), 2)
+  np.testing.assert_array_equal(np.float32(module.fourier_freqs), net.model.map_noise.freqs.numpy())
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, RES, RES, C)).astype(np.float32) * 2
+  sigma = np.array([0.02, 1.0, 40.0], np.float32)
+  onehot = np.concatenate([np.eye(label_dim, dtype=np.float32)[[1, 2]],
+                           np.zeros((1, label_dim), np.float32)]) if label_dim else None
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma),
+              None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
+  cond = {} if onehot is None else dict(class_labels=jnp.asarray(onehot))
+  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **cond)
+  assert _rel_err(out, ref) <= 1e-4, _rel_err(out, ref)
+  # D = x + sigma F is dominated by x at small sigma: compare the network part on its own too
+  assert _rel_err(np.asarray(out) - x, ref - x) <= 1e-4, _rel_err(np.asarray(out) - x, ref - x)
+  if precond is VEPrecond:
+    sch = teacher.schedule
+    assert teacher.kind == "eps" and isinstance(sch, schedules.VE)
+    assert (sch.sigma_min, sch.sigma_max, sch.t_min, sch.t_max) == (0.01, 50.0, 0.0, 1.0)
+    t = jnp.array([0.0, 0.3, 1.0])
+    label = dict(label=jnp.array([1, 2, label_dim]))
+    x0 = jax.jit(teacher.apply)(teacher.params, jnp.asarray(x), t, **label)
+    with torch.no_grad():
+      ref_t = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(np.array(sch.sigma(t))),
+                  torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
+    assert _rel_err(np.asarray(x0) - x, ref_t - x) <= 1e-4, _rel_err(np.asarray(x0) - x, ref_t - x)
+
+
+def test_the_ncsnpp_preset_has_edms_parameter_count():
+  """`unet_ncsnpp_cifar10` is the torch reference's NCSN++ at EDM's CIFAR-10 size (buffers aside)."""
+  arch = dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,
+              attn_resolutions=[16], dropout=0.13, embedding_type="fourier", channel_mult_noise=2,
+              encoder_type="residual", resample_filter=[1, 3, 3, 1])
+  ref = sum(p.numel() for p in SongUNet(32, 3, 3, **arch).parameters())
+  module = nets.get_network("unet_ncsnpp_cifar10")
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
+  assert sum(math.prod(a.shape) for a in jax.tree.leaves(shapes)) == ref
+
+
 class _Evil:
   def __reduce__(self):
     return (os.system, ("touch EVIL",))
@@ -407,11 +515,11 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
   interop.load(path)
   assert not os.path.exists(tmp_path / "EVIL") and not os.path.exists(tmp_path / "EXECUTED")
   net, _ = _snapshot(tmp_path, monkeypatch)
-  net.__class__ = type("VEPrecond", (EDMPrecond,), {})
-  with open(tmp_path / "ve.pkl", "wb") as f:
+  net.__class__ = type("iDDPMPrecond", (EDMPrecond,), {})
+  with open(tmp_path / "iddpm.pkl", "wb") as f:
     pickle.dump(dict(ema=net), f)
-  with pytest.raises(ValueError, match="found 'VEPrecond'"):
-    interop.load(str(tmp_path / "ve.pkl"))
+  with pytest.raises(ValueError, match="found 'iDDPMPrecond'"):
+    interop.load(str(tmp_path / "iddpm.pkl"))
   net.__class__ = EDMPrecond
   net.model.__class__ = type("NCSNpp", (SongUNet,), {})
   with open(tmp_path / "other.pkl", "wb") as f:
@@ -427,18 +535,22 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
     interop.load(str(tmp_path / "bad.pkl"))
 
 
-def test_an_edm_snapshot_is_distilled_end_to_end(tmp_path, monkeypatch):
-  """`--config.teacher.kind=import` on an EDM snapshot: ECT from the snapshot's weights, on its own
-  samples, a few steps (tiny); the student at the teacher's weights is the teacher."""
+@pytest.mark.parametrize("precond", ["EDMPrecond", "VEPrecond"])
+def test_an_edm_snapshot_is_distilled_end_to_end(tmp_path, monkeypatch, precond):
+  """`--config.teacher.kind=import` on an EDM snapshot (DDPM++ under EDMPrecond; NCSN++ under
+  VEPrecond): ECT from the snapshot's weights, on its own samples, a few steps (tiny); the student
+  at the teacher's weights is the teacher."""
   from diffdistill.methods import _common
   from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
-  _, path = _snapshot(tmp_path, monkeypatch)
+  ve = precond == "VEPrecond"
+  _, path = _snapshot(tmp_path, monkeypatch, **(dict(precond=VEPrecond, arch=NCSN_ARCH) if ve else {}))
   config = config_lib.get_config("ect_import,tiny")
   config.teacher.path = path
   setup = setup_lib.make_setup(config)
-  assert setup.teacher.example_shape == (RES, RES, C) and setup.teacher.kind == "edm"
+  assert setup.teacher.example_shape == (RES, RES, C)
+  assert setup.teacher.kind == ("eps" if ve else "edm")
   x = jax.random.normal(jax.random.key(0), (2, RES, RES, C))
-  t = jnp.array([0.5, 20.0])
+  t = jnp.array([0.1, 0.9]) if ve else jnp.array([0.5, 20.0])
   np.testing.assert_allclose(_common.student_net(config, setup).denoise(setup.teacher.params, x, t),
                              setup.teacher.apply(setup.teacher.params, x, t), rtol=1e-6, atol=1e-6)
   out = main_lib.run(config, str(tmp_path / "run"))

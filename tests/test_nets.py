@@ -228,6 +228,44 @@ def test_unet_resampling_is_average_pool_and_nearest_neighbour():
   np.testing.assert_array_equal(unet._upsample(unet._downsample(x))[0, :2, :2, 0], 2.5)
 
 
+def test_fir_upsampling_is_four_times_the_transpose_of_fir_downsampling():
+  """NCSN++'s [1, 3, 3, 1] filter: EDM's up-sampling is the transposed convolution of its
+  down-sampling with 4x the kernel, so <up(y), x> = 4 <y, down(x)> exactly, borders included;
+  both keep a constant away from the zero-padded border, and (1, 1) stays pooling / repeat."""
+  taps = (1, 3, 3, 1)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  y = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+  down, up = unet._downsample(x, taps), unet._upsample(y, taps)
+  assert down.shape == y.shape and up.shape == x.shape
+  np.testing.assert_allclose(float(jnp.vdot(up, x)), 4 * float(jnp.vdot(y, down)), rtol=1e-5)
+  ones = jnp.ones((1, 8, 8, 1))
+  np.testing.assert_allclose(unet._downsample(ones, taps)[0, 1:-1, 1:-1], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(unet._upsample(ones, taps)[0, 2:-2, 2:-2], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(unet._downsample(x, (1, 1)), unet._downsample(x, (1, 1), pad=0),
+                             rtol=1e-6)  # the (1, 1) fast path is the general filter's result
+  with pytest.raises(ValueError, match=r"resample_filter must be a symmetric filter.*\(1, 3, 3\)"):
+    nets.get_network("unet", resample_filter=(1, 3, 3)).init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match=r"encoder must be one of \('standard', 'residual'\)"):
+    nets.get_network("unet", encoder="skip").init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="freqs must hold dim/2 = 4 values, got 3"):
+    embeddings.FourierEmbedding(dim=8, freqs=(1.0, 2.0, 3.0)).apply({}, jnp.zeros(2))
+  with pytest.raises(ValueError, match="freqs is for the 'fourier' embedding"):
+    embeddings.time_embedding("positional", 8, freqs=(1.0,) * 4)
+
+
+def test_the_time_map_feeds_the_embedding_an_affine_function_of_t():
+  """ConditionEmbedding(time_map=(a, b)) at t is the plain embedding at a t + b."""
+  t = jnp.array([0.0, 0.3, 1.0])
+  mapped = embeddings.ConditionEmbedding(16, 32, "fourier", time_map=(2.5, -1.0))
+  plain = embeddings.ConditionEmbedding(16, 32, "fourier")
+  params = plain.init(jax.random.key(0), t)
+  np.testing.assert_allclose(mapped.apply(params, t), plain.apply(params, 2.5 * t - 1.0),
+                             rtol=1e-6, atol=1e-6)
+  assert float(jnp.abs(mapped.apply(params, t) - plain.apply(params, t)).max()) > 1e-2
+
+
 def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
   """EDM's CIFAR-10 DDPM++ (Karras et al. 2022): about 56M parameters. Shapes only, no allocation."""
   module = nets.get_network("unet_ddpmpp_cifar10")

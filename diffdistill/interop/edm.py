@@ -6,8 +6,7 @@ rebuilds every persistent object as an inert `Persistent(class_name, state)` rec
 is kept as text and never executed), every other class the pickle names as an inert record too,
 and only tensors through torch's own rebuild functions (storages read with
 `torch.load(weights_only=True)`). The tensors are then mapped by name onto `nets.UNet`:
-EDM's `SongUNet` (DDPM++: positional embedding, standard encoder and decoder, resample filter
-[1, 1]) is its layout "ddpmpp", EDM's `DhariwalUNet` (the ADM network of the ImageNet-64
+EDM's `SongUNet` (DDPM++ or NCSN++, below) is its layout "ddpmpp", EDM's `DhariwalUNet` (the ADM network of the ImageNet-64
 snapshot) its layout "adm". The preconditioner becomes the schedule and the output kind:
 
   * `EDMPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4), c_skip = sd^2 /
@@ -18,10 +17,18 @@ snapshot) its layout "adm". The preconditioner becomes the schedule and the outp
     the pickle's beta_min, beta_min + beta_d and epsilon_t): kind 'eps', the network's time
     input t scaled by M - 1 = 999 in its embedding.
 
+  * `VEPrecond` (the VE baseline, Song et al.'s NCSN++ cont. VE): D(x; sigma) = x + sigma
+    F(x, log(sigma / 2)) on `schedules.VE(sigma_min, sigma_max, t_min=0, t_max=1)`: F is minus
+    the eps prediction (the head conv is negated at import: kind 'eps'), and the noise input
+    log(sigma / 2) = log(sigma_min / 2) + t log(sigma_max / sigma_min) is affine in t
+    (`nets.UNet(time_map=...)`).
+
+SongUNet comes as DDPM++ or as NCSN++ (`--arch=ncsnpp`: Fourier embedding with the pickle's
+frequencies, residual encoder, resample filter [1, 3, 3, 1]; `nets.UNet`'s `embedding`,
+`encoder`, `resample_filter`, `fourier_freqs`), under any of the three preconditioners.
 `raw(params, x, sigma, class_labels=None)` is the preconditioner's forward on EDM's axis
-(x = x0 + sigma n) for both. Other preconditioners (VEPrecond, whose NCSN++ network has no
-counterpart in `nets` yet, iDDPMPrecond) and SongUNet variants (Fourier embedding, residual /
-skip encoders and decoders) are refused by name. EDM's class labels are one-hot vectors; the
+(x = x0 + sigma n) for all. iDDPMPrecond and the SongUNet variants no EDM snapshot uses ("skip"
+encoder or decoder) are refused by name. EDM's class labels are one-hot vectors; the
 all-zero vector (no class) is the null class K of the library's label table. The
 augmentation-label embedding (`map_augment`, used only when training with EDM's augment pipe;
 absent at sampling) is dropped.
@@ -51,8 +58,10 @@ SONG_UNET_DEFAULTS = dict(augment_dim=0, model_channels=128, channel_mult=(1, 2,
                           num_blocks=4, attn_resolutions=(16,), dropout=0.10, label_dropout=0,
                           embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
                           decoder_type="standard", resample_filter=(1, 1))
-SUPPORTED = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                 decoder_type="standard", resample_filter=(1, 1))
+# the SongUNet variants nets.UNet holds: DDPM++ and NCSN++ (EDM's two; the "skip" encoder and
+# decoder of Song et al.'s other NCSN++ configurations are not used by any EDM snapshot)
+SUPPORTED = dict(embedding_type=("positional", "fourier"), encoder_type=("standard", "residual"),
+                 decoder_type=("standard",))
 # DhariwalUNet's defaults (the same file): the ADM network of EDM's ImageNet-64 snapshot
 DHARIWAL_UNET_DEFAULTS = dict(augment_dim=0, model_channels=192, channel_mult=(1, 2, 3, 4),
                               channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
@@ -60,7 +69,7 @@ DHARIWAL_UNET_DEFAULTS = dict(augment_dim=0, model_channels=192, channel_mult=(1
 ADM_CHANNELS_PER_HEAD = 64  # DhariwalUNet's attention heads: one per 64 channels
 NETWORKS = {"SongUNet": ("ddpmpp", SONG_UNET_DEFAULTS),
             "DhariwalUNet": ("adm", DHARIWAL_UNET_DEFAULTS)}
-PRECONDITIONERS = ("EDMPrecond", "VPPrecond")
+PRECONDITIONERS = ("EDMPrecond", "VPPrecond", "VEPrecond")
 
 
 class Record:
@@ -211,7 +220,8 @@ def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, la
   def block(k, key, cin, cout, **kw):
     return _block(k, key, cin, cout, emb, layout=layout, heads=heads(cout), **kw)
 
-  k, skips, cout = 0, [], in_channels
+  k, skips, cout, caux = 0, [], in_channels, in_channels
+  residual = not adm and cfg["encoder_type"] == "residual"
   for level, m in enumerate(mult):
     res = img_resolution >> level
     if level == 0:
@@ -221,6 +231,10 @@ def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, la
       leaves += block(k, f"{prefix}enc.{res}x{res}_down", cout, cout, attention=False,
                       resample=True)
       k += 1
+      if residual:  # NCSN++: the image, filtered down, added after each down-sampling block
+        leaves += _conv((f"aux_residual_{level}",), f"{prefix}enc.{res}x{res}_aux_residual", cout,
+                        caux, 3)
+        caux = cout
     skips.append(cout)
     for idx in range(n):
       cin, cout = cout, mc * m
@@ -252,18 +266,58 @@ def unet_leaves(cfg, *, img_resolution, in_channels, out_channels, label_dim, la
 
 
 def _precond(net, path):
-  """(schedule, kind, embedding_scale, sigma_data or None) of a supported preconditioner."""
+  """(schedule, kind, embedding_scale, sigma_data or None, time_map) of a supported
+  preconditioner."""
   st = net.state
   if net.class_name == "EDMPrecond":
     sd = float(st.get("sigma_data", 0.5))
-    return schedules.EDM(sigma_data=sd), "edm", 1.0, sd  # EDM's sampling range [0.002, 80]
+    return schedules.EDM(sigma_data=sd), "edm", 1.0, sd, (1.0, 0.0)  # sampling range [0.002, 80]
+  if net.class_name == "VEPrecond":
+    # D = x + sigma F(x, log(sigma / 2)): F is minus the eps prediction on schedules.VE, whose
+    # log sigma(t) = log sigma_min + t log(sigma_max / sigma_min) makes the noise input affine in t
+    s_min, s_max = float(st.get("sigma_min", 0.02)), float(st.get("sigma_max", 100.0))
+    schedule = schedules.VE(sigma_min=s_min, sigma_max=s_max, t_min=0.0, t_max=1.0)
+    return schedule, "eps", 1.0, None, (math.log(s_max / s_min), math.log(s_min / 2.0))
   # VPPrecond: D = x - sigma F(x / sqrt(1 + sigma^2), (M - 1) t(sigma)) on the continuous VP
   # of Song et al. 2021: F is the eps prediction at x_t = alpha x0 + sigma_vp eps, time t
   beta_min, beta_d = float(st.get("beta_min", 0.1)), float(st.get("beta_d", 19.9))
   m, eps_t = int(st.get("M", 1000)), float(st.get("epsilon_t", 1e-5))
   schedule = schedules.VPLinear(beta_min=beta_min, beta_max=beta_min + beta_d, t_min=eps_t,
                                 t_max=1.0)
-  return schedule, "eps", float(m - 1), None
+  return schedule, "eps", float(m - 1), None, (1.0, 0.0)
+
+
+def _song_unet_config(cfg, state, path):
+  """Checks a SongUNet's variant and its resample-filter buffers against what nets.UNet holds;
+  returns (the nets.UNet keyword arguments it sets, the buffer keys consumed)."""
+  for name, accepted in SUPPORTED.items():
+    if cfg[name] not in accepted:
+      raise ValueError(f"{path}: SongUNet {name}={cfg[name]!r} is not supported (accepted: "
+                       f"{accepted}).")
+  taps = tuple(int(v) for v in cfg["resample_filter"])
+  try:
+    nets.unet._check_filter(taps)  # noqa: SLF001
+  except ValueError as e:
+    raise ValueError(f"{path}: SongUNet {e}") from None
+  f = np.asarray(taps, np.float64)
+  expected = np.outer(f, f) / f.sum() ** 2
+  consumed = []
+  for key in [k for k in state if k.endswith(".resample_filter")]:
+    if state[key].shape[-2:] != expected.shape or not np.allclose(state[key][0, 0], expected):
+      raise ValueError(f"{path}: key {key!r} is not the resample filter {list(taps)} of the "
+                       f"network's resample_filter.")
+    consumed.append(key)
+  kw = dict(resample_filter=taps, channel_mult_noise=int(cfg["channel_mult_noise"]),
+            encoder=cfg["encoder_type"], embedding=cfg["embedding_type"])
+  if cfg["embedding_type"] == "fourier":  # the random frequencies are a buffer: architecture
+    key = "model.map_noise.freqs"
+    want = (cfg["model_channels"] * cfg["channel_mult_noise"] // 2,)
+    if key not in state or state[key].shape != want:
+      raise ValueError(f"{path}: the Fourier embedding needs key {key!r} of shape {want}, got "
+                       f"{None if key not in state else state[key].shape}.")
+    kw["fourier_freqs"] = tuple(float(v) for v in state[key])
+    consumed.append(key)
+  return kw, consumed
 
 
 def load_edm(path: str):
@@ -274,7 +328,7 @@ def load_edm(path: str):
   if not isinstance(net, Persistent) or net.class_name not in PRECONDITIONERS:
     found = net.class_name if isinstance(net, Persistent) else type(net).__name__
     raise ValueError(f"{path}: expected one of the preconditioners {PRECONDITIONERS} (under "
-                     f"'ema'), found {found!r}; VEPrecond and iDDPMPrecond are not supported.")
+                     f"'ema'), found {found!r}; iDDPMPrecond is not supported.")
   model = (net.state.get("_modules") or {}).get("model")
   if not isinstance(model, Persistent) or model.class_name not in NETWORKS:
     found = model.class_name if isinstance(model, Persistent) else type(model).__name__
@@ -283,29 +337,27 @@ def load_edm(path: str):
   layout, defaults = NETWORKS[model.class_name]
   kwargs = dict(model.state.get("_init_kwargs") or {})
   cfg = {**defaults, **kwargs}
-  for name, value in (SUPPORTED.items() if layout == "ddpmpp" else ()):
-    got = tuple(cfg[name]) if isinstance(value, tuple) else cfg[name]
-    if got != value:
-      raise ValueError(f"{path}: SongUNet {name}={cfg[name]!r} is not supported (only {value!r}).")
   res, cin, cout = kwargs["img_resolution"], kwargs["in_channels"], kwargs["out_channels"]
   label_dim = kwargs.get("label_dim", 0)
   state = state_dict(net)
-  flt = np.array([[0.25, 0.25], [0.25, 0.25]], np.float32)
   ignore = [k for k in state if k.startswith("model.map_augment.")]
-  for key in [k for k in state if k.endswith(".resample_filter")]:
-    if state[key].shape[-2:] != (2, 2) or not np.allclose(state[key][..., :, :], flt):
-      raise ValueError(f"{path}: key {key!r} is not the [1, 1] resample filter.")
-    ignore.append(key)
+  if layout == "ddpmpp":
+    variant, consumed = _song_unet_config(cfg, state, path)
+  else:  # DhariwalUNet: positional embedding, filter [1, 1]
+    variant, consumed = _song_unet_config({**SONG_UNET_DEFAULTS, **cfg}, state, path)
+  ignore += consumed
   leaves = unet_leaves(cfg, img_resolution=res, in_channels=cin, out_channels=cout,
                        label_dim=label_dim, layout=layout)
   params = ckpt.assemble(state, leaves, ignore=ignore, source=path)
-  schedule, kind, emb_scale, sd = _precond(net, path)
+  schedule, kind, emb_scale, sd, time_map = _precond(net, path)
+  if net.class_name == "VEPrecond":  # the library's eps is -F: negate the head once, here
+    params = {**params, "Conv_1": {n: -v for n, v in params["Conv_1"].items()}}
   module = nets.UNet(model_channels=cfg["model_channels"], channel_mult=tuple(cfg["channel_mult"]),
                      num_blocks=cfg["num_blocks"], attn_resolutions=tuple(cfg["attn_resolutions"]),
                      dropout=cfg["dropout"], channel_mult_emb=cfg["channel_mult_emb"],
-                     embedding="positional", embedding_scale=emb_scale, num_classes=label_dim,
-                     layout=layout,
-                     channels_per_head=ADM_CHANNELS_PER_HEAD if layout == "adm" else None)
+                     embedding_scale=emb_scale, num_classes=label_dim, layout=layout,
+                     channels_per_head=ADM_CHANNELS_PER_HEAD if layout == "adm" else None,
+                     time_map=time_map, **variant)
   net_apply = nets.make_apply(module)  # F of the preconditioning: the library's kind
   denoise = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule)
 
@@ -324,7 +376,9 @@ def load_edm(path: str):
     sigma = jnp.asarray(sigma, jnp.float32)
     if kind == "edm":
       return apply(params, x, sigma, label=label)
-    t = schedule.t_from_logsnr(-2.0 * jnp.log(sigma))  # VP: x_t = x / sqrt(1 + sigma^2) at t
+    t = schedule.t_from_logsnr(-2.0 * jnp.log(sigma))
+    if net.class_name == "VEPrecond":  # VE: x_t = x at t
+      return apply(params, x, t, label=label)
     return apply(params, x / jnp.sqrt(1.0 + sigma ** 2)[:, None, None, None], t, label=label)
 
   info = dict(format="edm_pkl", precond=net.class_name, network=model.class_name,

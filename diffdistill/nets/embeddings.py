@@ -79,20 +79,30 @@ class FourierEmbedding(nn.Module):
 
   The frequencies are drawn from `seed` when the module is traced, not stored as a variable: they
   are part of the architecture (like EDM's registered buffer), never trained, and never seen by an
-  optimizer's weight decay.
+  optimizer's weight decay. `freqs` gives them explicitly instead (dim/2 values; an imported
+  checkpoint's buffer, e.g. EDM's NCSN++ `map_noise.freqs`; `scale` and `seed` are then unused).
+  The phase is computed as t (2 pi f), 2 pi f rounded to float32 first, as EDM does.
   """
 
   dim: int
   scale: float = 16.0
   seed: int = 0
+  freqs: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, t: Array) -> Array:
     if self.dim < 2 or self.dim % 2:
       raise ValueError(f"FourierEmbedding: dim must be even and >= 2, got dim={self.dim}.")
     t = _as_batch_times(t)
-    freqs = self.scale * jax.random.normal(jax.random.key(self.seed), (self.dim // 2,), jnp.float32)
-    phase = 2.0 * math.pi * t[:, None] * freqs[None, :]  # [B, dim/2]
+    if self.freqs is None:
+      freqs = self.scale * jax.random.normal(jax.random.key(self.seed), (self.dim // 2,),
+                                             jnp.float32)
+    elif len(self.freqs) != self.dim // 2:
+      raise ValueError(f"FourierEmbedding: freqs must hold dim/2 = {self.dim // 2} values, got "
+                       f"{len(self.freqs)}.")
+    else:
+      freqs = jnp.asarray(self.freqs, jnp.float32)
+    phase = t[:, None] * (2.0 * math.pi * freqs)[None, :]  # [B, dim/2]
     return jnp.concatenate([jnp.sin(phase), jnp.cos(phase)], axis=-1)
 
 
@@ -102,15 +112,18 @@ DEFAULT_SCALES = {"positional": 1000.0, "fourier": 16.0}
 
 
 def time_embedding(kind: str, dim: int, scale: float | None = None, *,
-                   endpoint: bool = True) -> nn.Module:
+                   endpoint: bool = True, freqs: tuple[float, ...] | None = None) -> nn.Module:
   """Builds a time embedding by name ('positional' or 'fourier'); scale=None takes its default;
-  endpoint: the positional embedding's (SinusoidalEmbedding), ignored by 'fourier'."""
+  endpoint: the positional embedding's (SinusoidalEmbedding), ignored by 'fourier'; freqs: the
+  Fourier embedding's explicit frequencies (FourierEmbedding), refused for 'positional'."""
   if kind not in TIME_EMBEDDINGS:
     raise ValueError(f"Unknown time embedding {kind!r}; expected one of {sorted(TIME_EMBEDDINGS)}.")
   scale = DEFAULT_SCALES[kind] if scale is None else scale
   if kind == "positional":
+    if freqs is not None:
+      raise ValueError("time_embedding: freqs is for the 'fourier' embedding, not 'positional'.")
     return SinusoidalEmbedding(dim=dim, scale=scale, endpoint=endpoint)
-  return TIME_EMBEDDINGS[kind](dim=dim, scale=scale)
+  return FourierEmbedding(dim=dim, scale=scale, freqs=freqs)
 
 
 class ConditionEmbedding(nn.Module):
@@ -129,7 +142,11 @@ class ConditionEmbedding(nn.Module):
   `label_at` places the label: "input" adds Embed(label) (noise_dim wide) to the time embedding,
   as above (EDM's SongUNet); "output" adds it (emb_dim wide) after W2, before the last silu,
   emb = silu(W2 silu(W1 e) + Embed(label)) (EDM's DhariwalUNet, the ADM network). `endpoint`:
-  the positional embedding's (SinusoidalEmbedding).
+  the positional embedding's (SinusoidalEmbedding); `freqs`: the Fourier embedding's
+  (FourierEmbedding). `time_map` = (a, b) embeds a t + b instead of t (the main time only, not
+  the extra inputs): a network whose noise input is an affine function of the schedule's time,
+  e.g. EDM's NCSN++ under VEPrecond, log(sigma / 2) = log(sigma_min / 2) + t log(sigma_max /
+  sigma_min) on `schedules.VE`.
   """
 
   noise_dim: int
@@ -141,6 +158,8 @@ class ConditionEmbedding(nn.Module):
   extra: tuple[str, ...] = ()
   label_at: str = "input"
   endpoint: bool = True
+  freqs: tuple[float, ...] | None = None
+  time_map: tuple[float, float] = (1.0, 0.0)
 
   @nn.compact
   def __call__(self, t: Array, label: Array | None = None,
@@ -148,8 +167,9 @@ class ConditionEmbedding(nn.Module):
     if self.label_at not in LABEL_POSITIONS:
       raise ValueError(f"label_at must be one of {LABEL_POSITIONS}, got {self.label_at!r}.")
     embed = lambda s: time_embedding(self.embedding, self.noise_dim, self.scale,  # noqa: E731
-                                     endpoint=self.endpoint)(s)
-    e = embed(t)  # [B, noise_dim]
+                                     endpoint=self.endpoint, freqs=self.freqs)(s)
+    a, b = self.time_map
+    e = embed(t if (a, b) == (1.0, 0.0) else a * _as_batch_times(t) + b)  # [B, noise_dim]
     extra = extra or {}
     if set(extra) != set(self.extra):
       raise ValueError(f"extra conditioning inputs {sorted(extra)} do not match the network's "

@@ -1,7 +1,7 @@
 """A U-Net in the DDPM++ style of Song et al. (2021) as configured by Karras et al. (EDM, 2022).
 
 Inputs are NHWC images x [B, H, W, C] and times t [B]; the output has x's shape. The architecture
-follows EDM's `SongUNet` with the standard encoder/decoder and resample filter [1, 1]:
+follows EDM's `SongUNet` (by default DDPM++: standard encoder/decoder, resample filter [1, 1]):
 
   * conditioning: emb = silu(W2 silu(W1 (embed(t) [+ Embed(label)])))  (nets.embeddings), width
     model_channels * channel_mult_emb; labels 0..K-1 and the null label K (classifier-free guidance);
@@ -31,6 +31,13 @@ channels; none below that width, as EDM) in every block of an attention resoluti
 included, the positional embedding without endpoint, and the label added after the mapping
 network's second layer (nets.embeddings.ConditionEmbedding, label_at="output").
 `PRESETS["adm_imagenet64"]` is EDM's ImageNet-64 configuration (about 296M parameters).
+
+NCSN++ (Song et al.'s VE network as EDM writes it, `PRESETS["ncsnpp_cifar10"]`) is layout
+"ddpmpp" with a Fourier embedding (`embedding="fourier"`, `channel_mult_noise=2`), the resample
+filter (1, 3, 3, 1) (stride-2 filtering by outer(f, f) / sum(f)^2 and its transpose) and
+`encoder="residual"`: the input image travels down beside the features, and after each
+down-sampling block aux = h = (h + conv_down(aux)) / sqrt(2), conv_down a 3x3 conv padded by
+1 + (len(f) - 1) / 2 then the filter at stride 2 without padding (EDM's fused resample).
 
 References:
   Ho et al., Denoising Diffusion Probabilistic Models, NeurIPS 2020 (the U-Net).
@@ -73,15 +80,43 @@ def _group_norm(channels: int, dtype, eps: float = 1e-6) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=min(32, max(channels // 4, 1)), epsilon=eps, dtype=dtype)
 
 
-def _downsample(x: Array) -> Array:
-  """2x2 average pooling (EDM's resample filter [1, 1]); [B, H, W, C] -> [B, H/2, W/2, C]."""
+def _filter2d(taps: tuple[int, ...], channels: int, dtype) -> Array:
+  """The separable resample filter outer(f, f) / sum(f)^2 as a depthwise HWIO kernel."""
+  f = jnp.asarray(taps, jnp.float32)
+  k = jnp.outer(f, f) / jnp.sum(f) ** 2
+  return jnp.tile(k[:, :, None, None], (1, 1, 1, channels)).astype(dtype)
+
+
+def _check_filter(taps: tuple[int, ...]) -> None:
+  if len(taps) < 2 or len(taps) % 2 or tuple(taps) != tuple(reversed(taps)) or sum(taps) <= 0:
+    raise ValueError(f"UNet: resample_filter must be a symmetric filter of even length >= 2 with a "
+                     f"positive sum, e.g. (1, 1) (DDPM++) or (1, 3, 3, 1) (NCSN++); got {taps}.")
+
+
+def _downsample(x: Array, taps: tuple[int, ...] = (1, 1), *, pad: int | None = None) -> Array:
+  """Stride-2 filtering by outer(f, f) / sum(f)^2, zero padding (len(f) - 1) // 2 (EDM's Conv2d
+  with down=True); [B, H, W, C] -> [B, H/2, W/2, C]. f = (1, 1) is 2x2 average pooling."""
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  if tuple(taps) == (1, 1) and not pad:
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  p = (len(taps) - 1) // 2 if pad is None else pad
+  return jax.lax.conv_general_dilated(x, _filter2d(taps, c, x.dtype), (2, 2), ((p, p), (p, p)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=c)
 
 
-def _upsample(x: Array) -> Array:
-  """Nearest-neighbour upsampling (the transpose of the [1, 1] filter); [B, H, W, C] -> [B, 2H, 2W, C]."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def _upsample(x: Array, taps: tuple[int, ...] = (1, 1)) -> Array:
+  """The transposed filtering: stride-2 transposed convolution by 4 outer(f, f) / sum(f)^2,
+  padding (len(f) - 1) // 2 (EDM's Conv2d with up=True); [B, H, W, C] -> [B, 2H, 2W, C].
+  f = (1, 1) is nearest-neighbour upsampling."""
+  if tuple(taps) == (1, 1):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  c, k = x.shape[-1], len(taps)
+  q = k - 1 - (k - 1) // 2  # a transposed conv with padding p is a dilated conv padded k - 1 - p
+  kernel = 4.0 * _filter2d(taps, c, x.dtype)[::-1, ::-1]
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((q, q), (q, q)), lhs_dilation=(2, 2),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=c)
 
 
 class SelfAttention(nn.Module):
@@ -119,12 +154,15 @@ class UNetBlock(nn.Module):
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   layout: str = "ddpmpp"
+  resample_filter: tuple[int, ...] = (1, 1)
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, deterministic: bool = True) -> Array:
     lay = LAYOUTS[self.layout]
     norm = lambda c: _group_norm(c, self.dtype, lay["eps"])  # noqa: E731
-    resample = _upsample if self.up else (_downsample if self.down else (lambda a: a))
+    f = self.resample_filter
+    resample = ((lambda a: _upsample(a, f)) if self.up else  # noqa: E731
+                (lambda a: _downsample(a, f)) if self.down else (lambda a: a))
     c_in, c_out = x.shape[-1], self.out_channels
     h = nn.silu(norm(c_in)(x))
     h = nn.Conv(c_out, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(resample(h))
@@ -165,6 +203,14 @@ class UNet(nn.Module):
     channels_per_head: if set, each attention layer has width // channels_per_head heads
       instead (ADM: 64; a layer narrower than that has none, as in EDM's DhariwalUNet).
     layout: "ddpmpp" (EDM's SongUNet) or "adm" (EDM's DhariwalUNet); module docstring.
+    channel_mult_noise: the time embedding is model_channels * channel_mult_noise wide (NCSN++: 2).
+    encoder: "standard", or "residual" (NCSN++: the input image, filtered down level by level
+      through a fused 3x3 conv + resample, is added to the features after each down-sampling
+      block, aux = h = (h + conv_down(aux)) / sqrt(2); module docstring).
+    resample_filter: the separable up/down-sampling filter ((1, 1): average pooling / nearest
+      neighbour, DDPM++ and ADM; (1, 3, 3, 1): NCSN++).
+    fourier_freqs / time_map: the Fourier embedding's explicit frequencies and the affine map of
+      t fed to the embedding (nets.embeddings.ConditionEmbedding), for imported checkpoints.
     dtype: computation dtype (params stay float32; `nets.precision`).
     extra_cond: names of extra scalar inputs (e.g. ("w",) for guided distillation).
     remat: rematerialisation (`nets.remat`): "none", "block" (each residual block's activations
@@ -186,6 +232,11 @@ class UNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   extra_cond: tuple[str, ...] = ()
   remat: str = "none"
+  channel_mult_noise: int = 1
+  encoder: str = "standard"
+  resample_filter: tuple[int, ...] = (1, 1)
+  fourier_freqs: tuple[float, ...] | None = None
+  time_map: tuple[float, float] = (1.0, 0.0)
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
@@ -194,6 +245,9 @@ class UNet(nn.Module):
     if self.layout not in LAYOUTS:
       raise ValueError(f"UNet: layout must be one of {sorted(LAYOUTS)}, got {self.layout!r}.")
     lay = LAYOUTS[self.layout]
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"UNet: encoder must be one of {ENCODERS}, got {self.encoder!r}.")
+    _check_filter(self.resample_filter)
     if x.ndim != 4:
       raise ValueError(f"UNet: x must be NHWC images [B, H, W, C], got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
@@ -207,20 +261,28 @@ class UNet(nn.Module):
                        else self.num_heads)
     block = lambda c, **kw: cls(c, num_heads=heads(c), dropout=self.dropout,  # noqa: E731
                                 dtype=self.dtype, layout=self.layout,
+                                resample_filter=tuple(self.resample_filter),
                                 name=f"UNetBlock_{next(count)}", **kw)
-    emb = ConditionEmbedding(self.model_channels, self.model_channels * self.channel_mult_emb,
+    emb = ConditionEmbedding(self.model_channels * self.channel_mult_noise,
+                             self.model_channels * self.channel_mult_emb,
                              self.embedding, self.embedding_scale, self.num_classes,
                              self.dtype, self.extra_cond, label_at=lay["label_at"],
-                             endpoint=lay["endpoint"])(t, label, extra)  # [B, E]
+                             endpoint=lay["endpoint"], freqs=self.fourier_freqs,
+                             time_map=tuple(self.time_map))(t, label, extra)  # [B, E]
     det = (deterministic,)
 
     stem = self.model_channels * (self.channel_mult[0] if lay["stem_mult"] else 1)
     h = nn.Conv(stem, (3, 3), dtype=self.dtype, kernel_init=_XAVIER)(x)
-    skips = [h]
+    skips, aux = [h], x
     for level, mult in enumerate(self.channel_mult):
       res = x.shape[1] >> level
       if level > 0:
         h = block(h.shape[-1], down=True)(h, emb, *det)
+        if self.encoder == "residual":  # EDM's fused down conv: 3x3 conv padded 1 + f_pad, filter
+          pad = 1 + (len(self.resample_filter) - 1) // 2
+          a = nn.Conv(h.shape[-1], (3, 3), padding=((pad, pad), (pad, pad)), dtype=self.dtype,
+                      kernel_init=_XAVIER, name=f"aux_residual_{level}")(aux)
+          h = aux = (h + _downsample(a, tuple(self.resample_filter), pad=0)) * SKIP_SCALE
         skips.append(h)
       for _ in range(self.num_blocks):
         h = block(self.model_channels * mult, attention=res in self.attn_resolutions)(h, emb, *det)
@@ -245,17 +307,24 @@ class UNet(nn.Module):
     return out.astype(x.dtype)  # [B, H, W, C]
 
 
+ENCODERS = ("standard", "residual")
+
 PRESETS = {
     # Karras et al. 2022, CIFAR-10 32x32 DDPM++ (about 56M parameters).
     "ddpmpp_cifar10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
                            attn_resolutions=(16,), dropout=0.13),
-    # A CPU-sized net for 8x8 digits: levels 8x8 and 4x4, attention at 4x4.
     # Karras et al. 2022's ImageNet-64 ADM (Dhariwal & Nichol's architecture; about 296M params).
     "adm_imagenet64": dict(layout="adm", model_channels=192, channel_mult=(1, 2, 3, 4),
                            num_blocks=3, attn_resolutions=(32, 16, 8), dropout=0.1,
                            channels_per_head=64),
+    # Karras et al. 2022's CIFAR-10 NCSN++ (the VE baselines): Song et al. 2021's NCSN++ as EDM
+    # writes it: Fourier embedding 256 wide, residual encoder, resample filter [1, 3, 3, 1].
+    "ncsnpp_cifar10": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                           attn_resolutions=(16,), dropout=0.13, embedding="fourier",
+                           channel_mult_noise=2, encoder="residual", resample_filter=(1, 3, 3, 1)),
+    # A CPU-sized net for 8x8 digits: levels 8x8 and 4x4, attention at 4x4.
     "digits8": dict(model_channels=32, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(4,),
                     dropout=0.1),
 }
 
-__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE", "LAYOUTS"]
+__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE", "LAYOUTS", "ENCODERS"]
