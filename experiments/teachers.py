@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -48,8 +49,10 @@ class Teacher:
   kind: str | None = None  # that network's output parametrization
   num_classes: int = 0
   # an imported network's function in the library's conventions (interop.Teacher.net_apply),
-  # where it is not nets.make_apply(module)
+  # where it is not nets.make_apply(module), and the same for another module of its architecture
+  # (a student's with extra inputs: interop.Teacher.make_net_apply)
   net_apply: Callable | None = None
+  make_net_apply: Callable | None = None
 
 
 def save_mixture(path: str, mix: analytic.GaussianMixture) -> None:
@@ -87,7 +90,8 @@ def load_mixture(path: str) -> analytic.GaussianMixture:
 
 def load(*, kind: str, name: str | None = None, path: str | None = None,
          schedule: schedules_lib.Schedule | None = None, label: int | None = None,
-         conditional: bool = False) -> Teacher:
+         conditional: bool = False, guidance: float = 1.0,
+         guidance_interval: tuple[float, float] = (0.0, math.inf)) -> Teacher:
   """The teacher of `kind` (module docstring).
 
   Args:
@@ -102,6 +106,11 @@ def load(*, kind: str, name: str | None = None, path: str | None = None,
       classifier-free guidance).
     conditional: an imported class-conditional network keeps its label input instead
       (`apply(params, x, t, label=y)`, y in [0, K], K the null class; `num_classes` = K).
+    guidance: classifier-free guidance of an imported class-conditional teacher's denoiser,
+      D_w = D(x | null) + w (D(x | label) - D(x | null)) (`parametrization.guided`; 1: none),
+      applied at the times t within `guidance_interval` (lo, hi) and 1 elsewhere (a guidance
+      interval, Kynkaanniemi et al. 2024). Only the teacher's denoiser is guided: a student
+      still starts from the checkpoint's own (unguided) network and learns the guided teacher.
   """
   if kind not in KINDS:
     raise ValueError(f"teacher kind must be one of {KINDS}, got {kind!r}.")
@@ -111,7 +120,15 @@ def load(*, kind: str, name: str | None = None, path: str | None = None,
                        "own schedule; do not pass one.")
     if conditional and kind != "import":
       raise ValueError("conditional=True is for an imported class-conditional checkpoint.")
-    return _load_workdir(path) if kind == "workdir" else _load_import(path, label, conditional)
+    if kind == "workdir":
+      if guidance != 1.0:
+        raise ValueError("guidance is for an imported class-conditional checkpoint (teacher "
+                         f"kind 'import'); got kind 'workdir' with guidance={guidance}.")
+      return _load_workdir(path)
+    return _load_import(path, label, conditional, guidance, tuple(guidance_interval))
+  if guidance != 1.0:
+    raise ValueError(f"guidance is for an imported class-conditional checkpoint (teacher kind "
+                     f"'import'); got kind {kind!r} with guidance={guidance}.")
   schedule = schedule or schedules_lib.VPLinear()
   if kind == "analytic":
     mix, label = analytic.get_mixture(name), name
@@ -147,7 +164,20 @@ def _with_label(fn: Callable, label: int) -> Callable:
   return conditioned
 
 
-def _load_import(path: str | None, label: int | None = None, conditional: bool = False) -> Teacher:
+def _guided(apply: Callable, w: float, interval: tuple[float, float], null: int) -> Callable:
+  """apply guided at scale w where t lies in `interval`, unguided (w = 1) elsewhere."""
+  lo, hi = interval
+
+  def guided(params, x, t, **cond):
+    tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    scale = jnp.where((tb >= lo) & (tb <= hi), w, 1.0)
+    return parametrization.guided(apply, scale, null_cond={"label": null})(params, x, t, **cond)
+  return guided
+
+
+def _load_import(path: str | None, label: int | None = None, conditional: bool = False,
+                 guidance: float = 1.0,
+                 guidance_interval: tuple[float, float] = (0.0, math.inf)) -> Teacher:
   from diffdistill import interop  # noqa: PLC0415 (flax when needed)
   if not path:
     raise ValueError("teacher kind 'import' needs path= a checkpoint file or folder "
@@ -157,7 +187,22 @@ def _load_import(path: str | None, label: int | None = None, conditional: bool =
     raise ValueError(f"{path} is an autoencoder (a latent teacher's VAE), not a teacher; pass the "
                      "diffusion network's checkpoint.")
   name = f"{loaded.family}:{os.path.basename(os.path.normpath(path))}"
-  apply, net_apply = loaded.apply, loaded.net_apply
+  apply, net_apply, make = loaded.apply, loaded.net_apply, loaded.make_net_apply
+  if guidance != 1.0:
+    lo, hi = guidance_interval
+    if not loaded.num_classes:
+      raise ValueError(f"guidance={guidance} needs a class-conditional teacher; {name} has no "
+                       "label input.")
+    if not conditional and (label is None or label < 0 or label == loaded.num_classes):
+      raise ValueError(f"guidance={guidance} guides a class against the null class: give "
+                       f"conditional=True or a label in [0, {loaded.num_classes}), not the null "
+                       "class.")
+    if guidance < 0 or not lo <= hi:
+      raise ValueError(f"guidance must be >= 0 and guidance_interval (lo, hi) with lo <= hi; "
+                       f"got {guidance} and {guidance_interval}.")
+    apply = _guided(apply, float(guidance), (float(lo), float(hi)), loaded.num_classes)
+    name += f" (guided, w = {guidance:g}" + (f" for t in [{lo:g}, {hi:g}])"
+                                            if (lo, hi) != (0.0, math.inf) else ")")
   if conditional:  # every label: the teacher and its students take `label`
     if not loaded.num_classes:
       raise ValueError(f"{name} is not class-conditional (no label input): drop "
@@ -165,7 +210,7 @@ def _load_import(path: str | None, label: int | None = None, conditional: bool =
     return Teacher(name=f"{name} (all {loaded.num_classes} classes)", apply=apply,
                    params=loaded.params, schedule=loaded.schedule,
                    example_shape=loaded.example_shape, module=loaded.network, kind=loaded.kind,
-                   num_classes=loaded.num_classes, net_apply=net_apply)
+                   num_classes=loaded.num_classes, net_apply=net_apply, make_net_apply=make)
   if loaded.num_classes:  # one class (or the null class): the teacher is a function of (x, t)
     k = loaded.num_classes
     label = k if label is None or label < 0 else label
@@ -173,10 +218,11 @@ def _load_import(path: str | None, label: int | None = None, conditional: bool =
       raise ValueError(f"label must be in [0, {k}] for {name} ({k} classes; {k} = the null "
                        f"class, -1 its alias), got {label}.")
     apply, net_apply = _with_label(apply, label), _with_label(net_apply, label)
+    make = (lambda m, _make=make, _label=label: _with_label(_make(m), _label))  # noqa: E731
     name += f" (class {label})" if label < k else " (null class)"
   return Teacher(name=name, apply=apply, params=loaded.params, schedule=loaded.schedule,
                  example_shape=loaded.example_shape, module=loaded.network, kind=loaded.kind,
-                 num_classes=0, net_apply=net_apply)
+                 num_classes=0, net_apply=net_apply, make_net_apply=make)
 
 
 def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule, *,
@@ -202,9 +248,9 @@ def reschedule(teacher: Teacher, schedule: schedules_lib.Schedule, *,
                                                 source=teacher.schedule, target=schedule,
                                                 target_kind=kind)
     return dataclasses.replace(teacher, name=name, apply=apply, schedule=schedule, kind=kind,
-                               net_apply=net_apply)
-  return dataclasses.replace(teacher, name=name, apply=apply,
-                             schedule=schedule, module=None, kind=None, net_apply=None)
+                               net_apply=net_apply, make_net_apply=None)
+  return dataclasses.replace(teacher, name=name, apply=apply, schedule=schedule, module=None,
+                             kind=None, net_apply=None, make_net_apply=None)
 
 
 def device_params(teacher: Teacher):

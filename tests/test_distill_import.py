@@ -369,3 +369,86 @@ def test_sid_distils_a_conditional_teacher_without_a_dataset(conditional_teacher
   with np.load(tmp_path / "samples" / "sid_generator_nfe1.npz") as f:
     assert f["labels"].shape == (128,) and f["images"].shape == (128, 8, 8, 1)
   assert (tmp_path / "teacher_samples" / "pairs.json").is_file()
+
+
+def test_an_extra_time_input_goes_through_the_checkpoints_time_map(dit_folder):
+  """A student with an extra input (MeanFlow's r) built on an imported network
+  (`_common.extra_input_net`): at the teacher's weights it is the teacher whatever r is (the r
+  projection starts at zero), and once that projection is nonzero the network reads r as it reads
+  t: DiT's step index 1000 r - 1 here (interop._network), the null label carried over too."""
+  setup = setup_lib.make_setup(_config("cd", dit_folder))
+  net = _common.student_net(setup.config, setup)
+  u_net = _common.extra_input_net(setup.config, setup, net, ("r",))
+  assert u_net.module.extra_cond == ("r",) and net.module.extra_cond == ()
+  fresh = u_net.init(jax.random.key(1))
+  params = jax.device_get(teachers.device_params(setup.teacher))
+  start = _common.nets.init_from(fresh, params)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 4))
+  t, r = jnp.array([0.3, 0.6, 0.9]), jnp.array([0.1, 0.2, 0.5])
+  np.testing.assert_allclose(u_net.apply(start, x, t, r=r), net.apply(params, x, t),
+                             rtol=1e-6, atol=1e-6)
+  # every leaf the teacher lacks (the r embedding) made nonzero: r now matters, read as 1000 r - 1
+  teacher_paths = {p for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, v: v if p in teacher_paths else 0.05 * jnp.ones_like(v), start)
+  out = u_net.apply(moved, x, t, r=r)
+  assert float(jnp.max(jnp.abs(out - u_net.apply(moved, x, t, r=r + 0.1)))) > 1e-3
+  module_apply = _common.nets.make_apply(u_net.module)
+  want = module_apply(moved, x, 1000.0 * t - 1.0, r=1000.0 * r - 1.0,
+                      label=jnp.full((3,), 5))[..., :4]
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_edm_kind_network_reads_an_extra_time_as_c_noise():
+  """For kind 'edm' the network's time input is c_noise = log(sigma) / 4 (`as_denoiser` computes
+  it from t): a time-like extra input given in the schedule's time is mapped the same way."""
+  from diffdistill import nets, schedules
+  from diffdistill.interop import _network
+  module = nets.get_network("unet", model_channels=8, channel_mult=(1,), num_blocks=1,
+                            attn_resolutions=(), dropout=0.0, extra_cond=("r", "d"))
+  schedule = schedules.EDM()
+  params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  params = jax.tree.map(lambda v: v + 0.05, params)  # the zero-initialized projections too
+  net_apply = _network.network_apply(module, kind="edm", schedule=schedule)
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 1))
+  c_noise, r, d = jnp.array([-1.0, 0.5]), jnp.array([0.02, 3.0]), jnp.array([0.1, 0.7])
+  want = nets.make_apply(module)(params, x, c_noise, r=0.25 * jnp.log(r), d=d)  # d: not a time
+  np.testing.assert_allclose(net_apply(params, x, c_noise, r=r, d=d), want, rtol=1e-5, atol=1e-6)
+  assert _network.TIME_LIKE == ("r", "s")
+
+
+def test_a_guided_teacher_is_cfg_inside_its_interval_and_plain_outside(dit_folder):
+  """`--config.teacher.guidance=w` with an interval: the teacher's denoiser is
+  D(null) + w (D(label) - D(null)) at times inside it and D(label) outside; the student's start
+  (`net_apply`) stays the checkpoint's own network."""
+  plain = teachers.load(kind="import", path=dit_folder, conditional=True)
+  guided = teachers.load(kind="import", path=dit_folder, conditional=True, guidance=2.5,
+                         guidance_interval=(0.0, 0.6))
+  assert guided.name.endswith("(guided, w = 2.5 for t in [0, 0.6]) (all 5 classes)")
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 4))
+  t, label = jnp.array([0.2, 0.5, 0.9]), jnp.array([1, 3, 0])
+  d_c = plain.apply(plain.params, x, t, label=label)
+  d_null = plain.apply(plain.params, x, t, label=jnp.full((3,), 5))
+  want = jnp.where((t <= 0.6)[:, None, None, None], d_null + 2.5 * (d_c - d_null), d_c)
+  np.testing.assert_allclose(guided.apply(guided.params, x, t, label=label), want,
+                             rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(want - d_c).max()) > 1e-3  # the guidance moves it
+  assert guided.net_apply is plain.net_apply or np.allclose(
+      guided.net_apply(guided.params, x, t, label=label),
+      plain.net_apply(plain.params, x, t, label=label))
+  one = teachers.load(kind="import", path=dit_folder, label=3, guidance=2.0)
+  np.testing.assert_allclose(
+      one.apply(one.params, x, t), plain.apply(plain.params, x, t, label=jnp.full((3,), 5))
+      + 2.0 * (plain.apply(plain.params, x, t, label=jnp.full((3,), 3))
+               - plain.apply(plain.params, x, t, label=jnp.full((3,), 5))),
+      rtol=1e-4, atol=1e-4)  # x0 at t = 0.9 amplifies float32 rounding by 1 / alpha
+  with pytest.raises(ValueError, match="guides a class against the null class"):
+    teachers.load(kind="import", path=dit_folder, guidance=2.0)
+  with pytest.raises(ValueError, match="guidance is for an imported class-conditional"):
+    setup_lib.make_setup(_config_with(config_lib.get_config("cd_gmm64,tiny"), guidance=3.0))
+
+
+def _config_with(config, **teacher):
+  for k, v in teacher.items():
+    config.teacher[k] = v
+  return config

@@ -309,3 +309,34 @@ def test_another_architecture_is_refused(tmp_path):
     interop.load(str(path))
   with pytest.raises(ValueError, match="not a supported"):
     interop.load(str(tmp_path))
+
+
+def test_meanflow_distils_an_imported_sit_from_its_own_weights(tmp_path):
+  """MeanFlow's student on a SiT checkpoint (`meanflow_import`): the SiT is already a rectified
+  flow, so no change of schedule; the student is the SiT with an extra input r (read as SiT reads
+  t, s = 1 - r) starting at the checkpoint's weights, where its average velocity is the teacher's
+  velocity at every (r, t). A few steps over all its labels, on the teacher's own guided samples
+  (w = 2.5 for t <= 0.75, the meanflow_imagenet256 table's setting; tiny)."""
+  from diffdistill.methods import _common
+  from experiments import teachers
+  from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
+  _, path = _original(tmp_path, "SiT-S-tiny.pt", seed=3, d=384, heads=6, depth=1)
+  config = config_lib.get_config("meanflow_import,tiny")
+  config.teacher.path = path
+  config.teacher.conditional = True
+  setup = setup_lib.make_setup(config)
+  assert isinstance(setup.teacher.schedule, schedules.RectifiedFlow) and setup.teacher.kind == "flow"
+  net = _common.student_net(config, setup)
+  u_net = _common.extra_input_net(config, setup, net, ("r",))
+  params = teachers.device_params(setup.teacher)
+  start = _common.nets.init_from(u_net.init(jax.random.key(0)), params)
+  x = jax.random.normal(jax.random.key(1), (2, SIZE, SIZE, C))
+  t, r, label = jnp.array([0.4, 0.9]), jnp.array([0.1, 0.3]), jnp.array([2, K])
+  x0 = setup.teacher.apply(params, x, t, label=label)  # the flow is (x - x0) / t on RF
+  np.testing.assert_allclose(u_net.apply(start, x, t, r=r, label=label),
+                             (x - x0) / t[:, None, None, None], rtol=1e-4, atol=1e-4)
+  config.teacher.guidance, config.teacher.guidance_t_max = 2.5, 0.75
+  out = main_lib.run(config, str(tmp_path / "run"))
+  assert out["teacher"].endswith("(guided, w = 2.5 for t in [0, 0.75]) (all 5 classes)")
+  rows = [row for row in out["rows"] if row["method"] == "meanflow"]
+  assert rows and all(np.isfinite(row["median"]) and not row["nan"] for row in out["rows"])

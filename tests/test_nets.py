@@ -255,17 +255,6 @@ def test_fir_upsampling_is_four_times_the_transpose_of_fir_downsampling():
     embeddings.time_embedding("positional", 8, freqs=(1.0,) * 4)
 
 
-def test_the_time_map_feeds_the_embedding_an_affine_function_of_t():
-  """ConditionEmbedding(time_map=(a, b)) at t is the plain embedding at a t + b."""
-  t = jnp.array([0.0, 0.3, 1.0])
-  mapped = embeddings.ConditionEmbedding(16, 32, "fourier", time_map=(2.5, -1.0))
-  plain = embeddings.ConditionEmbedding(16, 32, "fourier")
-  params = plain.init(jax.random.key(0), t)
-  np.testing.assert_allclose(mapped.apply(params, t), plain.apply(params, 2.5 * t - 1.0),
-                             rtol=1e-6, atol=1e-6)
-  assert float(jnp.abs(mapped.apply(params, t) - plain.apply(params, t)).max()) > 1e-2
-
-
 def test_cifar10_ddpmpp_has_56m_parameters_and_six_attention_layers():
   """EDM's CIFAR-10 DDPM++ (Karras et al. 2022): about 56M parameters. Shapes only, no allocation."""
   module = nets.get_network("unet_ddpmpp_cifar10")

@@ -1,6 +1,7 @@
 """experiments/paper_tables: every table is complete and builds its distill config; the runnable
-ones run end to end at their tiny size on a random EDM-format snapshot, FID included (torch, to
-write the pickle; slow: Inception compiles for minutes on 2 cores)."""
+ones run end to end at their tiny size on a random EDM-format snapshot (the latent one on a random
+SiT and VAE), FID included (torch, to write the checkpoints; slow: Inception compiles for minutes
+on 2 cores)."""
 
 import json
 
@@ -90,6 +91,14 @@ def test_runnable_tables_run_tiny_on_a_random_edm_snapshot(tmp_path, monkeypatch
               attn_resolutions=[4], dropout=0.0)
   _, adm = _snapshot(tmp_path, monkeypatch, network="DhariwalUNet", label_dim=10, img_channels=1,
                      name="edm-adm.pkl", arch=arch)
+  # a latent table: a SiT (published width 384, one block) on 8x8x4 latents of a random VAE
+  from diffdistill.interop import vae as interop_vae
+  from tests.test_distill_import import VAE, _write_folder
+  from tests.test_interop_dit import _original
+  _, sit = _original(tmp_path, "SiT-tiny.pt", seed=2, d=384, heads=6, depth=1)
+  (tmp_path / "vae").mkdir()
+  vae = _write_folder(tmp_path / "vae", VAE,
+                      interop_vae.vae_leaves(dict(interop_vae._DEFAULTS, **VAE)), seed=1)
   rng = np.random.default_rng(0)
   np.savez(tmp_path / "inception.npz",
            **inception_net.state_dict_from_variables(_random_weights(rng)))
@@ -100,7 +109,12 @@ def test_runnable_tables_run_tiny_on_a_random_edm_snapshot(tmp_path, monkeypatch
       continue
     workdir = tmp_path / name
     conditional = table.method.get("teacher.conditional", False)
-    files = dict(checkpoint=adm, dataset="digits8") if conditional else dict(checkpoint=checkpoint)
+    if "vae" in table.files:  # the teacher's own samples at drawn labels: no dataset
+      files = dict(checkpoint=sit, vae=vae)
+    elif conditional:
+      files = dict(checkpoint=adm, dataset="digits8")
+    else:
+      files = dict(checkpoint=checkpoint)
     result = paper_main.run(table, str(workdir), tiny=True, **files,
                             inception=str(tmp_path / "inception.npz"),
                             fid_reference=str(tmp_path / "ref.npz"))

@@ -64,6 +64,9 @@ class Teacher:
   # in x's shape): apply = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule);
   # what a student starting from these weights trains (`nets.Net(..., apply_fn=net_apply)`)
   net_apply: Callable[..., Any] = None
+  # net_apply of another module of the same architecture, e.g. the network with a student's extra
+  # inputs (`network.clone(extra_cond=...)`): its time-like inputs mapped as t (interop._network)
+  make_net_apply: Callable[..., Any] = None
 
   @property
   def example_shape(self) -> tuple[int, ...]:
@@ -101,18 +104,18 @@ def load(path: str, *, family: str | None = None,
     if class_name == "AutoencoderKL":
       return load_diffusers_vae(folder)
     if class_name == "UNet2DModel":
-      module, params, raw, apply, schedule, kind, info, net_apply = ddpm_unet.load_diffusers_unet(
+      module, params, raw, apply, schedule, kind, info, make = ddpm_unet.load_diffusers_unet(
           folder, path)
       return Teacher(params, apply, raw, schedule, kind, "ddpm", module.num_classes, module, info,
-                     net_apply)
+                     make(module), make)
     if class_name != "DiTTransformer2DModel":
       raise ValueError(f"{path}: not a supported diffusers folder (config.json _class_name "
                        f"{class_name!r}); supported: 'DiTTransformer2DModel', 'UNet2DModel', "
                        "'AutoencoderKL'.")
     module, params, info = dit.load_diffusers(folder)
-    raw, apply, schedule, net_apply = dit.dit_functions(module, info, label_name="class_labels")
+    raw, apply, schedule, make = dit.dit_functions(module, info, label_name="class_labels")
     return Teacher(params, apply, raw, schedule, "eps", "dit", info["num_classes"], module,
-                   dict(info, format="diffusers"), net_apply)
+                   dict(info, format="diffusers"), make(module), make)
   if os.path.isfile(path) and path.endswith((".pt", ".pth")):
     if family is None:
       family = "sit" if os.path.basename(path).lower().startswith("sit") else "dit"
@@ -120,17 +123,17 @@ def load(path: str, *, family: str | None = None,
       raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}.")
     module, params, info = dit.load_original(path, num_heads=num_heads)
     if family == "sit":
-      raw, apply, schedule, net_apply = dit.sit_functions(module, info)
+      raw, apply, schedule, make = dit.sit_functions(module, info)
       kind = "flow"
     else:
-      raw, apply, schedule, net_apply = dit.dit_functions(module, info, label_name="y")
+      raw, apply, schedule, make = dit.dit_functions(module, info, label_name="y")
       kind = "eps"
     return Teacher(params, apply, raw, schedule, kind, family, info["num_classes"], module,
-                   dict(info, format="pt"), net_apply)
+                   dict(info, format="pt"), make(module), make)
   if os.path.isfile(path) and path.endswith(".pkl"):
-    module, params, raw, apply, schedule, kind, info, net_apply = edm.load_edm(path)
+    module, params, raw, apply, schedule, kind, info, make = edm.load_edm(path)
     return Teacher(params, apply, raw, schedule, kind, "edm", info["label_dim"], module, info,
-                   net_apply)
+                   make(module), make)
   raise ValueError(f"{path}: not a supported checkpoint; expected a diffusers folder "
                    "(DiTTransformer2DModel, UNet2DModel, AutoencoderKL), an original DiT / SiT "
                    ".pt / .pth file or an EDM .pkl snapshot.")

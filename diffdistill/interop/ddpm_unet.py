@@ -20,6 +20,7 @@ import numpy as np
 
 from diffdistill import nets, parametrization, schedules
 from diffdistill.interop import _checkpoint as ckpt
+from diffdistill.interop._network import network_apply
 from diffdistill.interop.vae import ATTENTION_NAMES
 
 # UNet2DModel's defaults (a key absent from config.json takes these, as in diffusers).
@@ -144,7 +145,7 @@ def scheduler_of(folder):
 
 
 def load_diffusers_unet(folder: str, pipeline_root: str):
-  """(module, params, raw, apply, schedule, kind, info) of a UNet2DModel folder."""
+  """(module, params, raw, apply, schedule, kind, info, make_net_apply) of a UNet2DModel folder."""
   cfg = read_config(folder)
   state = ckpt.read_safetensors_folder(folder)
   style = "deprecated" if any(k.endswith(".query.weight") for k in state) else "current"
@@ -170,17 +171,17 @@ def load_diffusers_unet(folder: str, pipeline_root: str):
   def raw(params, x, timestep, *, class_labels=None):
     return net(params, x, jnp.asarray(timestep, jnp.float32), label=class_labels)  # [B, H, W, C]
 
-  def net_apply(params, x, t, **cond):  # the library's time t in [0, 1] -> the step index
-    return net(params, x, steps * jnp.asarray(t) - 1.0, **cond)
+  def make_net_apply(m):  # the library's time t in [0, 1] -> the step index
+    return network_apply(m, time_input=lambda t: steps * t - 1.0)
 
-  denoise = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule)
+  denoise = parametrization.as_denoiser(make_net_apply(module), kind=kind, schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, label=label)
 
   info = dict(format="diffusers", in_channels=cfg["in_channels"], sample_size=cfg.get("sample_size"),
               attention_names=style)
-  return module, params, raw, apply, schedule, kind, info, net_apply
+  return module, params, raw, apply, schedule, kind, info, make_net_apply
 
 
 __all__ = ["load_diffusers_unet", "unet_leaves", "read_config", "scheduler_of", "DEFAULTS",

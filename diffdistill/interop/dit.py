@@ -33,6 +33,7 @@ import numpy as np
 
 from diffdistill import nets, parametrization, schedules
 from diffdistill.interop import _checkpoint as ckpt
+from diffdistill.interop._network import network_apply
 from diffdistill.nets import dit as dit_lib
 
 # Heads of the published sizes (Peebles & Xie, Table 1), by width; other widths need num_heads.
@@ -203,8 +204,9 @@ def load_diffusers(folder: str):
 
 
 def dit_functions(module, info, *, label_name):
-  """(raw, apply, schedule, net_apply): the network with DiT's conventions, its eps denoiser, and
-  the eps network in the library's time (t in [0, 1], the first C channels) that the denoiser is
+  """(raw, apply, schedule, make_net_apply): the network with DiT's conventions, its eps denoiser,
+  and the factory of the eps network in the library's time (t in [0, 1] -> the step index
+  1000 t - 1, the first C channels; interop._network) that the denoiser is
   `parametrization.as_denoiser` of."""
   net = nets.make_apply(module)
   channels = info["in_channels"]
@@ -216,20 +218,22 @@ def dit_functions(module, info, *, label_name):
       raise ValueError(f"unknown conditioning {sorted(cond)}; this network takes {label_name!r}.")
     return net(params, x, jnp.asarray(timestep, jnp.float32), label=label)  # [B, H, W, C or 2C]
 
-  def net_apply(params, x, t, **cond):
-    return net(params, x, NUM_TRAIN_STEPS * jnp.asarray(t) - 1.0, **cond)[..., :channels]
+  def make_net_apply(m):
+    return network_apply(m, time_input=lambda t: NUM_TRAIN_STEPS * t - 1.0,
+                         output=lambda y: y[..., :channels])
 
-  denoise = parametrization.as_denoiser(net_apply, kind="eps", schedule=schedule)
+  denoise = parametrization.as_denoiser(make_net_apply(module), kind="eps", schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, label=label)
 
-  return raw, apply, schedule, net_apply
+  return raw, apply, schedule, make_net_apply
 
 
 def sit_functions(module, info):
-  """(raw, apply, schedule, net_apply): SiT's velocity network (first C channels), its denoiser,
-  and the velocity in the library's direction and time that the denoiser reads."""
+  """(raw, apply, schedule, make_net_apply): SiT's velocity network (first C channels), its
+  denoiser, and the factory of the velocity in the library's direction and time that the denoiser
+  reads."""
   net = nets.make_apply(module)
   channels = info["in_channels"]
   schedule = schedules.RectifiedFlow()
@@ -237,15 +241,15 @@ def sit_functions(module, info):
   def raw(params, x, t, *, y=None):
     return net(params, x, jnp.asarray(t, jnp.float32), label=y)[..., :channels]  # [B, H, W, C]
 
-  def net_apply(params, x, t, **cond):  # SiT's time runs the other way: s = 1 - t, u = -v
-    return -net(params, x, 1.0 - jnp.asarray(t), **cond)[..., :channels]
+  def make_net_apply(m):  # SiT's time runs the other way: s = 1 - t, u = -v
+    return network_apply(m, time_input=lambda t: 1.0 - t, output=lambda y: -y[..., :channels])
 
-  denoise = parametrization.as_denoiser(net_apply, kind="flow", schedule=schedule)
+  denoise = parametrization.as_denoiser(make_net_apply(module), kind="flow", schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, label=label)
 
-  return raw, apply, schedule, net_apply
+  return raw, apply, schedule, make_net_apply
 
 
 __all__ = ["load_original", "load_diffusers", "original_leaves", "diffusers_leaves",

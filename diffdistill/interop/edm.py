@@ -20,8 +20,8 @@ snapshot) its layout "adm". The preconditioner becomes the schedule and the outp
   * `VEPrecond` (the VE baseline, Song et al.'s NCSN++ cont. VE): D(x; sigma) = x + sigma
     F(x, log(sigma / 2)) on `schedules.VE(sigma_min, sigma_max, t_min=0, t_max=1)`: F is minus
     the eps prediction (the head conv is negated at import: kind 'eps'), and the noise input
-    log(sigma / 2) = log(sigma_min / 2) + t log(sigma_max / sigma_min) is affine in t
-    (`nets.UNet(time_map=...)`).
+    log(sigma / 2) = log(sigma_min / 2) + t log(sigma_max / sigma_min) is affine in t (the
+    network's time input, `interop._network`).
 
 SongUNet comes as DDPM++ or as NCSN++ (`--arch=ncsnpp`: Fourier embedding with the pickle's
 frequencies, residual encoder, resample filter [1, 3, 3, 1]; `nets.UNet`'s `embedding`,
@@ -52,6 +52,7 @@ import numpy as np
 
 from diffdistill import nets, parametrization, schedules
 from diffdistill.interop import _checkpoint as ckpt
+from diffdistill.interop._network import network_apply
 
 # SongUNet's defaults (NVlabs/edm training/networks.py); the pickle records only the given kwargs.
 SONG_UNET_DEFAULTS = dict(augment_dim=0, model_channels=128, channel_mult=(1, 2, 2, 2), channel_mult_emb=4,
@@ -321,8 +322,8 @@ def _song_unet_config(cfg, state, path):
 
 
 def load_edm(path: str):
-  """(module, params, raw, apply, schedule, info, net_apply) of an EDM snapshot pickle (module
-  docstring)."""
+  """(module, params, raw, apply, schedule, kind, info, make_net_apply) of an EDM snapshot pickle
+  (module docstring)."""
   data = read_pickle(path)
   net = data.get("ema") if isinstance(data, dict) else data
   if not isinstance(net, Persistent) or net.class_name not in PRECONDITIONERS:
@@ -357,9 +358,13 @@ def load_edm(path: str):
                      dropout=cfg["dropout"], channel_mult_emb=cfg["channel_mult_emb"],
                      embedding_scale=emb_scale, num_classes=label_dim, layout=layout,
                      channels_per_head=ADM_CHANNELS_PER_HEAD if layout == "adm" else None,
-                     time_map=time_map, **variant)
-  net_apply = nets.make_apply(module)  # F of the preconditioning: the library's kind
-  denoise = parametrization.as_denoiser(net_apply, kind=kind, schedule=schedule)
+                     **variant)
+  a, b = time_map
+
+  def make_net_apply(m):  # F of the preconditioning: the library's kind (VE: log(sigma / 2))
+    return network_apply(m, time_input=lambda t: a * t + b, kind=kind, schedule=schedule)
+
+  denoise = parametrization.as_denoiser(make_net_apply(module), kind=kind, schedule=schedule)
 
   def apply(params, x, t, *, label=None):
     return denoise(params, x, t, **({} if label is None else dict(label=label)))
@@ -384,7 +389,7 @@ def load_edm(path: str):
   info = dict(format="edm_pkl", precond=net.class_name, network=model.class_name,
               img_resolution=res, in_channels=cin, label_dim=label_dim, sigma_data=sd,
               ignored=sorted(k for k in ignore if "map_augment" in k))
-  return module, params, raw, apply, schedule, kind, info, net_apply
+  return module, params, raw, apply, schedule, kind, info, make_net_apply
 
 
 __all__ = ["load_edm", "read_pickle", "state_dict", "unet_leaves", "RestrictedUnpickler",

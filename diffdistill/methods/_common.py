@@ -41,6 +41,24 @@ def student_net(config, setup, schedule=None) -> nets.Net:
   return make_net(config, schedule or teacher.schedule, teacher.example_shape)
 
 
+def extra_input_net(config, setup, net: nets.Net, extra_cond: Sequence[str]) -> nets.Net:
+  """The student `net` with extra scalar inputs (MeanFlow's r, a shortcut model's d), whose
+  projections start at zero so that it starts as `net` (`nets.init_from`). A student that is the
+  teacher's own network (a workdir or imported checkpoint) keeps its architecture, with
+  `extra_cond` added; an imported one reads its time-like extra inputs through the checkpoint's
+  own time map (`interop._network`). Any other student is config.student's network."""
+  teacher = setup.teacher
+  if teacher.module is None or net.module is not teacher.module:
+    return make_net(config, net.schedule, teacher.example_shape, extra_cond=extra_cond)
+  if "extra_cond" not in getattr(type(teacher.module), "__dataclass_fields__", {}):
+    raise ValueError(f"the teacher's network ({type(teacher.module).__name__}) takes no extra "
+                     f"inputs, so a student with {', '.join(extra_cond)} cannot start from it.")
+  module = teacher.module.clone(extra_cond=tuple(extra_cond))
+  make = getattr(teacher, "make_net_apply", None)
+  return nets.Net(module=module, kind=net.kind, schedule=net.schedule,
+                  example_shape=net.example_shape, apply_fn=make(module) if make else None)
+
+
 def copy_stage(config, setup, net: nets.Net, *, name: str = "copy") -> plan_lib.Stage:
   """Fits `net` to the teacher's denoiser (only for teachers without weights)."""
   c = config.copy

@@ -28,6 +28,7 @@ TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS},
                       "meanflow.p_std": 2.0}}
 TINY = {"meanflow.num_steps": 20}
 EXTRA_COND = ("r",)
+CONDITIONAL = True  # the loss reads batch["label"] (student and teacher), the sampler passes it on
 
 
 def sampler(net, *, t_start: float, t_end: float, t_mid: float = 0.5):
@@ -49,7 +50,7 @@ def build(config, setup):
     raise ValueError("meanflow needs config.teacher.schedule='rectified_flow' and "
                      "config.student.kind='flow'.")
   net, stages, init = _consistency.setup_student(config, setup)
-  u_net = _common.make_net(config, schedule, setup.teacher.example_shape, extra_cond=EXTRA_COND)
+  u_net = _common.extra_input_net(config, setup, net, EXTRA_COND)
   fresh = u_net.init(jax.random.key(config.seed + 3))
   method = mf.meanflow(u_net.apply, setup.teacher.apply if c.teacher_velocity else None,
                        schedule=schedule, p_mean=c.p_mean, p_std=c.p_std,

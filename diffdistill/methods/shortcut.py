@@ -47,7 +47,7 @@ def build(config, setup):
                      "config.student.kind='flow'.")
   sampler(None, t_start=setup.t_start)  # refuses another start than t = 1 before any training
   net, stages, init = _consistency.setup_student(config, setup)
-  s_net = _common.make_net(config, schedule, setup.teacher.example_shape, extra_cond=EXTRA_COND)
+  s_net = _common.extra_input_net(config, setup, net, EXTRA_COND)
   fresh = s_net.init(jax.random.key(config.seed + 3))
   method = sc.shortcut(s_net.apply, setup.teacher.apply if c.teacher_velocity else None,
                        ema_decay=c.ema, schedule=schedule,

@@ -143,10 +143,7 @@ class ConditionEmbedding(nn.Module):
   as above (EDM's SongUNet); "output" adds it (emb_dim wide) after W2, before the last silu,
   emb = silu(W2 silu(W1 e) + Embed(label)) (EDM's DhariwalUNet, the ADM network). `endpoint`:
   the positional embedding's (SinusoidalEmbedding); `freqs`: the Fourier embedding's
-  (FourierEmbedding). `time_map` = (a, b) embeds a t + b instead of t (the main time only, not
-  the extra inputs): a network whose noise input is an affine function of the schedule's time,
-  e.g. EDM's NCSN++ under VEPrecond, log(sigma / 2) = log(sigma_min / 2) + t log(sigma_max /
-  sigma_min) on `schedules.VE`.
+  (FourierEmbedding).
   """
 
   noise_dim: int
@@ -159,7 +156,6 @@ class ConditionEmbedding(nn.Module):
   label_at: str = "input"
   endpoint: bool = True
   freqs: tuple[float, ...] | None = None
-  time_map: tuple[float, float] = (1.0, 0.0)
 
   @nn.compact
   def __call__(self, t: Array, label: Array | None = None,
@@ -168,8 +164,7 @@ class ConditionEmbedding(nn.Module):
       raise ValueError(f"label_at must be one of {LABEL_POSITIONS}, got {self.label_at!r}.")
     embed = lambda s: time_embedding(self.embedding, self.noise_dim, self.scale,  # noqa: E731
                                      endpoint=self.endpoint, freqs=self.freqs)(s)
-    a, b = self.time_map
-    e = embed(t if (a, b) == (1.0, 0.0) else a * _as_batch_times(t) + b)  # [B, noise_dim]
+    e = embed(t)  # [B, noise_dim]
     extra = extra or {}
     if set(extra) != set(self.extra):
       raise ValueError(f"extra conditioning inputs {sorted(extra)} do not match the network's "

@@ -209,8 +209,8 @@ class UNet(nn.Module):
       block, aux = h = (h + conv_down(aux)) / sqrt(2); module docstring).
     resample_filter: the separable up/down-sampling filter ((1, 1): average pooling / nearest
       neighbour, DDPM++ and ADM; (1, 3, 3, 1): NCSN++).
-    fourier_freqs / time_map: the Fourier embedding's explicit frequencies and the affine map of
-      t fed to the embedding (nets.embeddings.ConditionEmbedding), for imported checkpoints.
+    fourier_freqs: the Fourier embedding's explicit frequencies (an imported checkpoint's buffer;
+      nets.embeddings.FourierEmbedding).
     dtype: computation dtype (params stay float32; `nets.precision`).
     extra_cond: names of extra scalar inputs (e.g. ("w",) for guided distillation).
     remat: rematerialisation (`nets.remat`): "none", "block" (each residual block's activations
@@ -236,7 +236,6 @@ class UNet(nn.Module):
   encoder: str = "standard"
   resample_filter: tuple[int, ...] = (1, 1)
   fourier_freqs: tuple[float, ...] | None = None
-  time_map: tuple[float, float] = (1.0, 0.0)
 
   @nn.compact
   def __call__(self, x: Array, t: Array, label: Array | None = None, *,
@@ -267,8 +266,8 @@ class UNet(nn.Module):
                              self.model_channels * self.channel_mult_emb,
                              self.embedding, self.embedding_scale, self.num_classes,
                              self.dtype, self.extra_cond, label_at=lay["label_at"],
-                             endpoint=lay["endpoint"], freqs=self.fourier_freqs,
-                             time_map=tuple(self.time_map))(t, label, extra)  # [B, E]
+                             endpoint=lay["endpoint"],
+                             freqs=self.fourier_freqs)(t, label, extra)  # [B, E]
     det = (deterministic,)
 
     stem = self.model_channels * (self.channel_mult[0] if lay["stem_mult"] else 1)

@@ -57,6 +57,9 @@ def _base() -> ml_collections.ConfigDict:
   c.teacher.dataset = ""             # the data of a trained teacher (its config's dataset)
   c.teacher.label = -1               # an imported class-conditional teacher's class (-1: null)
   c.teacher.conditional = False      # or every class: students take the label (the dataset's or drawn)
+  c.teacher.guidance = 1.0           # an imported conditional teacher's CFG scale w (1: none) ...
+  c.teacher.guidance_t_min = 0.0     # ... applied at times t in [guidance_t_min, guidance_t_max]
+  c.teacher.guidance_t_max = float("inf")
   c.teacher.vae = ""                 # a latent teacher's AutoencoderKL folder (kind 'import')
   c.teacher.schedule = "vp_linear"
   c.teacher.schedule_kwargs = ml_collections.ConfigDict()

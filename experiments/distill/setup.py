@@ -208,24 +208,27 @@ def make_setup(config) -> Setup:
   if conditional:
     check_conditional(config, kind)
   if kind in ("workdir", "import"):  # its own schedule, unless the config names another
-    teacher = teachers_lib.load(kind=kind, path=tc.path, **(
-        dict(label=tc.label, conditional=conditional) if kind == "import" else {}))
-    if kind == "import" and tc.schedule:
+    teacher = teachers_lib.load(kind=kind, path=tc.path, guidance=tc.guidance, **(
+        dict(label=tc.label, conditional=conditional,
+             guidance_interval=(tc.guidance_t_min, tc.guidance_t_max))
+        if kind == "import" else {}))
+    target = schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)) if tc.schedule else None
+    if kind == "import" and target is not None and target != teacher.schedule:
       extra = getattr(methods_lib.get(config.method), "EXTRA_COND", ())
       if extra:
         raise ValueError(
-            f"{config.method}'s student takes {', '.join(extra)} as an input besides (x, t); an "
-            f"imported network ({teacher.name}) has no input for it, so it cannot start from the "
-            "checkpoint. Methods whose student is the teacher's own network: pd, kd, cd, ect, "
-            "scd, reflow, sid, dmd, ...")
-    if tc.schedule:  # an imported network keeps its weights behind the change of schedule
+            f"{config.method}'s student takes {', '.join(extra)} as an input besides (x, t): it "
+            f"starts from an imported network on the network's own schedule (a SiT for "
+            f"rectified flow), not behind a change of schedule ({teacher.name} is on "
+            f"{teacher.schedule.name}, the method needs {target.name}). Methods whose student "
+            "is the teacher's own network run on any: pd, kd, cd, ect, scd, reflow, sid, dmd, ...")
+    if target is not None:  # an imported network keeps its weights behind the change of schedule
       teacher = teachers_lib.reschedule(
-          teacher, schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs)),
-          kind=config.student.kind if kind == "import" else None)
+          teacher, target, kind=config.student.kind if kind == "import" else None)
   else:
     schedule = schedules_lib.get(tc.schedule, **dict(tc.schedule_kwargs))
     teacher = teachers_lib.load(kind=kind, name=tc.name, path=tc.mixture_file or None,
-                                schedule=schedule)
+                                schedule=schedule, guidance=tc.guidance)
   s = teacher.schedule
   return Setup(config=config, teacher=teacher, mesh=step_lib.make_mesh(), t_start=float(s.t_max),
                t_end=float(s.t_min), vae=load_vae(tc.get("vae", ""), teacher))
