@@ -526,6 +526,10 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
     pickle.dump(dict(ema=net), f)
   with pytest.raises(ValueError, match="wraps 'NCSNpp'"):
     interop.load(str(tmp_path / "other.pkl"))
+  _, skip = _snapshot(tmp_path, monkeypatch, arch=dict(NCSN_ARCH, encoder_type="skip"),
+                      name="skip.pkl")
+  with pytest.raises(ValueError, match=r"SongUNet encoder_type='skip' is not supported \(accepted"):
+    interop.load(skip)
   net.model.__class__ = SongUNet
   net.__class__ = EDMPrecond
   del net.model.dec["4x4_in1"]
