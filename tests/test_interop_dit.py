@@ -325,7 +325,8 @@ def test_meanflow_distils_an_imported_sit_from_its_own_weights(tmp_path):
   config.teacher.path = path
   config.teacher.conditional = True
   setup = setup_lib.make_setup(config)
-  assert isinstance(setup.teacher.schedule, schedules.RectifiedFlow) and setup.teacher.kind == "flow"
+  assert isinstance(setup.teacher.schedule, schedules.RectifiedFlow)
+  assert setup.teacher.kind == "flow"
   net = _common.student_net(config, setup)
   u_net = _common.extra_input_net(config, setup, net, ("r",))
   params = teachers.device_params(setup.teacher)

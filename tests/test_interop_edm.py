@@ -1,10 +1,10 @@
 """EDM snapshot pickles against a torch reference on random weights (float32, <= 1e-4 relative).
 
 The references are EDM's `SongUNet` (DDPM++ and NCSN++) and ADM `DhariwalUNet` inside
-`EDMPrecond`, `VPPrecond` or `VEPrecond`, written here from the architecture of NVlabs/edm (training/networks.py) with its
-module names, and pickled the way EDM's `torch_utils.persistence` writes a snapshot: each network
-as `_reconstruct_persistent_obj(meta)` with its module source embedded. The source embedded here
-would raise if it were ever executed.
+`EDMPrecond`, `VPPrecond` or `VEPrecond`, written here from the architecture of NVlabs/edm
+(training/networks.py) with its module names, and pickled the way EDM's
+`torch_utils.persistence` writes a snapshot: each network as `_reconstruct_persistent_obj(meta)`
+with its module source embedded. The source embedded here would raise if it were ever executed.
 """
 
 import math
@@ -192,7 +192,8 @@ class SongUNet(PersistentMixin, tnn.Module):
     super().__init__()
     self._init_kwargs = _init_kwargs(locals())
     emb, noise = model_channels * channel_mult_emb, model_channels * channel_mult_noise
-    blk = lambda cin, cout, **kw: UNetBlock(cin, cout, emb, resample_filter=resample_filter, **kw)  # noqa: E731
+    blk = lambda cin, cout, **kw: UNetBlock(  # noqa: E731
+        cin, cout, emb, resample_filter=resample_filter, **kw)
     self.map_noise = (PositionalEmbedding(noise, endpoint=True) if embedding_type == "positional"
                       else FourierEmbedding(noise))
     self.map_label = Linear(label_dim, noise) if label_dim else None
@@ -488,19 +489,22 @@ def test_ncsnpp_pickle_matches_the_reference(tmp_path, monkeypatch, precond, lab
     label = dict(label=jnp.array([1, 2, label_dim]))
     x0 = jax.jit(teacher.apply)(teacher.params, jnp.asarray(x), t, **label)
     with torch.no_grad():
-      ref_t = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(np.array(sch.sigma(t))),
+      ref_t = net(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                  torch.from_numpy(np.array(sch.sigma(t))),
                   torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
     assert _rel_err(np.asarray(x0) - x, ref_t - x) <= 1e-4, _rel_err(np.asarray(x0) - x, ref_t - x)
 
 
 def test_the_ncsnpp_preset_has_edms_parameter_count():
-  """`unet_ncsnpp_cifar10` is the torch reference's NCSN++ at EDM's CIFAR-10 size (buffers aside)."""
+  """`unet_ncsnpp_cifar10` has the torch reference's NCSN++ parameter count at EDM's CIFAR-10
+  size (buffers aside)."""
   arch = dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,
               attn_resolutions=[16], dropout=0.13, embedding_type="fourier", channel_mult_noise=2,
               encoder_type="residual", resample_filter=[1, 3, 3, 1])
   ref = sum(p.numel() for p in SongUNet(32, 3, 3, **arch).parameters())
   module = nets.get_network("unet_ncsnpp_cifar10")
-  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)))
+  shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                          jnp.zeros((1,)))
   assert sum(math.prod(a.shape) for a in jax.tree.leaves(shapes)) == ref
 
 
@@ -547,7 +551,8 @@ def test_an_edm_snapshot_is_distilled_end_to_end(tmp_path, monkeypatch, precond)
   from diffdistill.methods import _common
   from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
   ve = precond == "VEPrecond"
-  _, path = _snapshot(tmp_path, monkeypatch, **(dict(precond=VEPrecond, arch=NCSN_ARCH) if ve else {}))
+  _, path = _snapshot(tmp_path, monkeypatch,
+                      **(dict(precond=VEPrecond, arch=NCSN_ARCH) if ve else {}))
   config = config_lib.get_config("ect_import,tiny")
   config.teacher.path = path
   setup = setup_lib.make_setup(config)

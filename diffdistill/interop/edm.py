@@ -6,8 +6,9 @@ rebuilds every persistent object as an inert `Persistent(class_name, state)` rec
 is kept as text and never executed), every other class the pickle names as an inert record too,
 and only tensors through torch's own rebuild functions (storages read with
 `torch.load(weights_only=True)`). The tensors are then mapped by name onto `nets.UNet`:
-EDM's `SongUNet` (DDPM++ or NCSN++, below) is its layout "ddpmpp", EDM's `DhariwalUNet` (the ADM network of the ImageNet-64
-snapshot) its layout "adm". The preconditioner becomes the schedule and the output kind:
+EDM's `SongUNet` (DDPM++ or NCSN++, below) is its layout "ddpmpp", EDM's `DhariwalUNet` (the
+ADM network of the ImageNet-64 snapshot) its layout "adm". The preconditioner becomes the
+schedule and the output kind:
 
   * `EDMPrecond`: D(x; sigma) = c_skip x + c_out F(c_in x, log(sigma) / 4), c_skip = sd^2 /
     (sigma^2 + sd^2), ..., which is `parametrization`'s kind 'edm' on `schedules.EDM`;
@@ -297,7 +298,7 @@ def _song_unet_config(cfg, state, path):
                        f"{accepted}).")
   taps = tuple(int(v) for v in cfg["resample_filter"])
   try:
-    nets.unet._check_filter(taps)  # noqa: SLF001
+    nets.unet.check_resample_filter(taps)
   except ValueError as e:
     raise ValueError(f"{path}: SongUNet {e}") from None
   f = np.asarray(taps, np.float64)

@@ -87,7 +87,7 @@ def _filter2d(taps: tuple[int, ...], channels: int, dtype) -> Array:
   return jnp.tile(k[:, :, None, None], (1, 1, 1, channels)).astype(dtype)
 
 
-def _check_filter(taps: tuple[int, ...]) -> None:
+def check_resample_filter(taps: tuple[int, ...]) -> None:
   if len(taps) < 2 or len(taps) % 2 or tuple(taps) != tuple(reversed(taps)) or sum(taps) <= 0:
     raise ValueError(f"UNet: resample_filter must be a symmetric filter of even length >= 2 with a "
                      f"positive sum, e.g. (1, 1) (DDPM++) or (1, 3, 3, 1) (NCSN++); got {taps}.")
@@ -246,7 +246,7 @@ class UNet(nn.Module):
     lay = LAYOUTS[self.layout]
     if self.encoder not in ENCODERS:
       raise ValueError(f"UNet: encoder must be one of {ENCODERS}, got {self.encoder!r}.")
-    _check_filter(self.resample_filter)
+    check_resample_filter(self.resample_filter)
     if x.ndim != 4:
       raise ValueError(f"UNet: x must be NHWC images [B, H, W, C], got shape {x.shape}.")
     factor = 2 ** (len(self.channel_mult) - 1)
@@ -326,4 +326,5 @@ PRESETS = {
                     dropout=0.1),
 }
 
-__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE", "LAYOUTS", "ENCODERS"]
+__all__ = ["UNet", "UNetBlock", "SelfAttention", "PRESETS", "SKIP_SCALE", "LAYOUTS", "ENCODERS",
+           "check_resample_filter"]
