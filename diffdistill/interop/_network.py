@@ -2,14 +2,15 @@
 
 Every importer maps the library's time t (on the teacher's schedule) to what its network takes as
 time (DiT: the step index 1000 t - 1; SiT: s = 1 - t; EDM's VE NCSN++: log(sigma(t) / 2), ...)
-and the network's output to the parametrization `kind` (SiT: minus its velocity; DiT: the first C
-of its 2C learned-sigma channels). `network_apply` builds that function, `net_apply(params, x, t,
-**cond)`, for the checkpoint's module or for a copy of it with extra inputs (`extra_cond`:
-MeanFlow's r, CTM's and IMM's s, a shortcut model's d, guided distillation's w). The extra inputs named in
-`TIME_LIKE` are times on the same schedule, so they go through the same map as t (and, for kind
-'edm', first through c_noise = -logsnr / 8, as `parametrization.as_denoiser` feeds t): an extra
-time is then embedded at the resolution the network gives t. The others (d, w) pass unchanged.
-An extra input's projection starts at zero, so a student with extra inputs starts as the checkpoint.
+and the network's output to the parametrization `kind` (SiT: minus its velocity; DiT: the first
+C of its 2C learned-sigma channels). `network_apply` builds that function, `net_apply(params, x,
+t, **cond)`, for the checkpoint's module or for a copy of it with extra inputs (`extra_cond`:
+MeanFlow's r, CTM's and IMM's s, a shortcut model's d, guided distillation's w). The extra
+inputs named in `TIME_LIKE` are times on the same schedule, so they go through the same map as
+t (and, for kind 'edm', first through c_noise = -logsnr / 8, as `parametrization.as_denoiser`
+feeds t): an extra time is then embedded at the resolution the network gives t. The others
+(d, w) pass unchanged. An extra input's projection starts at zero, so a student with extra
+inputs starts as the checkpoint.
 """
 
 from __future__ import annotations
