@@ -404,13 +404,12 @@ def test_an_edm_kind_network_reads_an_extra_time_as_c_noise():
   it from t): a time-like extra input given in the schedule's time is mapped the same way."""
   from diffdistill import nets, schedules
   from diffdistill.interop import _network
-  module = nets.get_network("unet", model_channels=8, channel_mult=(1,), num_blocks=1,
-                            attn_resolutions=(), dropout=0.0, extra_cond=("r", "d"))
+  module = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16, extra_cond=("r", "d"))
   schedule = schedules.EDM()
-  params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, 3)))
   params = jax.tree.map(lambda v: v + 0.05, params)  # the zero-initialized projections too
   net_apply = _network.network_apply(module, kind="edm", schedule=schedule)
-  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 1))
+  x = jax.random.normal(jax.random.key(1), (2, 3))
   c_noise, r, d = jnp.array([-1.0, 0.5]), jnp.array([0.02, 3.0]), jnp.array([0.1, 0.7])
   want = nets.make_apply(module)(params, x, c_noise, r=0.25 * jnp.log(r), d=d)  # d: not a time
   np.testing.assert_allclose(net_apply(params, x, c_noise, r=r, d=d), want, rtol=1e-5, atol=1e-6)
@@ -433,15 +432,10 @@ def test_a_guided_teacher_is_cfg_inside_its_interval_and_plain_outside(dit_folde
   np.testing.assert_allclose(guided.apply(guided.params, x, t, label=label), want,
                              rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(want - d_c).max()) > 1e-3  # the guidance moves it
-  assert guided.net_apply is plain.net_apply or np.allclose(
-      guided.net_apply(guided.params, x, t, label=label),
-      plain.net_apply(plain.params, x, t, label=label))
   one = teachers.load(kind="import", path=dit_folder, label=3, guidance=2.0)
-  np.testing.assert_allclose(
-      one.apply(one.params, x, t), plain.apply(plain.params, x, t, label=jnp.full((3,), 5))
-      + 2.0 * (plain.apply(plain.params, x, t, label=jnp.full((3,), 3))
-               - plain.apply(plain.params, x, t, label=jnp.full((3,), 5))),
-      rtol=1e-4, atol=1e-4)  # x0 at t = 0.9 amplifies float32 rounding by 1 / alpha
+  d_3 = plain.apply(plain.params, x, t, label=jnp.full((3,), 3))
+  np.testing.assert_allclose(one.apply(one.params, x, t), d_null + 2.0 * (d_3 - d_null),
+                             rtol=1e-4, atol=1e-4)  # x0 at t = 0.9: float32 rounding / alpha
   with pytest.raises(ValueError, match="guides a class against the null class"):
     teachers.load(kind="import", path=dit_folder, guidance=2.0)
   with pytest.raises(ValueError, match="guidance is for an imported class-conditional"):
