@@ -407,12 +407,17 @@ def test_an_edm_kind_network_reads_an_extra_time_as_c_noise():
   module = nets.get_network("mlp", features=16, num_blocks=1, emb_dim=16, extra_cond=("r", "d"))
   schedule = schedules.EDM()
   params = nets.init_params(module, jax.random.key(0), jnp.zeros((1, 3)))
-  params = jax.tree.map(lambda v: v + 0.05, params)  # the zero-initialized projections too
+  leaves, tree = jax.tree.flatten(params)  # random everywhere, the zero-initialized layers too
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape)
+                                     for v, k in zip(leaves, keys)])
   net_apply = _network.network_apply(module, kind="edm", schedule=schedule)
   x = jax.random.normal(jax.random.key(1), (2, 3))
   c_noise, r, d = jnp.array([-1.0, 0.5]), jnp.array([0.02, 3.0]), jnp.array([0.1, 0.7])
   want = nets.make_apply(module)(params, x, c_noise, r=0.25 * jnp.log(r), d=d)  # d: not a time
-  np.testing.assert_allclose(net_apply(params, x, c_noise, r=r, d=d), want, rtol=1e-5, atol=1e-6)
+  got = net_apply(params, x, c_noise, r=r, d=d)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(got - net_apply(params, x, c_noise, r=2 * r, d=d)).max()) > 1e-3
   assert _network.TIME_LIKE == ("r", "s")
 
 
