@@ -543,11 +543,12 @@ def test_edm_pickle_runs_no_embedded_code_and_refuses_other_networks(tmp_path, m
     interop.load(str(tmp_path / "bad.pkl"))
 
 
-@pytest.mark.parametrize("precond", ["EDMPrecond", "VEPrecond"])
+@pytest.mark.parametrize("precond", ["EDMPrecond",
+                                     pytest.param("VEPrecond", marks=pytest.mark.slow)])
 def test_an_edm_snapshot_is_distilled_end_to_end(tmp_path, monkeypatch, precond):
   """`--config.teacher.kind=import` on an EDM snapshot (DDPM++ under EDMPrecond; NCSN++ under
-  VEPrecond): ECT from the snapshot's weights, on its own samples, a few steps (tiny); the student
-  at the teacher's weights is the teacher."""
+  VEPrecond, slow: the same pipeline on another schedule): ECT from the snapshot's weights, on its
+  own samples, a few steps (tiny); the student at the teacher's weights is the teacher."""
   from diffdistill.methods import _common
   from experiments.distill import config as config_lib, main as main_lib, setup as setup_lib
   ve = precond == "VEPrecond"
