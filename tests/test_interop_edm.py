@@ -391,6 +391,16 @@ def _snapshot(tmp_path, monkeypatch, *, label_dim=0, seed=0, extra=None, name="e
   return net, str(path)
 
 
+def _raw_and_reference(net, teacher, x, sigma, onehot):
+  """(ours, torch's): the preconditioner's D at NHWC x, sigma and one-hot labels (or None)."""
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma),
+              None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
+  cond = {} if onehot is None else dict(class_labels=jnp.asarray(onehot))
+  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **cond)
+  return np.asarray(out), ref
+
+
 def _rel_err(out, ref):
   out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
   return np.abs(out - ref).max() / np.abs(ref).max()
@@ -411,11 +421,7 @@ def test_edm_pickle_matches_the_reference(tmp_path, monkeypatch, label_dim, netw
   onehot = np.eye(label_dim, dtype=np.float32)[[0, 3]] if label_dim else None
   if label_dim:
     onehot = np.concatenate([onehot, np.zeros((1, label_dim), np.float32)])  # no class: the null label
-  with torch.no_grad():
-    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma),
-              None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
-  cond = {} if onehot is None else dict(class_labels=jnp.asarray(onehot))
-  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **cond)
+  out, ref = _raw_and_reference(net, teacher, x, sigma, onehot)
   assert _rel_err(out, ref) <= 1e-4, _rel_err(out, ref)
   # The network alone (D at sigma = 0.002 is c_skip x up to 0.4%): F(c_in x, log(sigma) / 4).
   c_in = (1 / np.sqrt(sigma ** 2 + 0.25))[:, None, None, None]
@@ -473,14 +479,10 @@ def test_ncsnpp_pickle_matches_the_reference(tmp_path, monkeypatch, precond, lab
   sigma = np.array([0.02, 1.0, 40.0], np.float32)
   onehot = np.concatenate([np.eye(label_dim, dtype=np.float32)[[1, 2]],
                            np.zeros((1, label_dim), np.float32)]) if label_dim else None
-  with torch.no_grad():
-    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(sigma),
-              None if onehot is None else torch.from_numpy(onehot)).numpy().transpose(0, 2, 3, 1)
-  cond = {} if onehot is None else dict(class_labels=jnp.asarray(onehot))
-  out = jax.jit(teacher.raw)(teacher.params, jnp.asarray(x), jnp.asarray(sigma), **cond)
+  out, ref = _raw_and_reference(net, teacher, x, sigma, onehot)
   assert _rel_err(out, ref) <= 1e-4, _rel_err(out, ref)
   # D = x + sigma F is dominated by x at small sigma: compare the network part on its own too
-  assert _rel_err(np.asarray(out) - x, ref - x) <= 1e-4, _rel_err(np.asarray(out) - x, ref - x)
+  assert _rel_err(out - x, ref - x) <= 1e-4, _rel_err(out - x, ref - x)
   if precond is VEPrecond:
     sch = teacher.schedule
     assert teacher.kind == "eps" and isinstance(sch, schedules.VE)
