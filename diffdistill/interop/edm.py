@@ -343,10 +343,8 @@ def load_edm(path: str):
   label_dim = kwargs.get("label_dim", 0)
   state = state_dict(net)
   ignore = [k for k in state if k.startswith("model.map_augment.")]
-  if layout == "ddpmpp":
-    variant, consumed = _song_unet_config(cfg, state, path)
-  else:  # DhariwalUNet: positional embedding, filter [1, 1]
-    variant, consumed = _song_unet_config({**SONG_UNET_DEFAULTS, **cfg}, state, path)
+  # DhariwalUNet has no variants: SongUNet's defaults (positional embedding, filter [1, 1]) are its
+  variant, consumed = _song_unet_config({**SONG_UNET_DEFAULTS, **cfg}, state, path)
   ignore += consumed
   leaves = unet_leaves(cfg, img_resolution=res, in_channels=cin, out_channels=cout,
                        label_dim=label_dim, layout=layout)
