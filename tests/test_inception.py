@@ -68,7 +68,8 @@ def test_pool3_and_logits_match_pytorch_fid(torch_reference, flax_variables, siz
   x01 = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
   with torch.no_grad():
     ref_pool = wrapper(x01)[0][:, :, 0, 0]
-    ref_logits = net.fc(ref_pool).numpy()  # Inception3.forward's last layer (dropout is off)
+    # Inception3's last layer without its bias (the IS's logits; nets/inception.py docstring)
+    ref_logits = (ref_pool @ net.fc.weight.T).numpy()
     ref_pool = ref_pool.numpy()
   pool, logits = inception.inception_features(flax_variables, images)
   assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
@@ -98,8 +99,97 @@ def test_resize_matches_torch_interpolate(torch_reference):
   np.testing.assert_allclose(ours, 2 * ref.numpy().transpose(0, 2, 3, 1) - 1, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def nvidia_reference(tmp_path_factory):
+  """The stand-in for NVIDIA's TorchScript Inception with random weights, written as the `.pkl`
+  (a pickled module) and the `.pt` (torch.jit.save of the scripted module)."""
+  torch = pytest.importorskip("torch")
+  import pickle  # noqa: PLC0415
+  import nvidia_inception_reference as ref  # noqa: PLC0415 (imports torch)
+  net = ref.randomize(ref.NvidiaInception())
+  folder = tmp_path_factory.mktemp("nvidia")
+  with open(folder / "inception-2015-12-05.pkl", "wb") as f:
+    pickle.dump(net, f)
+  torch.jit.save(torch.jit.script(net), str(folder / "inception-2015-12-05.pt"))
+  return torch, net, folder
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("size", [32, 64, 299])
+def test_nvidia_port_matches_its_torchscript(nvidia_reference, size):
+  torch, net, folder = nvidia_reference
+  variables = inception.load_inception(str(folder / "inception-2015-12-05.pkl"))
+  assert inception.port_of(variables) == "nvidia"
+  images = np.random.default_rng(size).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+  nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():  # EDM's FID call and StyleGAN's IS call
+    ref_pool = net(nchw, return_features=True).numpy()
+    ref_probs = net(nchw, no_output_bias=True).numpy()
+  pool, logits = inception.inception_features(variables, images)
+  assert np.std(ref_pool) > 1e-2  # the random network does not collapse
+  assert _relative(pool, ref_pool) < 1e-4
+  assert _relative(jax.nn.softmax(logits, axis=-1), ref_probs) < 1e-4
+  pool_f, _ = inception.inception_features(variables, images.astype(np.float32) / 127.5 - 1.0)
+  assert _relative(pool_f, ref_pool) < 1e-4
+
+
+@pytest.mark.torch
+def test_nvidia_files_pkl_pt_and_npz_load_the_same(nvidia_reference, tmp_path):
+  _, _, folder = nvidia_reference
+  from_pkl = inception.load_inception(str(folder / "inception-2015-12-05.pkl"))
+  from_pt = inception.load_inception(str(folder / "inception-2015-12-05.pt"))
+  npz = tmp_path / "nvidia.npz"
+  inception.convert_to_npz(str(folder / "inception-2015-12-05.pkl"), str(npz))
+  from_npz = inception.load_inception(str(npz))
+  for other in (from_pt, from_npz):
+    assert inception.port_of(other) == "nvidia"
+    jax.tree.map(np.testing.assert_array_equal, other, from_pkl)
+
+
+def test_nvidia_state_dict_renaming():
+  """Every unit of NVIDIA's names lands on one of ours with its tensor; a missing or an unknown
+  tensor is refused by name."""
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(inception.init_variables, jax.random.key(0))
+  ours = inception.state_dict_from_variables(
+      jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes))
+  nvidia = {"output.weight": ours["fc.weight"], "output.bias": ours["fc.bias"]}
+  for theirs, name in inception._nvidia_names().items():
+    for a, b in (("weight", "conv.weight"), ("beta", "bn.bias"), ("mean", "bn.running_mean"),
+                 ("var", "bn.running_var")):
+      nvidia[f"{theirs}.{a}"] = ours[f"{name}.{b}"]
+  back = inception.state_dict_from_nvidia(nvidia)
+  assert back.keys() == ours.keys()
+  for key, value in back.items():
+    expected = np.ones_like(value) if key.endswith("bn.weight") else ours[key]
+    np.testing.assert_array_equal(value, expected, err_msg=key)
+  assert "Mixed_7c.branch3x3dbl_3a.conv.weight" in ours  # the flattened towers of the last block
+  np.testing.assert_array_equal(back["Mixed_7c.branch3x3dbl_3a.conv.weight"],
+                                nvidia["layers.mixed_10.tower_1_mixed_conv.weight"])
+  with pytest.raises(ValueError, match="lack 'layers.mixed_3.tower.conv_2.var'"):
+    inception.state_dict_from_nvidia(
+        {k: v for k, v in nvidia.items() if k != "layers.mixed_3.tower.conv_2.var"})
+  with pytest.raises(ValueError, match="does not know.*layers.extra"):
+    inception.state_dict_from_nvidia({**nvidia, "layers.extra.weight": np.zeros(1)})
+
+
+def test_nvidia_resize_is_tf_legacy_bilinear():
+  """Output pixel i samples the input at i * n_in / n_out (TF 1's resize_bilinear), not at
+  (i + 0.5) n_in / n_out - 0.5 (torch's align_corners=False), edge pixels repeated."""
+  ramp = np.arange(10, dtype=np.float32)
+  up = np.asarray(inception._bilinear_matrix(10, 299, half_pixel=False) @ ramp)
+  np.testing.assert_allclose(up[:-30], (np.arange(299) * 10 / 299)[:-30], atol=1e-5)
+  assert np.all(up[-9:] == 9.0)  # beyond the last pixel: its value
+  down = np.asarray(inception._bilinear_matrix(598, 299, half_pixel=False) @ np.arange(598.0))
+  np.testing.assert_allclose(down, 2.0 * np.arange(299), atol=1e-4)
+  x = np.full((1, 8, 8, 3), 128, np.uint8)
+  np.testing.assert_allclose(inception.preprocess(x, port="nvidia"), 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="port must be one of"):
+    inception.preprocess(x, port="tf")
+
+
 def test_loader_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="github.com/mseitzer/pytorch-fid"):
+  with pytest.raises(FileNotFoundError, match="github.com/mseitzer/pytorch-fid.*nvidia.com"):
     inception.load_inception(str(tmp_path / "missing.pth"))
   np.savez(tmp_path / "wrong.npz", a=np.zeros(3))
   with pytest.raises(ValueError, match="The Inception weights lack .*pt_inception"):

@@ -8,35 +8,50 @@ The network is torchvision's Inception-v3 with pytorch-fid's FID blocks (`FIDInc
 
     x [B, H, W, 3] -> preprocess -> [B, 299, 299, 3] in [-1, 1] -> ... -> Mixed_7c [B, 8, 8, 2048]
     pool3 = mean_{h, w} Mixed_7c            [B, 2048]   (FID, precision/recall, KID)
-    logits = pool3 W_fc + b_fc              [B, 1008]   (Inception Score: softmax of these)
+    logits = pool3 W_fc                     [B, 1008]   (Inception Score: softmax of these)
 
-Preprocessing (`preprocess`) is pytorch-fid's exactly: images scaled to [0, 1], resized to 299 x 299
-by bilinear interpolation with align_corners=False and no antialiasing (`F.interpolate`), then
-mapped to [-1, 1] by 2x - 1. Inputs are NHWC with 3 channels, either uint8 in [0, 255] (divided by
-255, as torchvision's ToTensor does for the PNGs pytorch-fid reads) or floating point in [-1, 1]
-(the library's image convention: mapped by (x + 1) / 2 first). A float input outside [-1, 1] is an
-error where concrete.
+The logits leave out the fc layer's bias, as the Inception Score's original TF code does (it
+multiplies pool3 by the softmax layer's weight only; NVIDIA's scripts pass no_output_bias=True to
+match it, and torch-fidelity's IS uses its "logits_unbiased"): an IS from biased logits is another
+number.
+
+Two ports of the graph are read, and each keeps its own preprocessing (`PORTS`; the loaded
+variables say which they are, `port_of`). Inputs are NHWC with 3 channels, either uint8 in [0, 255]
+or floating point in [-1, 1] (the library's image convention: the pixel value is 127.5 (x + 1)); a
+float input outside [-1, 1] is an error where concrete.
+  * "pytorch_fid" (pytorch-fid's exactly): pixels / 255, bilinear resize to 299 x 299 with
+    align_corners=False (half-pixel centres) and no antialiasing (`F.interpolate`), then 2x - 1.
+  * "nvidia" (NVIDIA's TorchScript translation of the graph, EDM's / StyleGAN's FID detector):
+    bilinear resize of the pixels as TF 1's legacy `resize_bilinear` (source coordinate
+    i * n_in / n_out, edge pixels repeated; `grid_sample` with a shifted identity grid in their
+    code), then (v - 128) / 128. Its batch norms have no scale (1).
 
 Parameters are `{"params": ..., "batch_stats": ...}` with torch's module names (Mixed_5b/branch1x1/
 conv/kernel, .../bn/scale, .../bn/mean, ...). Weight files, none downloaded at run time:
   * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a torch state dict; needs torch),
     from https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/;
-  * a `.npz` holding the same state dict as numpy arrays under the same keys (no torch needed):
-    `python -m diffdistill.nets.inception IN.pth OUT.npz` converts one.
-NVIDIA's TorchScript `inception-2015-12-05.pkl` (EDM's and StyleGAN's FID scripts) is a different
-port of the same graph with its own preprocessing: see docs/metrics.md for why it is not read here.
+  * NVIDIA's `inception-2015-12-05.pkl` (StyleGAN3 / EDM; unpickled with torch: a pickle runs
+    code, so only a file from NVIDIA) or StyleGAN2-ADA's `inception-2015-12-05.pt` (the same
+    TorchScript module, `torch.jit.load`): its parameters (`layers.mixed_9.tower_mixed_conv.weight`,
+    `.beta`, `.mean`, `.var`, `output.weight`, ...) renamed to the names below;
+  * a `.npz` holding the state dict in pytorch-fid's names as numpy arrays (no torch needed), with
+    a `port` entry for NVIDIA's: `python -m diffdistill.nets.inception IN OUT.npz` converts one.
 
 References:
   Szegedy et al., Rethinking the Inception Architecture for Computer Vision, CVPR 2016.
   Heusel et al., GANs Trained by a Two Time-Scale Update Rule (FID), NeurIPS 2017.
   Seitzer, pytorch-fid (https://github.com/mseitzer/pytorch-fid), inception.py.
+  Salimans et al., Improved Techniques for Training GANs (Inception Score), NeurIPS 2016.
+  Karras et al., StyleGAN2-ADA / EDM code: metrics/frechet_inception_distance.py, fid.py.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import pickle
 import sys
+import zipfile
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +66,10 @@ NUM_FEATURES = 2048
 NUM_LOGITS = 1008
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
+NVIDIA_URL = ("https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
+              "metrics/inception-2015-12-05.pkl")
+PORTS = ("pytorch_fid", "nvidia")
+_NVIDIA_MARK = "nvidia_port"  # an empty collection in the variables of NVIDIA's port (no leaves)
 
 
 class BasicConv(nn.Module):
@@ -182,18 +201,31 @@ class FIDInceptionV3(nn.Module):
     x = InceptionE(False, name="Mixed_7b")(x)
     x = InceptionE(True, name="Mixed_7c")(x)  # [B, 8, 8, 2048] at 299 x 299
     pool3 = jnp.mean(x, axis=(1, 2))
-    return pool3, nn.Dense(NUM_LOGITS, name="fc")(pool3)
+    return pool3, _Logits(name="fc")(pool3)
+
+
+class _Logits(nn.Module):
+  """pool3 W: the fc layer of the weight files without its bias (kept, unused; module docstring)."""
+
+  @nn.compact
+  def __call__(self, pool3: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (NUM_FEATURES, NUM_LOGITS))
+    self.param("bias", nn.initializers.zeros, (NUM_LOGITS,))
+    return jnp.dot(pool3, kernel, precision="highest")
 
 
 @functools.lru_cache(maxsize=16)
-def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of torch's bilinear interpolation, align_corners=False, no antialias:
-  source coordinate s = max((i + 0.5) n_in / n_out - 0.5, 0), neighbours floor(s) and floor(s) + 1
-  (clamped to n_in - 1), weights 1 - frac(s) and frac(s). Computed in float32 arithmetic as torch
-  does on CPU: in float64 the weights differ from torch's by up to 3e-5 at 400 pixels."""
+def _bilinear_matrix(n_in: int, n_out: int, half_pixel: bool = True) -> np.ndarray:
+  """[n_out, n_in] weights of bilinear interpolation without antialiasing. Source coordinate of
+  output i: s = max((i + 0.5) n_in / n_out - 0.5, 0) with half-pixel centres (torch's
+  align_corners=False: pytorch-fid), s = i n_in / n_out without (TF 1's legacy resize_bilinear:
+  NVIDIA's port); neighbours floor(s) and floor(s) + 1 (clamped to n_in - 1), weights 1 - frac(s)
+  and frac(s). Computed in float32 arithmetic as torch does on CPU: in float64 the weights differ
+  from torch's by up to 3e-5 at 400 pixels."""
   f32 = np.float32
   scale = f32(n_in) / f32(n_out)
-  s = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
+  i = np.arange(n_out, dtype=f32)
+  s = np.maximum(scale * (i + f32(0.5)) - f32(0.5), f32(0.0)) if half_pixel else scale * i
   i0 = np.minimum(s.astype(np.int64), n_in - 1)
   i1 = np.minimum(i0 + 1, n_in - 1)
   w1 = (s - i0.astype(f32)).astype(f32)
@@ -220,34 +252,58 @@ def _check_images(images) -> Array:
   return images
 
 
-def preprocess(images: Array) -> Array:
-  """pytorch-fid's input pipeline: [B, H, W, 3] uint8 in [0, 255] or float in [-1, 1] ->
-  [B, 299, 299, 3] float32 in [-1, 1] (x01 = x / 255 or (x + 1) / 2; bilinear resize to 299 with
-  align_corners=False and no antialiasing; 2 x01 - 1)."""
+def _check_port(port: str) -> str:
+  if port not in PORTS:
+    raise ValueError(f"port must be one of {PORTS}; got {port!r}.")
+  return port
+
+
+def _resize(x: Array, half_pixel: bool) -> Array:
+  h, w = x.shape[1:3]
+  if (h, w) == (INPUT_SIZE, INPUT_SIZE):  # both resizes are the identity at equal size
+    return x
+  mh = jnp.asarray(_bilinear_matrix(h, INPUT_SIZE, half_pixel), jnp.float32)
+  mw = jnp.asarray(_bilinear_matrix(w, INPUT_SIZE, half_pixel), jnp.float32)
+  x = jnp.einsum("oh,bhwc->bowc", mh, x, precision="highest")
+  return jnp.einsum("pw,bowc->bopc", mw, x, precision="highest")
+
+
+def preprocess(images: Array, port: str = "pytorch_fid") -> Array:
+  """[B, H, W, 3] uint8 in [0, 255] or float in [-1, 1] -> the network's [B, 299, 299, 3] float32
+  input, as `port` prepares it (module docstring): pytorch-fid's (pixels / 255, half-pixel
+  bilinear resize, 2x - 1) or NVIDIA's (TF's legacy bilinear resize of the pixels, (v - 128) / 128).
+  """
   images = _check_images(images)
+  if _check_port(port) == "pytorch_fid":
+    if images.dtype == jnp.uint8:
+      x01 = images.astype(jnp.float32) / 255.0
+    else:
+      x01 = (images.astype(jnp.float32) + 1.0) / 2.0
+    return 2.0 * _resize(x01, half_pixel=True) - 1.0
   if images.dtype == jnp.uint8:
-    x01 = images.astype(jnp.float32) / 255.0
+    pixels = images.astype(jnp.float32)
   else:
-    x01 = (images.astype(jnp.float32) + 1.0) / 2.0
-  h, w = images.shape[1:3]
-  if (h, w) != (INPUT_SIZE, INPUT_SIZE):  # torch's interpolation at equal size is the identity
-    mh = jnp.asarray(_bilinear_matrix(h, INPUT_SIZE), jnp.float32)
-    mw = jnp.asarray(_bilinear_matrix(w, INPUT_SIZE), jnp.float32)
-    x01 = jnp.einsum("oh,bhwc->bowc", mh, x01, precision="highest")
-    x01 = jnp.einsum("pw,bowc->bopc", mw, x01, precision="highest")
-  return 2.0 * x01 - 1.0
+    pixels = (images.astype(jnp.float32) + 1.0) * 127.5
+  return (_resize(pixels, half_pixel=False) - 128.0) / 128.0
+
+
+def port_of(variables: Any) -> str:
+  """Which port's weights these are ("nvidia" when loaded from NVIDIA's file, else "pytorch_fid")."""
+  return "nvidia" if _NVIDIA_MARK in variables else "pytorch_fid"
 
 
 _MODEL = FIDInceptionV3()
 _network = jax.jit(_MODEL.apply)  # one compilation at 299 x 299 serves every input size
-_preprocess = jax.jit(preprocess)
+_preprocess = jax.jit(preprocess, static_argnames="port")
 
 
 def inception_features(variables: Any, images: Array) -> tuple[Array, Array]:
   """(pool3 [B, 2048], logits [B, 1008]) of images [B, H, W, 3] (uint8 in [0, 255] or float in
-  [-1, 1]; see `preprocess`), float32. `variables` from `load_inception`. The network compiles
-  once (at 299 x 299) for every input size; the resize compiles per input shape."""
-  return _network(variables, _preprocess(_check_images(images)))
+  [-1, 1]), float32, with the preprocessing of the port the variables come from (`port_of`;
+  `preprocess`). `variables` from `load_inception`. The network compiles once (at 299 x 299) for
+  every input size; the resize compiles per input shape."""
+  x = _preprocess(_check_images(images), port=port_of(variables))
+  return _network({k: variables[k] for k in ("params", "batch_stats")}, x)
 
 
 def init_variables(rng: Array) -> Any:
@@ -316,53 +372,146 @@ def state_dict_from_variables(variables: Any) -> dict[str, np.ndarray]:
   return sd
 
 
-def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
+def _nvidia_names() -> dict[str, str]:
+  """NVIDIA's module paths -> pytorch-fid's, for every conv + batch-norm unit and the output layer.
+
+  NVIDIA's TorchScript keeps the TF graph's scopes: the stem `layers.conv` ... `layers.conv_4`,
+  the blocks `layers.mixed` ... `layers.mixed_10` with their towers (`tower.conv_1`; the last two
+  blocks flatten theirs into `tower_mixed_conv_1` and the like); pytorch-fid uses torchvision's
+  names. Each block's branches are concatenated in the same order in both."""
+  names = {f"layers.{a}": b for a, b in [
+      ("conv", "Conv2d_1a_3x3"), ("conv_1", "Conv2d_2a_3x3"), ("conv_2", "Conv2d_2b_3x3"),
+      ("conv_3", "Conv2d_3b_1x1"), ("conv_4", "Conv2d_4a_3x3")]}
+  towers = {
+      "A": [("conv", "branch1x1"), ("tower.conv", "branch5x5_1"), ("tower.conv_1", "branch5x5_2"),
+            ("tower_1.conv", "branch3x3dbl_1"), ("tower_1.conv_1", "branch3x3dbl_2"),
+            ("tower_1.conv_2", "branch3x3dbl_3"), ("tower_2.conv", "branch_pool")],
+      "B": [("conv", "branch3x3"), ("tower.conv", "branch3x3dbl_1"),
+            ("tower.conv_1", "branch3x3dbl_2"), ("tower.conv_2", "branch3x3dbl_3")],
+      "C": [("conv", "branch1x1"), ("tower.conv", "branch7x7_1"), ("tower.conv_1", "branch7x7_2"),
+            ("tower.conv_2", "branch7x7_3"), ("tower_2.conv", "branch_pool")]
+           + [("tower_1.conv" + ("" if k == 0 else f"_{k}"), f"branch7x7dbl_{k + 1}")
+              for k in range(5)],
+      "D": [("tower.conv", "branch3x3_1"), ("tower.conv_1", "branch3x3_2")]
+           + [("tower_1.conv" + ("" if k == 0 else f"_{k}"), f"branch7x7x3_{k + 1}")
+              for k in range(4)],
+      "E": [("conv", "branch1x1"), ("tower_conv", "branch3x3_1"),
+            ("tower_mixed_conv", "branch3x3_2a"), ("tower_mixed_conv_1", "branch3x3_2b"),
+            ("tower_1_conv", "branch3x3dbl_1"), ("tower_1_conv_1", "branch3x3dbl_2"),
+            ("tower_1_mixed_conv", "branch3x3dbl_3a"), ("tower_1_mixed_conv_1", "branch3x3dbl_3b"),
+            ("tower_2_conv", "branch_pool")]}
+  blocks = [("A", "Mixed_5b"), ("A", "Mixed_5c"), ("A", "Mixed_5d"), ("B", "Mixed_6a"),
+            ("C", "Mixed_6b"), ("C", "Mixed_6c"), ("C", "Mixed_6d"), ("C", "Mixed_6e"),
+            ("D", "Mixed_7a"), ("E", "Mixed_7b"), ("E", "Mixed_7c")]
+  for k, (kind, ours) in enumerate(blocks):
+    for theirs, branch in towers[kind]:
+      names[f"layers.mixed{'' if k == 0 else f'_{k}'}.{theirs}"] = f"{ours}.{branch}"
+  return names
+
+
+def state_dict_from_nvidia(nvidia: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """NVIDIA's TorchScript state dict (`<unit>.weight` conv, `.beta` / `.mean` / `.var` batch norm
+  without scale, `output.weight` / `.bias`) in pytorch-fid's names and layouts (the scale set to 1).
+  Every key of the file must be used and every unit present."""
+  out, used = {}, set()
+
+  def take(key):
+    if key not in nvidia:
+      raise ValueError(f"NVIDIA's Inception weights lack {key!r} (is this inception-2015-12-05.pkl "
+                       f"from {NVIDIA_URL}?).")
+    used.add(key)
+    return np.asarray(nvidia[key], np.float32)
+
+  for theirs, ours in _nvidia_names().items():
+    out[f"{ours}.conv.weight"] = take(f"{theirs}.weight")
+    out[f"{ours}.bn.bias"] = take(f"{theirs}.beta")
+    out[f"{ours}.bn.running_mean"] = take(f"{theirs}.mean")
+    out[f"{ours}.bn.running_var"] = take(f"{theirs}.var")
+    out[f"{ours}.bn.weight"] = np.ones_like(out[f"{ours}.bn.bias"])
+  out["fc.weight"], out["fc.bias"] = take("output.weight"), take("output.bias")
+  unused = sorted(set(nvidia) - used)
+  if unused:
+    raise ValueError(f"NVIDIA's Inception weights hold tensors this port does not know: "
+                     f"{unused[:5]}{' ...' if len(unused) > 5 else ''}.")
+  return out
+
+
+def _import_torch(path: str):
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise ImportError(f"Reading {path} (a torch file) needs torch (pip install 'diffdistill[torch]'); "
                       f"or convert it once elsewhere with `python -m diffdistill.nets.inception "
                       f"{path} OUT.npz` and load the .npz.") from None
-  sd = torch.load(path, map_location="cpu", weights_only=True)
+  return torch
+
+
+def _is_torchscript(path: str) -> bool:
+  """A torch.jit.save archive (it holds the module's code), not a torch.save state dict."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any("/code/" in name for name in z.namelist())
+
+
+def _torch_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """(state dict as numpy arrays, port) of a torch weight file: pytorch-fid's `.pth` state dict,
+  NVIDIA's pickled TorchScript `.pkl` or StyleGAN2-ADA's TorchScript `.pt`."""
+  torch = _import_torch(path)
+  if path.endswith(".pkl"):
+    with open(path, "rb") as f:  # a TorchScript module in a pickle: runs code, as EDM's fid.py does
+      module = pickle.load(f)
+    sd = module.state_dict() if hasattr(module, "state_dict") else module
+  elif _is_torchscript(path):
+    sd = torch.jit.load(path, map_location="cpu").state_dict()
+  else:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(sd, dict):
-    raise ValueError(f"{path} is not a torch state dict (pytorch-fid's pt_inception-2015-12-05-*.pth "
-                     f"is one); got {type(sd).__name__}.")
-  return {k: v.detach().cpu().numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    raise ValueError(f"{path} is neither a torch state dict (pytorch-fid's "
+                     f"pt_inception-2015-12-05-*.pth) nor NVIDIA's TorchScript Inception; got "
+                     f"{type(sd).__name__}.")
+  sd = {k: v.detach().cpu().numpy() for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+  if "output.weight" in sd:  # NVIDIA's names
+    return state_dict_from_nvidia(sd), "nvidia"
+  return sd, "pytorch_fid"
+
+
+def _with_port(variables: Any, port: str) -> Any:
+  return {**variables, _NVIDIA_MARK: {}} if _check_port(port) == "nvidia" else variables
 
 
 def load_inception(path: str) -> Any:
-  """Flax variables of the FID Inception from pytorch-fid's `.pth` (needs torch) or its `.npz`
-  conversion (same keys; no torch). Nothing is downloaded: a missing file is an error saying where
-  pytorch-fid's file comes from."""
+  """Flax variables of the FID Inception, marked with their port (`port_of`), from pytorch-fid's
+  `.pth`, NVIDIA's `inception-2015-12-05.pkl` / `.pt` (both need torch) or an `.npz` conversion
+  (no torch). Nothing is downloaded: a missing file is an error saying where the files come from."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"No Inception weight file at {path!r}. Download pytorch-fid's FID Inception weights from "
-        f"{PYTORCH_FID_URL} (and optionally convert them with `python -m diffdistill.nets.inception "
-        f"pt_inception-2015-12-05-6726825d.pth inception.npz`).")
+        f"{PYTORCH_FID_URL} or NVIDIA's (EDM / StyleGAN) from {NVIDIA_URL} (and optionally "
+        f"convert either with `python -m diffdistill.nets.inception IN OUT.npz`).")
   if path.endswith(".npz"):
     with np.load(path) as f:
-      sd = {k: f[k] for k in f.files}
-  elif path.endswith((".pth", ".pt")):
-    sd = _torch_state_dict(path)
-  elif path.endswith(".pkl"):
-    raise ValueError(f"{path}: NVIDIA's TorchScript inception-2015-12-05.pkl is not supported (a "
-                     f"different port with its own resize; docs/metrics.md). Use pytorch-fid's "
-                     f"weights: {PYTORCH_FID_URL}.")
+      sd = {k: f[k] for k in f.files if k != "port"}
+      port = str(f["port"]) if "port" in f.files else "pytorch_fid"
+  elif path.endswith((".pth", ".pt", ".pkl")):
+    sd, port = _torch_state_dict(path)
   else:
-    raise ValueError(f"Inception weight file {path!r} must end in .pth (pytorch-fid) or .npz "
-                     f"(converted).")
-  return variables_from_state_dict(sd)
+    raise ValueError(f"Inception weight file {path!r} must end in .pth (pytorch-fid), .pkl / .pt "
+                     f"(NVIDIA's TorchScript) or .npz (converted).")
+  return _with_port(variables_from_state_dict(sd), port)
 
 
 def convert_to_npz(src: str, dst: str) -> None:
-  """Writes pytorch-fid's `.pth` state dict as an `.npz` with the same keys (needs torch once)."""
-  sd = _torch_state_dict(src)
+  """Writes a torch Inception weight file (pytorch-fid's `.pth`, NVIDIA's `.pkl` / `.pt`) as an
+  `.npz` in pytorch-fid's keys, with `port` for NVIDIA's (needs torch once)."""
+  sd, port = _torch_state_dict(src)
   variables_from_state_dict(sd)  # refuse a file that is not the FID Inception
-  np.savez(dst, **sd)
+  np.savez(dst, **sd, **({"port": np.array(port)} if port != "pytorch_fid" else {}))
 
 
 if __name__ == "__main__":
   if len(sys.argv) != 3:
-    sys.exit("usage: python -m diffdistill.nets.inception pt_inception-2015-12-05-*.pth OUT.npz")
+    sys.exit("usage: python -m diffdistill.nets.inception pt_inception-2015-12-05-*.pth|"
+             "inception-2015-12-05.pkl OUT.npz")
   convert_to_npz(sys.argv[1], sys.argv[2])

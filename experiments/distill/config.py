@@ -98,8 +98,9 @@ def _base() -> ml_collections.ConfigDict:
       # use, ~20 s; metrics/digits.py)
       digits_classifier="runs/digits_classifier.npz"))
   # FID of every student as the papers compute it (evaluation.fid_scores): num_samples from fresh
-  # noise, decoded by the teacher's VAE if latent, quantised to uint8, pytorch-fid's Inception
-  # (`inception`: its .pth or .npz) against `reference` statistics (.npz / .pkl); off when empty
+  # noise, decoded by the teacher's VAE if latent, quantised to uint8, the FID Inception
+  # (`inception`: NVIDIA's .pkl, pytorch-fid's .pth, or an .npz) against `reference` statistics
+  # of the same port (.npz / .pkl); off when empty
   c.eval.fid = ml_collections.ConfigDict(dict(reference="", inception="", num_samples=50_000,
                                               batch_size=250, seed=2))
   return c

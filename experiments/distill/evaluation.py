@@ -161,8 +161,8 @@ def check_fid_config(setup) -> None:
   for key in ("reference", "inception"):
     if not c[key]:
       raise ValueError(f"config.eval.fid.{key} is empty: FID needs both reference statistics "
-                       "(.npz / .pkl with mu, sigma) and pytorch-fid's Inception weights "
-                       "(.pth or its .npz conversion); docs/metrics.md.")
+                       "(.npz / .pkl with mu, sigma) and Inception weights (NVIDIA's .pkl, "
+                       "pytorch-fid's .pth, or an .npz conversion); docs/metrics.md.")
   for key in ("reference", "inception"):
     if not os.path.exists(c[key]):
       raise FileNotFoundError(f"config.eval.fid.{key}={c[key]!r} does not exist.")

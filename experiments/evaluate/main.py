@@ -13,8 +13,10 @@ Inputs:
                 VIRTUAL_*.npz, whose arr_0 images also serve as the real set of P/R and KID).
   --reference_images  optional real images (.npz, key `samples` or `arr_0`) for P/R and KID when
                 the reference file has none; without either, only FID and IS are reported.
-  --inception   pytorch-fid's pt_inception-2015-12-05-*.pth (needs torch) or its .npz conversion
-                (`python -m diffdistill.nets.inception IN.pth OUT.npz`); never downloaded.
+  --inception   pytorch-fid's pt_inception-2015-12-05-*.pth, NVIDIA's inception-2015-12-05.pkl
+                (EDM / StyleGAN; its own resize and normalisation, docs/metrics.md) or StyleGAN2-ADA's
+                .pt (these need torch), or an .npz conversion (`python -m diffdistill.nets.inception
+                IN OUT.npz`); never downloaded. Score against reference statistics of the same port.
 Runtime: the Inception forward dominates: 1.7 images/s measured on 2 CPU cores shared with other
 jobs (load 12; bench/fid.md), so 50k samples are a GPU/TPU job. FID streams the moments (O(2048^2) memory); IS keeps the logits of every
 sample and P/R / KID the pool3 features of the first --num_feature_samples samples of each set.
@@ -52,7 +54,8 @@ def _define_flags():
   flags.DEFINE_string("statistics_out", None, "Write the FID statistics (mu, sigma) of --samples "
                       "(one .npz of real images) here instead of scoring it.")
   flags.DEFINE_string("reference_images", None, "Real images (.npz) for P/R and KID.")
-  flags.DEFINE_string("inception", None, "Inception weights (.pth or .npz).", required=True)
+  flags.DEFINE_string("inception", None, "Inception weights (.pth, .pkl, .pt or .npz).",
+                      required=True)
   flags.DEFINE_string("output", None, "The JSON to write (default: beside the samples).")
   flags.DEFINE_integer("batch_size", 250, "Images per Inception batch (all devices together).")
   flags.DEFINE_integer("num_feature_samples", 10_000, "Samples per set for P/R and KID.")
@@ -147,7 +150,8 @@ def evaluate(*, samples: str, reference: str, inception: str, reference_images: 
     row["seconds"] = round(time.time() - start, 2)
     results[os.path.basename(path)] = row
   out = {"command": " ".join(sys.argv), "samples": samples, "reference": reference,
-         "reference_images": real_path, "inception": inception, "results": results}
+         "reference_images": real_path, "inception": inception,
+         "inception_port": inception_net.port_of(variables), "results": results}
   if output is None:
     output = (os.path.join(samples, "evaluate.json") if os.path.isdir(samples)
               else os.path.splitext(samples)[0] + ".evaluate.json")

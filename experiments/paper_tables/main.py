@@ -35,7 +35,8 @@ def _define_flags():
   flags.DEFINE_string("dataset", None, "The training data, where the method reads data.")
   flags.DEFINE_string("vae", None, "A latent teacher's AutoencoderKL folder.")
   flags.DEFINE_string("fid_reference", None, "FID reference statistics (.npz / .pkl).")
-  flags.DEFINE_string("inception", None, "pytorch-fid's Inception weights (.pth / .npz).")
+  flags.DEFINE_string("inception", None, "Inception weights: NVIDIA's .pkl (the papers' "
+                      "FID), pytorch-fid's .pth, or an .npz conversion.")
   flags.DEFINE_string("workdir", None, "The run's folder.")
   flags.DEFINE_bool("tiny", False, "The variant's smoke-test size (random-weight checks).")
   flags.DEFINE_integer("fid_samples", None, "FID samples (default: 50,000; tiny: 8).")

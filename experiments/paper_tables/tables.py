@@ -21,15 +21,19 @@ import dataclasses
 # where the users get the common files (never downloaded by the library)
 EDM_CIFAR10_UNCOND = ("edm-cifar10-32x32-uncond-vp.pkl, from the links in NVlabs/edm's README "
                       "(https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/)")
-INCEPTION = ("pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or its .npz conversion, "
-             "docs/metrics.md)")
-CIFAR10_STATS = ("FID statistics of the 50,000 CIFAR-10 training images computed with the same "
-                 "Inception (`python -m experiments.evaluate.main --samples=cifar10_train.npz "
-                 "--inception=... --statistics_out=cifar10_train_stats.npz`); EDM's "
-                 "fid-refs/cifar10-32x32.npz holds the same images' statistics under NVIDIA's port "
-                 "(close, not identical: docs/metrics.md)")
-PORT_NOTE = ("The paper's FID uses NVIDIA's Inception port (EDM's fid.py); ours is pytorch-fid's: "
-             "numbers agree to about 1e-2 FID, not to the paper's last digit (docs/metrics.md).")
+INCEPTION = ("NVIDIA's inception-2015-12-05.pkl (the detector of EDM's fid.py, from "
+             "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
+             "metrics/inception-2015-12-05.pkl) or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+             "(another port: close, not identical FIDs), or an .npz conversion of either "
+             "(docs/metrics.md)")
+CIFAR10_STATS = ("with NVIDIA's Inception: EDM's fid-refs/cifar10-32x32.npz "
+                 "(https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz); with "
+                 "pytorch-fid's: the statistics of the 50,000 CIFAR-10 training images computed "
+                 "with it (`python -m experiments.evaluate.main --samples=cifar10_train.npz "
+                 "--inception=... --statistics_out=cifar10_train_stats.npz`)")
+PORT_NOTE = ("The paper's FID uses NVIDIA's Inception port (EDM's fid.py): pass its .pkl and EDM's "
+             "fid-refs for the paper's measure; pytorch-fid's port gives close but not identical "
+             "FIDs (docs/metrics.md).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +202,8 @@ TABLES = {t.name: t for t in (
             "checkpoint's time embedding.",
             "The step count is the paper's from-scratch budget; a student starting from SiT-XL/2 "
             "may need far fewer (not measured).",
-            "ADM's evaluator uses the TF Inception graph; ours is pytorch-fid's port "
-            "(docs/metrics.md).")),
+            "ADM's evaluator runs the TF Inception graph itself; NVIDIA's port resizes as "
+            "TF does, pytorch-fid's does not (docs/metrics.md).")),
 )}
 
 
