@@ -288,7 +288,7 @@ def preprocess(images: Array, port: str = "pytorch_fid") -> Array:
 
 
 def port_of(variables: Any) -> str:
-  """Which port's weights these are ("nvidia" when loaded from NVIDIA's file, else "pytorch_fid")."""
+  """The port of these weights: "nvidia" when loaded from NVIDIA's file, else "pytorch_fid"."""
   return "nvidia" if _NVIDIA_MARK in variables else "pytorch_fid"
 
 

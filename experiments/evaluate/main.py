@@ -14,9 +14,10 @@ Inputs:
   --reference_images  optional real images (.npz, key `samples` or `arr_0`) for P/R and KID when
                 the reference file has none; without either, only FID and IS are reported.
   --inception   pytorch-fid's pt_inception-2015-12-05-*.pth, NVIDIA's inception-2015-12-05.pkl
-                (EDM / StyleGAN; its own resize and normalisation, docs/metrics.md) or StyleGAN2-ADA's
-                .pt (these need torch), or an .npz conversion (`python -m diffdistill.nets.inception
-                IN OUT.npz`); never downloaded. Score against reference statistics of the same port.
+                (EDM / StyleGAN; its own resize and normalisation, docs/metrics.md) or
+                StyleGAN2-ADA's .pt (these need torch), or an .npz conversion (`python -m
+                diffdistill.nets.inception IN OUT.npz`); never downloaded. Score against reference
+                statistics of the same port.
 Runtime: the Inception forward dominates: 1.7 images/s measured on 2 CPU cores shared with other
 jobs (load 12; bench/fid.md), so 50k samples are a GPU/TPU job. FID streams the moments (O(2048^2) memory); IS keeps the logits of every
 sample and P/R / KID the pool3 features of the first --num_feature_samples samples of each set.

@@ -23,7 +23,8 @@ EDM_CIFAR10_UNCOND = ("edm-cifar10-32x32-uncond-vp.pkl, from the links in NVlabs
                       "(https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/)")
 INCEPTION = ("NVIDIA's inception-2015-12-05.pkl (the detector of EDM's fid.py, from "
              "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/"
-             "metrics/inception-2015-12-05.pkl) or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+             "metrics/inception-2015-12-05.pkl) or pytorch-fid's "
+             "pt_inception-2015-12-05-6726825d.pth "
              "(another port: close, not identical FIDs), or an .npz conversion of either "
              "(docs/metrics.md)")
 CIFAR10_STATS = ("with NVIDIA's Inception: EDM's fid-refs/cifar10-32x32.npz "
