@@ -146,6 +146,14 @@ def test_nvidia_files_pkl_pt_and_npz_load_the_same(nvidia_reference, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, other, from_pkl)
 
 
+@pytest.mark.torch
+def test_check_command_on_the_stand_in(nvidia_reference):
+  """`python -m diffdistill.nets.inception check FILE`'s function, on the .pt stand-in."""
+  _, _, folder = nvidia_reference
+  errors = inception.check_against_torchscript(str(folder / "inception-2015-12-05.pt"), sizes=(48,))
+  assert set(errors) == {48} and max(errors[48].values()) < 1e-4
+
+
 def test_nvidia_state_dict_renaming():
   """Every unit of NVIDIA's names lands on one of ours with its tensor; a missing or an unknown
   tensor is refused by name."""

@@ -510,8 +510,44 @@ def convert_to_npz(src: str, dst: str) -> None:
   np.savez(dst, **sd, **({"port": np.array(port)} if port != "pytorch_fid" else {}))
 
 
+def check_against_torchscript(path: str, sizes=(32, 64, 299), seed: int = 0) -> dict[int, dict]:
+  """Runs NVIDIA's file itself (its TorchScript `forward`, torch on the CPU) and this port on the
+  same random uint8 images at each size: {size: {"pool3": relative L2 error of our pool3 to its
+  `return_features=True` output, "probs": of softmax(our logits) to its `no_output_bias=True`
+  probabilities}}. The check to run once on the real file (the tests run it on a stand-in)."""
+  torch = _import_torch(path)
+  if path.endswith(".pkl"):
+    with open(path, "rb") as f:
+      module = pickle.load(f)
+  else:
+    module = torch.jit.load(path, map_location="cpu")
+  variables = load_inception(path)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for size in sizes:
+    images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+      ref_pool = module(nchw, return_features=True).numpy().astype(np.float64)
+      ref_probs = module(nchw, no_output_bias=True).numpy().astype(np.float64)
+    pool, logits = inception_features(variables, images)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    out[size] = {"pool3": float(np.linalg.norm(np.asarray(pool) - ref_pool)
+                                / np.linalg.norm(ref_pool)),
+                 "probs": float(np.linalg.norm(probs - ref_probs) / np.linalg.norm(ref_probs))}
+  return out
+
+
 if __name__ == "__main__":
+  if len(sys.argv) == 3 and sys.argv[1] == "check":
+    errors = check_against_torchscript(sys.argv[2])
+    for size, e in errors.items():
+      print(f"{size} x {size}: pool3 relative error {e['pool3']:.2e}, "
+            f"IS probabilities {e['probs']:.2e}")
+    worst = max(max(e.values()) for e in errors.values())
+    sys.exit(0 if worst < 1e-4 else f"FAILED: the largest relative error is {worst:.2e} (>= 1e-4)")
   if len(sys.argv) != 3:
     sys.exit("usage: python -m diffdistill.nets.inception pt_inception-2015-12-05-*.pth|"
-             "inception-2015-12-05.pkl OUT.npz")
+             "inception-2015-12-05.pkl OUT.npz\n"
+             "       python -m diffdistill.nets.inception check inception-2015-12-05.pkl")
   convert_to_npz(sys.argv[1], sys.argv[2])
