@@ -10,33 +10,42 @@ project. Before it ranks students it must rank what is known: on the evaluation'
   * train digits (256 drawn from the reference set itself: below the floor, not independent);
   * the teacher's exact PF-ODE map of the noise (adaptive Dopri8, rtol = atol = 1e-3);
   * the teacher's DDIM at 1, 2, 4, 8, 16, 32 calls and its best training-free solver at each;
+  * UniPC-2 on a time grid learned at 2, 4 and 8 calls (`solvers.learn.learn_grid`, fitted to the
+    teacher's exact map of 64 calibration draws disjoint from the evaluation's noise);
   * mode collapse: 256 train digits of one class;
 and then reads each finished `experiments.distill` digits run in --runs (its results.json and
 samples) for the students' rows: FD-digits, digits IS, coupling error to the exact map (of the
 student's own schedule) and wall time. Writes WORKDIR/digits_table.{md,json}, fd_vs_nfe.png
 (FD against NFE with the floor) and samples.png (the first 12 samples of each row, same noise).
-The exact map and the teacher's rows are kept (exact_map.npz, teacher_rows.npz) and reused when
-the noise is the same: a rerun with more --runs only scores the students (delete them to redo).
+The exact map and the teacher's rows are kept (exact_map.npz, teacher_rows.npz, learned_rows.npz)
+and reused when the noise is the same: a rerun with more --runs only scores the students (delete
+them to redo).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffdistill.data import digits8
 from diffdistill.metrics import digits as digits_metric
 from diffdistill.methods.plan import file_name
+from diffdistill.solvers import learn
+from experiments import teachers as teachers_lib
 from experiments.distill import config as config_lib, evaluation, setup as setup_lib
 
 DDIM_NFES = (1, 2, 4, 8, 16, 32)
 SOLVER_NFES = (2, 4, 8, 16)
 SOLVERS = ("dpm_solver_pp_2m", "unipc_2", "unipc_3", "deis_3", "ipndm", "dpm_solver_pp_3m", "heun")
+LEARNED_SOLVER, LEARNED_NFES = "unipc_2", (2, 4, 8)
+CALIBRATION_SEED, NUM_CALIBRATION = 1234, 64  # disjoint from eval.seed's noise
 
 
 def _row(method, nfe, samples, scorer, reference=None, ms=None, seconds=None) -> dict:
@@ -80,6 +89,29 @@ def teacher_rows(setup, x_start, reference, scorer, *, progress=True) -> tuple[l
       best[nfe] = row
   rows += [dict(r, method=f"teacher best solver ({r['method'][len('teacher '):]})")
            for r in best.values()]
+  return rows, shown
+
+
+def learned_grid_rows(setup, x_start, reference, scorer, *, progress=True) -> tuple[list, dict]:
+  """LEARNED_SOLVER on a grid fitted at each of LEARNED_NFES to the teacher's exact map of
+  NUM_CALIBRATION fresh draws, then run on the evaluation's noise (rows, samples shown)."""
+  import tqdm  # noqa: PLC0415
+  x_cal = np.asarray(setup.start_noise(jax.random.key(CALIBRATION_SEED), NUM_CALIBRATION))
+  target = jnp.asarray(setup.exact_map(x_cal))
+  denoise = functools.partial(setup.teacher.apply, teachers_lib.device_params(setup.teacher))
+  rows, shown = [], {}
+  for nfe in tqdm.tqdm(LEARNED_NFES, desc="learned grids", disable=not progress):
+    start = time.perf_counter()
+    grid = learn.learn_grid(denoise, jnp.asarray(x_cal), schedule=setup.teacher.schedule,
+                            solver=LEARNED_SOLVER, nfe=nfe, target=target,
+                            t_start=setup.t_start, t_end=setup.t_end)
+    fit_seconds = time.perf_counter() - start
+    out, ms = evaluation._time(setup.teacher_sampler(LEARNED_SOLVER, nfe, spacing=grid), x_start,
+                               repeats=3)
+    rows.append(_row(f"teacher {LEARNED_SOLVER} + learned grid", nfe, out, scorer, reference, ms,
+                     seconds=fit_seconds))
+    if nfe == 2:
+      shown[f"{LEARNED_SOLVER} + learned grid, 2"] = out
   return rows, shown
 
 
@@ -134,6 +166,9 @@ def fd_figure(rows, path):
   best = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["method"].startswith("teacher best"))
   if best:
     ax.loglog(*zip(*best), "^--", color="0.6", label="teacher best solver (coupling)")
+  learned = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["method"].endswith("learned grid"))
+  if learned:
+    ax.loglog(*zip(*learned), "v--", color="0.2", label=f"teacher {LEARNED_SOLVER}, learned grid")
   for r in rows:
     if ":" in r["method"]:
       ax.loglog(r["nfe"], r["fd_digits"], "o", label=f"{r['method']} ({r['nfe']})")
@@ -198,6 +233,18 @@ def main(argv=None):
     rows, shown = teacher_rows(setup, x_start, reference, scorer, progress=not args.no_progress)
     np.savez(cached, x_start=x_start, rows=json.dumps(rows),
              **{f"shown/{k}": np.asarray(v) for k, v in shown.items()})
+  cached = os.path.join(args.workdir, "learned_rows.npz")
+  if os.path.exists(cached) and np.array_equal(np.load(cached)["x_start"], x_start):
+    with np.load(cached) as f:
+      lrows = json.loads(str(f["rows"]))
+      lshown = {k[len("shown/"):]: f[k] for k in f.files if k.startswith("shown/")}
+  else:
+    lrows, lshown = learned_grid_rows(setup, x_start, reference, scorer,
+                                      progress=not args.no_progress)
+    np.savez(cached, x_start=x_start, rows=json.dumps(lrows),
+             **{f"shown/{k}": np.asarray(v) for k, v in lshown.items()})
+  rows += lrows
+  shown.update(lshown)
   sigma_start = float(setup.teacher.schedule.sigma(jax.numpy.float32(setup.t_start)))
   srows, sshown = student_rows(run_dirs, x_start / sigma_start, scorer)
   rows += sorted(srows, key=lambda r: (r["nfe"], r["fd_digits"]))
