@@ -169,9 +169,13 @@ def fd_figure(rows, path):
   learned = sorted((r["nfe"], r["fd_digits"]) for r in rows if r["method"].endswith("learned grid"))
   if learned:
     ax.loglog(*zip(*learned), "v--", color="0.2", label=f"teacher {LEARNED_SOLVER}, learned grid")
-  for r in rows:
-    if ":" in r["method"]:
-      ax.loglog(r["nfe"], r["fd_digits"], "o", label=f"{r['method']} ({r['nfe']})")
+  students = [r for r in rows if ":" in r["method"] and r["nfe"]]  # not the NFE-0 reference rows
+  names = list(dict.fromkeys(r["method"].split(":")[0] for r in students))
+  colors = {n: plt.get_cmap("tab10")(k % 10) for k, n in enumerate(names)}
+  for r in students:
+    name = r["method"].split(":")[0]
+    ax.loglog(r["nfe"], r["fd_digits"], "o" if r["nfe"] == 1 else "D", color=colors[name],
+              label=f"{name}, {r['nfe']} call{'s' if r['nfe'] > 1 else ''}")
   ax.set_xlabel("NFE")
   ax.set_ylabel("FD-digits (256 samples)")
   ax.grid(True, which="both", alpha=0.3)
