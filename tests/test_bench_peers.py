@@ -4,6 +4,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from torch_imports import import_diffusers
 
 torch = pytest.importorskip("torch")
 
@@ -51,7 +52,7 @@ def _ddim_on_grid(denoise, x, logsnr, final_denoise):
 def test_diffusers_grid_is_the_one_it_stepped_on(name, nfe):
   # DDIM and Euler in sigma = sigma/alpha are the same map, so replaying DDIM on the grid the
   # driver reports must reproduce the scheduler's output: this checks the grid bookkeeping.
-  pytest.importorskip("diffusers")
+  import_diffusers()
   port = peers.TorchMixture(analytic.mixture64(dim=8, num_components=4, seed=1), dtype=torch.float64)
   x_t = torch.as_tensor(np.random.default_rng(0).standard_normal((16, 8)))
   run = peers.run_diffusers(peers.DIFFUSERS_CASES[name], port.denoise, x_t, nfe)
@@ -62,7 +63,7 @@ def test_diffusers_grid_is_the_one_it_stepped_on(name, nfe):
 
 
 def test_diffusers_heun_counts_its_final_euler_step():
-  pytest.importorskip("diffusers")
+  import_diffusers()
   case = peers.DIFFUSERS_CASES["HeunDiscreteScheduler"]
   assert case.num_inference_steps(4) is None and case.num_inference_steps(7) == 4
   port = peers.TorchMixture(analytic.mixture64(dim=8, num_components=4, seed=1), dtype=torch.float64)
@@ -97,7 +98,7 @@ def test_k_diffusion_sampling_imports_alone_and_euler_matches_ddim():
 def test_ours_on_the_peer_grid_equals_the_peer(sampler, ours):
   # The peers are independent implementations of the same methods: on the grid a peer used,
   # with the options the benchmark pairs it with, ours must reproduce its output.
-  pytest.importorskip("diffusers")
+  import_diffusers()
   if sampler.startswith("sample_") and importlib.util.find_spec("k_diffusion") is None:
     pytest.skip("k-diffusion is not installed")
   from bench import solvers_vs_peers as bench  # pylint: disable=import-outside-toplevel

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_imports import import_diffusers
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -58,7 +59,7 @@ def _nchw(x):
 
 
 def _diffusers_dit(tmp_path, *, tied, seed=0, **kw):
-  diffusers = pytest.importorskip("diffusers")
+  diffusers = import_diffusers()
   cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
              num_layers=2, sample_size=SIZE, patch_size=2, num_embeds_ada_norm=K)
   cfg.update(kw)

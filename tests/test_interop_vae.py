@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_imports import import_diffusers
 
 torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+diffusers = import_diffusers()
 
 from diffdistill import interop  # noqa: E402
 

@@ -30,3 +30,15 @@ def import_torchvision():
   except ImportError:
     pytest.skip("torchvision is not installed (the `torch` extra installs it)")
   return torchvision
+
+
+def import_diffusers():
+  """diffusers, after torchvision has been imported as `import_torchvision` does. diffusers imports
+  torchvision itself when it is installed, and on torch's CPU wheel that import fails the same way;
+  a diffusers test must not depend on another test of the same worker having imported it first
+  (which is how these tests once passed)."""
+  try:
+    import_torchvision()
+  except pytest.skip.Exception:  # no torch or no torchvision: diffusers does not import it
+    pass
+  return pytest.importorskip("diffusers")
