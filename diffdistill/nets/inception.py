@@ -454,16 +454,23 @@ def _is_torchscript(path: str) -> bool:
     return any("/code/" in name for name in z.namelist())
 
 
+def _torch_module(path: str):
+  """NVIDIA's network as torch reads it: the `.pkl` unpickled (a TorchScript module in a pickle:
+  this runs code, as EDM's fid.py does), a TorchScript `.pt` by torch.jit.load."""
+  torch = _import_torch(path)
+  if path.endswith(".pkl"):
+    with open(path, "rb") as f:
+      return pickle.load(f)
+  return torch.jit.load(path, map_location="cpu")
+
+
 def _torch_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
   """(state dict as numpy arrays, port) of a torch weight file: pytorch-fid's `.pth` state dict,
   NVIDIA's pickled TorchScript `.pkl` or StyleGAN2-ADA's TorchScript `.pt`."""
   torch = _import_torch(path)
-  if path.endswith(".pkl"):
-    with open(path, "rb") as f:  # a TorchScript module in a pickle: runs code, as EDM's fid.py does
-      module = pickle.load(f)
+  if path.endswith(".pkl") or _is_torchscript(path):
+    module = _torch_module(path)
     sd = module.state_dict() if hasattr(module, "state_dict") else module
-  elif _is_torchscript(path):
-    sd = torch.jit.load(path, map_location="cpu").state_dict()
   else:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(sd, dict):
@@ -516,12 +523,9 @@ def check_against_torchscript(path: str, sizes=(32, 64, 299), seed: int = 0) -> 
   `return_features=True` output, "probs": of softmax(our logits) to its `no_output_bias=True`
   probabilities}}. The check to run once on the real file (the tests run it on a stand-in)."""
   torch = _import_torch(path)
-  if path.endswith(".pkl"):
-    with open(path, "rb") as f:
-      module = pickle.load(f)
-  else:
-    module = torch.jit.load(path, map_location="cpu")
-  variables = load_inception(path)
+  module = _torch_module(path)
+  sd = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+  variables = _with_port(variables_from_state_dict(state_dict_from_nvidia(sd)), "nvidia")
   rng = np.random.default_rng(seed)
   out = {}
   for size in sizes:

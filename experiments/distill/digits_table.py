@@ -202,6 +202,19 @@ def samples_figure(shown: dict, path, num: int = 12):
   plt.close(fig)
 
 
+def _cached_rows(path, x_start, compute) -> tuple[list, dict]:
+  """(rows, samples shown) from `path` when it was written for this noise, else compute() saved
+  there (the teacher's rows of one noise do not change between reruns with more --runs)."""
+  if os.path.exists(path) and np.array_equal(np.load(path)["x_start"], x_start):
+    with np.load(path) as f:
+      return (json.loads(str(f["rows"])),
+              {k[len("shown/"):]: f[k] for k in f.files if k.startswith("shown/")})
+  rows, shown = compute()
+  np.savez(path, x_start=x_start, rows=json.dumps(rows),
+           **{f"shown/{k}": np.asarray(v) for k, v in shown.items()})
+  return rows, shown
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
@@ -228,25 +241,12 @@ def main(argv=None):
     reference = setup.exact_map(x_start)
     np.savez(cache, x_start=x_start, reference=reference)
   scorer = digits_metric.DigitsScorer(digits_metric.classifier(args.classifier))
-  cached = os.path.join(args.workdir, "teacher_rows.npz")  # the teacher's rows of this noise
-  if os.path.exists(cached) and np.array_equal(np.load(cached)["x_start"], x_start):
-    with np.load(cached) as f:
-      rows = json.loads(str(f["rows"]))
-      shown = {k[len("shown/"):]: f[k] for k in f.files if k.startswith("shown/")}
-  else:
-    rows, shown = teacher_rows(setup, x_start, reference, scorer, progress=not args.no_progress)
-    np.savez(cached, x_start=x_start, rows=json.dumps(rows),
-             **{f"shown/{k}": np.asarray(v) for k, v in shown.items()})
-  cached = os.path.join(args.workdir, "learned_rows.npz")
-  if os.path.exists(cached) and np.array_equal(np.load(cached)["x_start"], x_start):
-    with np.load(cached) as f:
-      lrows = json.loads(str(f["rows"]))
-      lshown = {k[len("shown/"):]: f[k] for k in f.files if k.startswith("shown/")}
-  else:
-    lrows, lshown = learned_grid_rows(setup, x_start, reference, scorer,
-                                      progress=not args.no_progress)
-    np.savez(cached, x_start=x_start, rows=json.dumps(lrows),
-             **{f"shown/{k}": np.asarray(v) for k, v in lshown.items()})
+  rows, shown = _cached_rows(os.path.join(args.workdir, "teacher_rows.npz"), x_start,
+                             lambda: teacher_rows(setup, x_start, reference, scorer,
+                                                  progress=not args.no_progress))
+  lrows, lshown = _cached_rows(os.path.join(args.workdir, "learned_rows.npz"), x_start,
+                               lambda: learned_grid_rows(setup, x_start, reference, scorer,
+                                                         progress=not args.no_progress))
   rows += lrows
   shown.update(lshown)
   sigma_start = float(setup.teacher.schedule.sigma(jax.numpy.float32(setup.t_start)))
