@@ -79,7 +79,18 @@ def copy_stage(config, setup, net: nets.Net, *, name: str = "copy") -> plan_lib.
           ema={"eval": config.eval_ema})},
       frozen=lambda r: {"teacher": teacher.params},
       data=lambda r, d: setup.data(config.seed + 1),
-      directory=c.dir or None)
+      directory=c.dir or None, identity=copy_identity(config))
+
+
+def copy_identity(config) -> dict:
+  """What a shared copy (`copy.dir`) must agree on to be reused: the function it was fitted to
+  (the teacher and its schedule) and the network it is (architecture and output kind). Its steps,
+  learning rate and seed may differ (a longer run trains the shared copy on)."""
+  t, s = config.teacher, config.student
+  return {"teacher": {k: t.get(k) for k in ("kind", "name", "mixture_file", "path", "dataset",
+                                            "schedule", "schedule_kwargs")},
+          "student": {"network": s.network, "kwargs": s.kwargs, "kind": s.kind},
+          "copy": {"weighting": config.copy.weighting, "time_sampler": config.copy.time_sampler}}
 
 
 def _has_checkpoint(directory: str) -> bool:
@@ -197,7 +208,7 @@ def apply_overrides(config, overrides: dict) -> None:
     node[last] = value
 
 
-__all__ = ["make_net", "student_net", "copy_stage", "first_teacher", "initial_params",
+__all__ = ["make_net", "student_net", "copy_stage", "copy_identity", "first_teacher", "initial_params",
            "single_stage", "ddim_sampler", "teacher_pairs", "teacher_pair_sampler", "pairs_data",
            "check_positive", "apply_overrides"]
 

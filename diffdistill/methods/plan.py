@@ -50,6 +50,9 @@ class Stage:
   frozen: Callable[[Results], Any] = lambda results: None
   eval_ema: str | None = "eval"  # the EMA copy reported as the stage's result (None: params)
   directory: str | None = None  # where it runs (default WORKDIR/<name>); shared copies set it
+  # what makes a shared directory's result this stage's (teacher, schedule, network): the runner
+  # records it there on first use and refuses a directory fitted for another
+  identity: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)

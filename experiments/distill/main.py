@@ -95,6 +95,9 @@ def validate(config, setup, workdir: str, plan: plan_lib.Plan | None = None) -> 
     _positive_int("each of config.eval.teacher_nfes", nfe)
   optim.make_optimizer(dict(config.optim), num_steps=10**6)  # a bad optimizer, before any training
   evaluation.check_fid_config(setup)
+  for stage in plan.stages if plan else ():  # a shared copy fitted for another run
+    if stage.directory and stage.identity is not None:
+      stages.check_identity(stage.directory, stage.identity, stage.name, record=False)
   saved = os.path.join(workdir, "config.json")
   if os.path.exists(saved):  # a restart resumes; another run must not overwrite this one
     with open(saved) as f:

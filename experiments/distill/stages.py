@@ -37,6 +37,8 @@ def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True,
   steps = {}  # one jitted step per method: the rounds of a method share its compilation
   for index, stage in enumerate(plan.stages):
     stage_dir = stage.directory or os.path.join(workdir, stage.name)
+    if stage.directory and stage.identity is not None:
+      check_identity(stage_dir, stage.identity, stage.name)
     players = stage.players(results)
     frozen = stage.frozen(results)
     state = state_lib.TrainState.create(players=players,
@@ -74,6 +76,46 @@ def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True,
   return results, stats
 
 
+def _plain(tree):
+  """`tree` as JSON gives it back (tuples as lists, ConfigDicts as dicts), for comparison."""
+  return json.loads(json.dumps(tree, sort_keys=True,
+                               default=lambda v: v.to_dict() if hasattr(v, "to_dict") else str(v)))
+
+
+def check_identity(stage_dir: str, identity: dict, name: str, *, record: bool = True) -> None:
+  """A shared stage directory (e.g. `--config.copy.dir`) holds the result of one stage: records
+  `identity` in STAGE_DIR/identity.json on first use, and refuses the directory when a later run
+  needs another (a copy fitted to another teacher or schedule, or another network, would
+  otherwise be read as this run's start). A directory from before identity.json was written is
+  stamped with the first run that reads it. `record=False` only checks (writes nothing)."""
+  path = os.path.join(stage_dir, "identity.json")
+  want = _plain(identity)
+  if os.path.exists(path):
+    with open(path) as f:
+      have = json.load(f)
+    if have != want:
+      differ = sorted(f"{section}.{key}" for section in set(have) | set(want)
+                      for key in set(have.get(section, {})) | set(want.get(section, {}))
+                      if have.get(section, {}).get(key) != want.get(section, {}).get(key))
+      raise ValueError(
+          f"The shared {name} stage directory {stage_dir!r} was fitted for another run: "
+          f"{', '.join(f'{k} there {_get(have, k)!r}, here {_get(want, k)!r}' for k in differ)}. "
+          f"Give this run its own directory (e.g. --config.copy.dir=... for the copy).")
+    return
+  if not record:
+    return
+  os.makedirs(stage_dir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(want, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _get(tree: dict, dotted: str):
+  section, key = dotted.split(".", 1)
+  return tree.get(section, {}).get(key)
+
+
 def _last_metrics(stage_dir: str) -> dict:
   path = os.path.join(stage_dir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -83,4 +125,4 @@ def _last_metrics(stage_dir: str) -> dict:
   return json.loads(lines[-1]) if lines else {}
 
 
-__all__ = ["run_stages"]
+__all__ = ["run_stages", "check_identity"]
