@@ -173,6 +173,56 @@ def test_digits_variants_reschedule_only_when_the_method_needs_another_schedule(
   assert mf.student.network == "unet_digits8" and mf.student.kind == "flow"
 
 
+FULL = [(name, testbed) for name in methods.names()
+        for testbed in getattr(methods.get(name), "FULL", {})]
+
+
+def _flat(config) -> dict:
+  def walk(node, prefix):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+  return dict(walk(config, ""))
+
+
+def test_full_budgets_change_only_their_keys_and_are_refused_where_there_is_none():
+  # the methods whose one-step students need more than the 10-minute budget (issue 20) have one
+  assert {("meanflow", "gmm64"), ("ect", "gmm64"), ("dmd", "gmm64"),
+          ("dmd2", "gmm64")} <= set(FULL)
+  for name, testbed in FULL:
+    base = _flat(config_lib.get_config(f"{name}_{testbed}"))
+    full = _flat(config_lib.get_config(f"{name}_{testbed},full"))
+    want = methods.get(name).FULL[testbed]
+    assert set(full) == set(base) and set(want) <= set(base)  # no key added by a typo
+    assert {k for k in base if base[k] != full[k]} == set(want)
+    assert all(full[k] == v for k, v in want.items())
+    steps = [k for k in want if k.endswith("num_steps")]
+    assert steps and all(full[k] > base[k] for k in steps)  # a longer run, not another recipe
+  with pytest.raises(ValueError, match=r"pd_gmm64 has no ',full' budget.*'meanflow_gmm64'"):
+    config_lib.get_config("pd_gmm64,full")
+  with pytest.raises(ValueError, match=r"Unknown config option 'ful'; expected 'tiny', 'quick' or "
+                                       r"'full'"):
+    config_lib.get_config("meanflow_gmm64,ful")
+
+
+def test_a_shared_copy_is_refused_by_a_run_that_needs_another(tmp_path):
+  from diffdistill.methods import _common  # noqa: PLC0415
+  from experiments.distill import stages  # noqa: PLC0415
+  ident = {m: _common.copy_identity(config_lib.get_config(f"{m}_gmm64"))
+           for m in ("pd", "cd", "ct", "ict", "ect", "meanflow", "shortcut", "scd")}
+  # the README's shared copies: one for the VP methods, one for the rectified-flow ones
+  assert ident["pd"] == ident["cd"] == ident["ct"] == ident["ict"] == ident["ect"]
+  assert ident["meanflow"] == ident["shortcut"] != ident["ct"] != ident["scd"]
+  stages.check_identity(str(tmp_path), ident["ct"], "copy")  # first use: recorded
+  stages.check_identity(str(tmp_path), ident["ect"], "copy")  # the same copy
+  with pytest.raises(ValueError, match=r"copy stage directory .* was fitted for another run: .*"
+                                       r"student.kind there 'v', here 'flow', teacher.schedule "
+                                       r"there 'vp_linear', here 'rectified_flow'"):
+    stages.check_identity(str(tmp_path), ident["meanflow"], "copy")
+
+
 @pytest.mark.slow  # ~10-20 s: trains a 2-step teacher
 def test_a_trained_teacher_on_another_schedule_is_rescheduled(tmp_path):
   from diffdistill import parametrization  # noqa: PLC0415

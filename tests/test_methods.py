@@ -47,6 +47,8 @@ def test_every_method_declares_its_parts(name):
   for table in (m.SETTINGS, m.TINY):
     assert all(isinstance(k, str) and "." in k for k in table)
   assert all(isinstance(v, (dict, str)) for v in m.TESTBEDS.values())
+  for testbed, table in getattr(m, "FULL", {}).items():  # `,full`: a testbed the method runs on
+    assert isinstance(m.TESTBEDS.get(testbed, {}), dict) and all("." in k for k in table)
   assert isinstance(m.EXTRA_COND, tuple) and callable(m.build)
   assert m.sampler is None or callable(m.sampler)
   assert m.__doc__ and len(m.__doc__) > 80  # the paper and the loss it uses

@@ -13,6 +13,9 @@ A method module declares, in one place, everything about its method outside the 
     TESTBEDS  {testbed: {"dotted.key": value}} overrides per testbed, or a str: why the method
               does not run on that testbed
     TINY      {"dotted.key": value}: the smoke-test size (`,tiny`); QUICK likewise (`,quick`)
+    FULL      (optional) {testbed: {"dotted.key": value}}: the steps (and settings) at which the
+              method reaches its paper's strength on that testbed, where that takes longer than
+              the testbed's budget (`,full`); each entry cites its measured result
     EXTRA_COND  the student network's extra scalar inputs (MeanFlow's r, shortcut's d, CTM's s)
     CONDITIONAL  (optional, default False) True when its losses read batch["label"] and pass it
               to the teacher and the student, and its sampler passes **cond on: it can distil a

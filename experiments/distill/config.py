@@ -25,7 +25,10 @@ Testbeds:
 reflow variants use the exact teacher under rectified flow (the 1-rectified flow).
 Every _gmm64 variant runs in under 10 minutes on 2 CPU cores (README.md has the measured times).
 `tiny` shrinks any variant to a smoke test (`config.py:pd_ring2d,tiny`), `quick` to the
-quickstart's budget (`config.py:pd_ring2d,quick`).
+quickstart's budget (`config.py:pd_ring2d,quick`). `full` gives a method the steps (and settings)
+it needs to reach its paper's strength where that is beyond the 10-minute budget (the module's
+FULL, e.g. `config.py:meanflow_gmm64,full`; measured and timed in docs/consistency.md and
+docs/distribution_matching.md).
 """
 
 import json
@@ -74,8 +77,9 @@ def _base() -> ml_collections.ConfigDict:
       grad_clip=1.0))
 
   # the network copy of an analytic teacher; `dir` shares one copy between variants of the same
-  # teacher and student network (e.g. --config.copy.dir=runs/copy_gmm64): a copy of another
-  # network is refused when its checkpoint is read; other settings are not checked (a larger
+  # teacher and student network (e.g. --config.copy.dir=runs/copy_gmm64): the directory records
+  # what it was fitted for (identity.json: teacher, schedule, network, output kind) and a run that
+  # needs another copy is refused before it starts; steps and rates are not checked (a larger
   # num_steps trains the shared copy on). learning_rate (0: optim's) is the copy's own: the copy
   # is fitted from scratch, while every later stage fine-tunes
   c.copy = ml_collections.ConfigDict(dict(num_steps=3000, weighting="truncated_snr",
@@ -188,6 +192,17 @@ def _tiny(c, module):
   _common.apply_overrides(c, module.TINY)
 
 
+def _full(c, module):
+  """The method's steps (and settings) for its paper's strength on this testbed (module.FULL)."""
+  full = getattr(module, "FULL", {})
+  if c.testbed not in full:
+    have = sorted(f"{name}_{testbed}" for name in methods.names()
+                  for testbed in getattr(methods.get(name), "FULL", {}))
+    raise ValueError(f"{c.method}_{c.testbed} has no ',full' budget: its variant already runs at "
+                     f"the budget it was measured at. Variants with one: {have}.")
+  _common.apply_overrides(c, full[c.testbed])
+
+
 def _quick(c, module):
   """The quickstart's budget (about 2 minutes on 2 CPU cores for pd_ring2d)."""
   c.batch_size = 256
@@ -216,7 +231,8 @@ def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
   variant, _, option = arg.partition(",")
   method, _, testbed = variant.rpartition("_")
   if not method:
-    raise ValueError(f"config variant must be <method>_<testbed>[,tiny], e.g. pd_gmm64; got {arg!r}. "
+    raise ValueError(f"config variant must be <method>_<testbed>[,tiny|,quick|,full], e.g. "
+                     f"pd_gmm64; got {arg!r}. "
                      f"Methods: {methods.names()}; testbeds: {TESTBEDS}.")
   c = _base()
   _testbed(c, testbed)
@@ -225,6 +241,8 @@ def get_config(arg: str = "pd_gmm64") -> ml_collections.ConfigDict:
     _tiny(c, module)
   elif option == "quick":
     _quick(c, module)
+  elif option == "full":
+    _full(c, module)
   elif option:
-    raise ValueError(f"Unknown config option {option!r}; expected 'tiny' or 'quick'.")
+    raise ValueError(f"Unknown config option {option!r}; expected 'tiny', 'quick' or 'full'.")
   return c
