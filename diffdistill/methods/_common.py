@@ -208,7 +208,7 @@ def apply_overrides(config, overrides: dict) -> None:
     node[last] = value
 
 
-__all__ = ["make_net", "student_net", "copy_stage", "copy_identity", "first_teacher", "initial_params",
-           "single_stage", "ddim_sampler", "teacher_pairs", "teacher_pair_sampler", "pairs_data",
-           "check_positive", "apply_overrides"]
+__all__ = ["make_net", "student_net", "copy_stage", "copy_identity", "first_teacher",
+           "initial_params", "single_stage", "ddim_sampler", "teacher_pairs",
+           "teacher_pair_sampler", "pairs_data", "check_positive", "apply_overrides"]
 
