@@ -94,12 +94,11 @@ def check_identity(stage_dir: str, identity: dict, name: str, *, record: bool = 
     with open(path) as f:
       have = json.load(f)
     if have != want:
-      differ = sorted(f"{section}.{key}" for section in set(have) | set(want)
-                      for key in set(have.get(section, {})) | set(want.get(section, {}))
-                      if have.get(section, {}).get(key) != want.get(section, {}).get(key))
+      h, w = _dotted(have), _dotted(want)
+      differ = sorted(k for k in h.keys() | w.keys() if h.get(k) != w.get(k))
       raise ValueError(
           f"The shared {name} stage directory {stage_dir!r} was fitted for another run: "
-          f"{', '.join(f'{k} there {_get(have, k)!r}, here {_get(want, k)!r}' for k in differ)}. "
+          f"{', '.join(f'{k} there {h.get(k)!r}, here {w.get(k)!r}' for k in differ)}. "
           f"Give this run its own directory (e.g. --config.copy.dir=... for the copy).")
     return
   if not record:
@@ -111,9 +110,9 @@ def check_identity(stage_dir: str, identity: dict, name: str, *, record: bool = 
   os.replace(tmp, path)
 
 
-def _get(tree: dict, dotted: str):
-  section, key = dotted.split(".", 1)
-  return tree.get(section, {}).get(key)
+def _dotted(identity: dict) -> dict:
+  """{"section.key": value} of an identity's two levels."""
+  return {f"{section}.{key}": v for section, sub in identity.items() for key, v in sub.items()}
 
 
 def _last_metrics(stage_dir: str) -> dict:
