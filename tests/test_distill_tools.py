@@ -349,3 +349,30 @@ def test_consistency_closed_form_runs_the_recipe_and_records_every_eval(tmp_path
   assert (tmp_path / "closed_form.png").exists()
   with pytest.raises(ValueError, match="--methods takes ct, ict and ect"):
     ccf.main([f"--workdir={tmp_path}", "--methods=cd"])
+
+
+def test_budget_table_reads_runs_named_by_their_step_multiple(tmp_path):
+  """Runs <label>_<k>x: one line per label and call count, the multiples in numeric order (16x
+  after 4x), each ratio against its own run's DDIM; other names are not part of the study."""
+  from experiments.distill import report  # noqa: PLC0415
+  def run(name, one, two, ddim=0.5):
+    rows = [{"method": "ct", "nfe": 1, "median": one}, {"method": "ct", "nfe": 2, "median": two,
+                                                        "renoised": True},
+            {"method": "teacher ddim", "nfe": 1, "median": ddim},
+            {"method": "teacher ddim", "nfe": 2, "median": 0.3}]
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
+  run("ct_1x", 0.5, 0.4)
+  run("ct_16x", 0.15, 0.2)
+  run("ct_4x", 0.25, 0.3)
+  run("ect_1x", 0.3, 0.35, ddim=0.6)
+  run("ct_notes", 9.0, 9.0)
+  figure = tmp_path / "fig" / "budget.png"
+  text = tables.budget_table(str(tmp_path), figure=str(figure))
+  assert "| method | calls | 1x | 4x | 16x | teacher DDIM | last / DDIM |" in text
+  assert "| ct | 1 | 0.500 | 0.250 | 0.150 | 0.500 | 0.30x |" in text
+  assert "| ect | 1 | 0.300 | – | – | 0.600 | 0.50x |" in text
+  assert "| ct | 2 | 0.400† | 0.300† | 0.200† | 0.300 | 0.67x |" in text
+  assert report.RENOISED_NOTE in text and "9.000" not in text and figure.exists()
+  with pytest.raises(FileNotFoundError, match="named <label>_<k>x"):
+    tables.budget_table(str(tmp_path / "ct_notes"))

@@ -3,6 +3,7 @@
   python -m experiments.distill.tables --family=dm --runs=runs/dm   # distribution matching
   python -m experiments.distill.tables --family=cm --runs=runs/cm   # consistency models, flow maps
   python -m experiments.distill.tables --family=modes --runs=runs/dm_study   # any runs: modes
+  python -m experiments.distill.tables --family=budget --runs=runs/ring16 --figure=out.png
 
 read RUNS/<variant>/seeds.json (written by `experiments.distill.seeds`) for the family's variants
 that exist, and the samples each seed saved (RUNS/<variant>/seed*/samples/<student>_nfe<k>.npz)
@@ -19,6 +20,9 @@ the same for every variant). cm: the consistency paper's layout, NFE 1 then NFE 
 against PD at the same NFE, then the teacher's DDIM and best training-free solver on each schedule
 the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
 each method's coupling error is against the exact map of its own schedule).
+budget: the steps study of issue 20 on any testbed: runs (or sweeps) named <label>_<k>x, the
+same recipe at k times its steps; per label the coupling error at 1 and 2 calls for every k, its
+own run's teacher DDIM and the ratio at the largest k; --figure plots the one-call ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import glob
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -225,20 +230,113 @@ def modes_table(runs: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-FAMILIES = {"dm": dm_table, "cm": cm_table, "modes": modes_table}
+BUDGET_NAME = re.compile(r"^(?P<label>.+)_(?P<mult>\d+(?:\.\d+)?)x$")
+
+
+def _rows(runs: str, name: str) -> list[dict] | None:
+  """A seed sweep's pooled rows (seeds.json), or a single run's (results.json), or None."""
+  rows = _load(runs, name)
+  if rows is None and os.path.exists(os.path.join(runs, name, "results.json")):
+    with open(os.path.join(runs, name, "results.json")) as f:
+      rows = seeds.aggregate([json.load(f)])
+  return rows
+
+
+def budget_curves(runs: str) -> dict[str, dict[float, list[dict]]]:
+  """{label: {step multiple: rows}} of every run or sweep under `runs` named <label>_<k>x."""
+  curves: dict[str, dict[float, list[dict]]] = {}
+  for name in sorted(os.listdir(runs)):
+    m = BUDGET_NAME.match(name)
+    rows = _rows(runs, name) if m else None
+    if rows:
+      curves.setdefault(m["label"], {})[float(m["mult"])] = rows
+  if not curves:
+    raise FileNotFoundError(f"No finished run named <label>_<k>x (e.g. ct_4x) under {runs!r}.")
+  return curves
+
+
+def _student(rows: list[dict], nfe: int) -> dict | None:
+  return next((r for r in rows if r["nfe"] == nfe
+               and not r["method"].startswith(("teacher", "network copy"))), None)
+
+
+def _ddim(rows: list[dict], nfe: int) -> dict | None:
+  return next((r for r in rows if r["nfe"] == nfe and r["method"] == "teacher ddim"), None)
+
+
+def budget_table(runs: str, figure: str | None = None) -> str:
+  """The budget study: the students' coupling error at 1 and 2 calls against the multiple of
+  their steps (runs named <label>_<k>x, k = 1, 4, 16, ...), each beside its own run's teacher
+  DDIM at the same calls (its schedule's) and the ratio at the largest multiple; `figure` plots
+  the one-call ratio to DDIM against the multiple."""
+  curves = budget_curves(runs)
+  mults = sorted({k for c in curves.values() for k in c})
+  head = " | ".join(f"{k:g}x" for k in mults)
+  lines = [f"| method | calls | {head} | teacher DDIM | last / DDIM |",
+           "|---|---:|" + "---:|" * (len(mults) + 2)]
+  for nfe in (1, 2):
+    for label, curve in curves.items():
+      cells, last = [], None
+      for k in mults:
+        r = _student(curve.get(k, ()), nfe)
+        cells.append(_cells(r, ["median"])[0] if r else "–")
+        last = (r, _ddim(curve[k], nfe)) if r else last
+      if last is None:
+        continue
+      ddim = last[1]["median"]["mean"] if last[1] else float("nan")
+      ratio = last[0]["median"]["mean"] / ddim
+      lines.append(f"| {label} | {nfe} | " + " | ".join(cells) + f" | {ddim:.3f} | {ratio:.2f}x |")
+  if any(r.get("renoised") for c in curves.values() for rows in c.values() for r in rows):
+    lines += ["", report.RENOISED_NOTE]
+  if figure:
+    _budget_figure(curves, figure, title=os.path.basename(os.path.normpath(runs)))
+  return "\n".join(lines) + "\n"
+
+
+def _budget_figure(curves, out: str, title: str) -> None:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  for label, curve in curves.items():
+    pts = [(k, _student(rows, 1), _ddim(rows, 1)) for k, rows in sorted(curve.items())]
+    pts = [(k, s["median"]["mean"] / d["median"]["mean"]) for k, s, d in pts if s and d]
+    if pts:
+      ax.plot(*zip(*pts), "o-", label=label)
+  ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
+  ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("steps (multiple of the variant's)")
+  ax.set_ylabel("one-call coupling error / DDIM's")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+FAMILIES = {"dm": dm_table, "cm": cm_table, "modes": modes_table, "budget": budget_table}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--family", required=True, choices=sorted(FAMILIES),
                       help="dm: distribution matching; cm: consistency models and flow maps; "
-                           "modes: every run under --runs, with the covariance error's parts")
+                           "modes: every run under --runs, with the covariance error's parts; "
+                           "budget: runs named <label>_<k>x, coupling against the steps")
   parser.add_argument("--runs", default=None, help="folder of the seed sweeps (default runs/<family>)")
+  parser.add_argument("--figure", default=None,
+                      help="budget only: also plot the one-call ratio to DDIM against the steps")
   args = parser.parse_args(argv)
   runs = args.runs or f"runs/{args.family}"
   if not os.path.isdir(runs):
     parser.error(f"--runs: no folder {runs!r}; run the sweeps of the README first.")
-  print(FAMILIES[args.family](runs), end="")
+  if args.figure and args.family != "budget":
+    parser.error(f"--figure: only --family=budget draws one, got --family={args.family}.")
+  kwargs = {"figure": args.figure} if args.figure else {}
+  print(FAMILIES[args.family](runs, **kwargs), end="")
 
 
 if __name__ == "__main__":
