@@ -372,7 +372,7 @@ def test_budget_table_reads_runs_named_by_their_step_multiple(tmp_path):
   assert "| method | calls | 1x | 4x | 16x | teacher DDIM | last / DDIM |" in text
   assert "| ct | 1 | 0.500 | 0.250 | 0.150 | 0.500 | 0.30x |" in text
   assert "| ect | 1 | 0.300 | – | – | 0.600 | 0.50x |" in text
-  assert "| ct | 2 | 0.400† | 0.300† | 0.200† | 0.300 | 0.67x |" in text
+  assert "| ct | 2 | 0.400† | 0.300† | 0.200† | 0.300 | 0.67x† |" in text
   assert report.RENOISED_NOTE in text and "9.000" not in text and figure.exists()
   with pytest.raises(FileNotFoundError, match="named <label>_<k>x"):
     tables.budget_table(str(tmp_path / "ct_notes"))

@@ -285,7 +285,9 @@ def budget_table(runs: str, figure: str | None = None) -> str:
         continue
       ddim = last[1]["median"]["mean"] if last[1] else float("nan")
       ratio = last[0]["median"]["mean"] / ddim
-      lines.append(f"| {label} | {nfe} | " + " | ".join(cells) + f" | {ddim:.3f} | {ratio:.2f}x |")
+      mark = "†" if last[0].get("renoised") else ""
+      lines.append(f"| {label} | {nfe} | " + " | ".join(cells)
+                   + f" | {ddim:.3f} | {ratio:.2f}x{mark} |")
   if any(r.get("renoised") for c in curves.values() for rows in c.values() for r in rows):
     lines += ["", report.RENOISED_NOTE]
   if figure:
