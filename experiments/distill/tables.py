@@ -172,6 +172,15 @@ def cm_table(runs: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _rows(runs: str, name: str) -> list[dict] | None:
+  """A seed sweep's pooled rows (seeds.json), or a single run's (results.json), or None."""
+  rows = _load(runs, name)
+  if rows is None and os.path.exists(os.path.join(runs, name, "results.json")):
+    with open(os.path.join(runs, name, "results.json")) as f:
+      rows = seeds.aggregate([json.load(f)])
+  return rows
+
+
 def _with_mode_parts(run: str, row: dict) -> dict:
   """A single run's row from before the covariance error had its parts: computed from the
   student's saved samples against the run's mixture (its config's teacher), where they exist."""
@@ -200,11 +209,10 @@ def modes_table(runs: str) -> str:
   keys = ["sliced_w2", "mode_weight_tv", "mode_cov_error", "mode_tail_share", "mode_core_cov_error"]
   found = []
   for name in sorted(os.listdir(runs)):
-    rows = _load(runs, name)
-    if rows is None and os.path.exists(os.path.join(runs, name, "results.json")):
-      with open(os.path.join(runs, name, "results.json")) as f:
-        rows = [_with_mode_parts(os.path.join(runs, name), r)
-                for r in seeds.aggregate([json.load(f)])]
+    single = _load(runs, name) is None
+    rows = _rows(runs, name)
+    if rows and single:
+      rows = [_with_mode_parts(os.path.join(runs, name), r) for r in rows]
     if rows:
       found.append((name, rows))
   if not found:
@@ -231,15 +239,6 @@ def modes_table(runs: str) -> str:
 
 
 BUDGET_NAME = re.compile(r"^(?P<label>.+)_(?P<mult>\d+(?:\.\d+)?)x$")
-
-
-def _rows(runs: str, name: str) -> list[dict] | None:
-  """A seed sweep's pooled rows (seeds.json), or a single run's (results.json), or None."""
-  rows = _load(runs, name)
-  if rows is None and os.path.exists(os.path.join(runs, name, "results.json")):
-    with open(os.path.join(runs, name, "results.json")) as f:
-      rows = seeds.aggregate([json.load(f)])
-  return rows
 
 
 def budget_curves(runs: str) -> dict[str, dict[float, list[dict]]]:
