@@ -212,9 +212,11 @@ def _sample_intervals(rng, b, n, *, lognormal, max_intervals, grid):
   lo = jnp.log(grid(j + 1, n))  # ln sh at the low (clean) end of interval j
   hi = jnp.log(grid(j, n))
   cdf = lambda v: erf((v - p_mean) / (math.sqrt(2.0) * p_std))  # noqa: E731
-  logits = jnp.log(jnp.maximum(cdf(hi) - cdf(lo), 1e-30))
-  logits = jnp.where(j < n, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, shape=(b,))
+  mass = jnp.cumsum(jnp.where(j < n, jnp.maximum(cdf(hi) - cdf(lo), 0.0), 0.0))
+  # inverse-CDF draw: O(b log N), where a Gumbel-max categorical draws b x N noise (30 ms a step
+  # at b = 512, N = 1281 on 2 CPU cores: most of an iCT step on a small network)
+  u = jax.random.uniform(rng, (b,), mass.dtype) * mass[-1]
+  return jnp.minimum(jnp.searchsorted(mass, u, side="right"), n - 1)
 
 
 def _make_grid(schedule, spacing, t_start, t_end, dtype, *, sigma_hat=False):
