@@ -307,6 +307,8 @@ def _budget_figure(curves, out: str, title: str) -> None:
   ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
   ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
   ax.set_xscale("log", base=2)
+  mults = sorted({k for c in curves.values() for k in c})
+  ax.set_xticks(mults, [f"{k:g}x" for k in mults])
   ax.set_xlabel("steps (multiple of the variant's)")
   ax.set_ylabel("one-call coupling error / DDIM's")
   ax.set_title(title, fontsize=10)
