@@ -290,11 +290,11 @@ def budget_table(runs: str, figure: str | None = None) -> str:
   if any(r.get("renoised") for c in curves.values() for rows in c.values() for r in rows):
     lines += ["", report.RENOISED_NOTE]
   if figure:
-    _budget_figure(curves, figure, title=os.path.basename(os.path.normpath(runs)))
+    _budget_figure(curves, mults, figure, title=os.path.basename(os.path.normpath(runs)))
   return "\n".join(lines) + "\n"
 
 
-def _budget_figure(curves, out: str, title: str) -> None:
+def _budget_figure(curves, mults, out: str, title: str) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -307,7 +307,6 @@ def _budget_figure(curves, out: str, title: str) -> None:
   ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
   ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
   ax.set_xscale("log", base=2)
-  mults = sorted({k for c in curves.values() for k in c})
   ax.set_xticks(mults, [f"{k:g}x" for k in mults])
   ax.set_xlabel("steps (multiple of the variant's)")
   ax.set_ylabel("one-call coupling error / DDIM's")
