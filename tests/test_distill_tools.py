@@ -269,9 +269,34 @@ def test_digits_table_reads_student_runs_of_the_same_noise(tmp_path):
   assert [r["method"] for r in out] == ["cd: cd"] and list(shown) == ["cd: cd, 1"]
   np.testing.assert_allclose(out[0]["fd_digits"], scorer.frechet(samples))
   text = digits_table.markdown(out)
-  assert f"| cd: cd | 1 | {out[0]['fd_digits']:.1f} |" in text and "| 0.150 | 2.0 | 561 s |" in text
+  assert f"| cd: cd | 1 | 1 | {out[0]['fd_digits']:.1f} |" in text
+  assert "| 0.150 | 2.0 | 561 s |" in text
   with pytest.raises(ValueError, match="other noise"):
     digits_table.student_rows([str(run)], x_start + 1.0, scorer)
+  # a seeds sweep: seed<k>/ runs pooled into one row per (method, NFE), in seed order
+  sweep = tmp_path / "sweep"
+  flipped = samples[:, ::-1]
+  for k, (imgs, med, secs) in enumerate([(samples, 0.15, 500.0), (flipped, 0.25, 700.0)]):
+    (sweep / f"seed{k}" / "samples").mkdir(parents=True)
+    np.savez(sweep / f"seed{k}" / "samples" / "cd_nfe1.npz", x_start=80.0 * x_start,
+             samples=imgs, sigma_start=80.0)
+    (sweep / f"seed{k}" / "results.json").write_text(json.dumps(
+        {"variant": "cd_digits", "rows": [{**rows[0], "median": med}],
+         "seconds": {"total": secs}}))
+  (sweep / "seed2").mkdir()  # an unfinished seed is left out
+  out, shown = digits_table.student_rows([str(sweep)], x_start, scorer)
+  fds = [scorer.frechet(samples), scorer.frechet(flipped)]
+  assert len(out) == 1 and out[0]["seeds"] == 2 and fds[0] != fds[1]
+  np.testing.assert_allclose([out[0]["fd_digits"], out[0]["fd_std"]],
+                             [np.mean(fds), np.std(fds, ddof=1)], rtol=1e-6)
+  np.testing.assert_allclose([out[0]["median"], out[0]["median_std"], out[0]["seconds"]],
+                             [0.2, np.std([0.15, 0.25], ddof=1), 600.0])
+  np.testing.assert_array_equal(shown["cd: cd, 1"], samples)
+  text = digits_table.markdown(out)
+  assert f"| 2 | {np.mean(fds):.1f} ± {np.std(fds, ddof=1):.1f} |" in text
+  assert f"| 0.200 ± {np.std([0.15, 0.25], ddof=1):.3f} |" in text
+  with pytest.raises(FileNotFoundError, match="no finished seed"):
+    digits_table.run_seeds(str(tmp_path / "empty"))
 
 
 def test_meanflow_closed_form_tracks_every_jump_and_names_bad_flags(tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ project. Before it ranks students it must rank what is known: on the evaluation'
   * mode collapse: 256 train digits of one class;
 and then reads each finished `experiments.distill` digits run in --runs (its results.json and
 samples) for the students' rows: FD-digits, digits IS, coupling error to the exact map (of the
-student's own schedule) and wall time. Writes WORKDIR/digits_table.{md,json}, fd_vs_nfe.png
+student's own schedule) and wall time. A --runs entry may be an `experiments.distill.seeds` sweep
+(WORKDIR/seed<k>/ runs): its rows are the means over the finished seeds, FD-digits and coupling
+with their sample std. Writes WORKDIR/digits_table.{md,json}, fd_vs_nfe.png
 (FD against NFE with the floor) and samples.png (the first 12 samples of each row, same noise).
 The exact map and the teacher's rows are kept (exact_map.npz, teacher_rows.npz, learned_rows.npz)
 and reused when the noise is the same: a rerun with more --runs only scores the students (delete
@@ -115,39 +117,82 @@ def learned_grid_rows(setup, x_start, reference, scorer, *, progress=True) -> tu
   return rows, shown
 
 
+def run_seeds(run_dir) -> list[str]:
+  """The finished runs behind one --runs entry: the run itself, or the seed<k> runs of an
+  `experiments.distill.seeds` sweep (in seed order)."""
+  if os.path.exists(os.path.join(run_dir, "results.json")):
+    return [run_dir]
+  seeds = sorted((d for d in os.listdir(run_dir) if d.startswith("seed") and d[4:].isdigit()
+                  and os.path.exists(os.path.join(run_dir, d, "results.json")))
+                 if os.path.isdir(run_dir) else [], key=lambda d: int(d[4:]))
+  if not seeds:
+    raise FileNotFoundError(f"--runs: {run_dir!r} has no results.json and no finished seed<k>/ "
+                            "runs (neither an experiments.distill run nor a seeds sweep).")
+  return [os.path.join(run_dir, d) for d in seeds]
+
+
+def _scored_run(d, eps, scorer) -> dict:
+  """{(method, nfe): row} of one finished run's students, rescored from their samples."""
+  with open(os.path.join(d, "results.json")) as f:
+    res = json.load(f)
+  out = {}
+  for r in res["rows"]:
+    if r["method"].startswith("teacher") or r["method"].startswith("network copy"):
+      continue
+    path = os.path.join(d, "samples", f"{file_name(r['method'])}_nfe{r['nfe']}.npz")
+    with np.load(path) as f:
+      if not np.allclose(f["x_start"] / float(f["sigma_start"]), eps, atol=1e-5):
+        raise ValueError(f"{path} was sampled from other noise than eval.seed's 256 x_T; "
+                         "its samples cannot sit in the same figure.")
+      samples = f["samples"]
+    out[(f"{res['variant'].rsplit('_', 1)[0]}: {r['method']}", r["nfe"])] = {
+        **scorer.score(samples), "median": r["median"], "renoised": r.get("renoised", False),
+        "ms": r["ms"], "seconds": res["seconds"]["total"], "samples": samples}
+  return out
+
+
 def student_rows(run_dirs, eps, scorer) -> tuple[list, dict]:
-  """The students of finished digits runs, rescored; eps: the evaluation noise x_T / sigma(t_max)
-  (a run on a rescheduled teacher starts from the same eps at its own scale)."""
+  """The students of finished digits runs (or seed sweeps: `run_seeds`), rescored; eps: the
+  evaluation noise x_T / sigma(t_max) (a run on a rescheduled teacher starts from the same eps at
+  its own scale). A sweep's row holds the mean over its seeds (FD-digits and coupling with their
+  sample std, `seeds` the count, the per-seed values under `per_seed`); the figure shows the first
+  seed's samples."""
   rows, shown = [], {}
   for d in run_dirs:
-    with open(os.path.join(d, "results.json")) as f:
-      res = json.load(f)
-    for r in res["rows"]:
-      if r["method"].startswith("teacher") or r["method"].startswith("network copy"):
-        continue
-      path = os.path.join(d, "samples", f"{file_name(r['method'])}_nfe{r['nfe']}.npz")
-      with np.load(path) as f:
-        if not np.allclose(f["x_start"] / float(f["sigma_start"]), eps, atol=1e-5):
-          raise ValueError(f"{path} was sampled from other noise than eval.seed's 256 x_T; "
-                           "its samples cannot sit in the same figure.")
-        samples = f["samples"]
-      row = {"method": f"{res['variant'].rsplit('_', 1)[0]}: {r['method']}", "nfe": r["nfe"],
-             **scorer.score(samples), "median": r["median"], "renoised": r.get("renoised", False),
-             "ms": r["ms"], "seconds": res["seconds"]["total"]}
+    scored = [_scored_run(s, eps, scorer) for s in run_seeds(d)]
+    for key in scored[0]:
+      per = [s[key] for s in scored if key in s]
+      if len(per) != len(scored):
+        raise ValueError(f"--runs: {d!r}: the row {key} is missing from some of its seeds.")
+      row = {"method": key[0], "nfe": key[1], "seeds": len(per),
+             "renoised": any(p["renoised"] for p in per)}
+      for k in per[0]:
+        if k not in ("samples", "renoised") and per[0][k] is not None:
+          row[k] = float(np.mean([p[k] for p in per]))
+      if len(per) > 1:
+        row["fd_std"] = float(np.std([p["fd_digits"] for p in per], ddof=1))
+        row["median_std"] = float(np.std([p["median"] for p in per], ddof=1))
+        row["per_seed"] = {k: [p[k] for p in per] for k in ("fd_digits", "is_digits", "median",
+                                                            "seconds")}
       rows.append(row)
-      shown[f"{row['method']}, {r['nfe']}"] = samples
+      shown[f"{key[0]}, {key[1]}"] = per[0]["samples"]
   return rows, shown
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| row | NFE | FD-digits | digits IS | coupling error median | ms / 256 samples | run wall time |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| row | NFE | seeds | FD-digits | digits IS | coupling error median | "
+           "ms / 256 samples | run wall time |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     fd = f"{r['fd_digits']:.1f}" + (f" ± {r['fd_std']:.1f}" if "fd_std" in r else "")
-    med = f"{r['median']:.3f}" + ("†" if r.get("renoised") else "") if "median" in r else "–"
+    med = "–"
+    if "median" in r:
+      med = (f"{r['median']:.3f}" + (f" ± {r['median_std']:.3f}" if "median_std" in r else "")
+             + ("†" if r.get("renoised") else ""))
     ms = f"{r['ms']:.1f}" if r.get("ms") is not None else "–"
     wall = f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "–"
-    lines.append(f"| {r['method']} | {r['nfe'] or '–'} | {fd} | {r['is_digits']:.2f} | {med} | {ms} | {wall} |")
+    lines.append(f"| {r['method']} | {r['nfe'] or '–'} | {r.get('seeds', '–')} | {fd} | "
+                 f"{r['is_digits']:.2f} | {med} | {ms} | {wall} |")
   return "\n".join(lines) + "\n"
 
 
@@ -174,8 +219,11 @@ def fd_figure(rows, path):
   colors = {n: plt.get_cmap("tab10")(k % 10) for k, n in enumerate(names)}
   for r in students:
     name = r["method"].split(":")[0]
-    ax.loglog(r["nfe"], r["fd_digits"], "o" if r["nfe"] == 1 else "D", color=colors[name],
-              label=f"{name}, {r['nfe']} call{'s' if r['nfe'] > 1 else ''}")
+    label = f"{name}, {r['nfe']} call{'s' if r['nfe'] > 1 else ''}"
+    if r.get("seeds", 1) > 1:  # a seed sweep: the mean with the sample std over its seeds
+      label += f" ({r['seeds']} seeds)"
+    ax.errorbar(r["nfe"], r["fd_digits"], yerr=r.get("fd_std"), fmt="o" if r["nfe"] == 1 else "D",
+                color=colors[name], capsize=3, label=label)
   ax.set_xlabel("NFE")
   ax.set_ylabel("FD-digits (256 samples)")
   ax.grid(True, which="both", alpha=0.3)
@@ -219,15 +267,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--teacher", default="runs/teacher_digits")
-  p.add_argument("--runs", default="", help="comma-separated experiments.distill digits workdirs")
+  p.add_argument("--runs", default="", help="comma-separated experiments.distill digits workdirs "
+                 "or seeds sweeps (workdirs of seed<k>/ runs: their rows are the mean over seeds)")
   p.add_argument("--classifier", default="runs/digits_classifier.npz")
   p.add_argument("--no_progress", action="store_true")
   args = p.parse_args(argv)
   run_dirs = [d for d in args.runs.split(",") if d]
   for d in run_dirs:
-    if not os.path.exists(os.path.join(d, "results.json")):
-      raise FileNotFoundError(f"--runs: {d!r} has no results.json (not a finished "
-                              "experiments.distill run).")
+    run_seeds(d)  # a finished run or sweep, else the error names it before any work
   t0 = time.perf_counter()
   config = config_lib.get_config("pd_digits")
   config.teacher.path = args.teacher
