@@ -399,5 +399,10 @@ def test_budget_table_reads_runs_named_by_their_step_multiple(tmp_path):
   assert "| ect | 1 | 0.300 | – | – | 0.600 | 0.50x |" in text
   assert "| ct | 2 | 0.400† | 0.300† | 0.200† | 0.300 | 0.67x† |" in text
   assert report.RENOISED_NOTE in text and "9.000" not in text and figure.exists()
+  drawn = tables._budget_figure(tables.budget_curves(str(tmp_path)), [1.0, 4.0, 16.0],
+                                str(figure), title="t")
+  assert drawn["xticks"] == ["1x", "4x", "16x"]
+  np.testing.assert_allclose(drawn["points"]["ct"], [(1, 1.0), (4, 0.5), (16, 0.3)])
+  np.testing.assert_allclose(drawn["points"]["ect"], [(1, 0.5)])
   with pytest.raises(FileNotFoundError, match="named <label>_<k>x"):
     tables.budget_table(str(tmp_path / "ct_notes"))

@@ -294,16 +294,20 @@ def budget_table(runs: str, figure: str | None = None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _budget_figure(curves, mults, out: str, title: str) -> None:
+def _budget_figure(curves, mults, out: str, title: str) -> dict:
+  """Draws the one-call ratio to DDIM against the multiple; returns what it drew: {"points":
+  {label: [(k, ratio)]}, "xticks": [label text]}."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  drawn = {}
   for label, curve in curves.items():
     pts = [(k, _student(rows, 1), _ddim(rows, 1)) for k, rows in sorted(curve.items())]
     pts = [(k, s["median"]["mean"] / d["median"]["mean"]) for k, s, d in pts if s and d]
     if pts:
       ax.plot(*zip(*pts), "o-", label=label)
+      drawn[label] = pts
   ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
   ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
   ax.set_xscale("log", base=2)
@@ -316,7 +320,9 @@ def _budget_figure(curves, mults, out: str, title: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
+  ticks = [t.get_text() for t in ax.get_xticklabels()]
   plt.close(fig)
+  return {"points": drawn, "xticks": ticks}
 
 
 FAMILIES = {"dm": dm_table, "cm": cm_table, "modes": modes_table, "budget": budget_table}
