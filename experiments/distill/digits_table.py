@@ -11,7 +11,8 @@ project. Before it ranks students it must rank what is known: on the evaluation'
   * the teacher's exact PF-ODE map of the noise (adaptive Dopri8, rtol = atol = 1e-3);
   * the teacher's DDIM at 1, 2, 4, 8, 16, 32 calls and its best training-free solver at each;
   * UniPC-2 on a time grid learned at 2, 4 and 8 calls (`solvers.learn.learn_grid`, fitted to the
-    teacher's exact map of 64 calibration draws disjoint from the evaluation's noise);
+    teacher's exact map of 64 calibration draws disjoint from the evaluation's noise; left out
+    with --no_learned_grids);
   * mode collapse: 256 train digits of one class;
 and then reads each finished `experiments.distill` digits run in --runs (its results.json and
 samples) for the students' rows: FD-digits, digits IS, coupling error to the exact map (of the
@@ -271,6 +272,8 @@ def main(argv=None):
                  "or seeds sweeps (workdirs of seed<k>/ runs: their rows are the mean over seeds)")
   p.add_argument("--classifier", default="runs/digits_classifier.npz")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--no_learned_grids", action="store_true",
+                 help="leave out the learned-grid rows (their fits take ~20-45 min on 2 cores)")
   args = p.parse_args(argv)
   run_dirs = [d for d in args.runs.split(",") if d]
   for d in run_dirs:
@@ -291,9 +294,11 @@ def main(argv=None):
   rows, shown = _cached_rows(os.path.join(args.workdir, "teacher_rows.npz"), x_start,
                              lambda: teacher_rows(setup, x_start, reference, scorer,
                                                   progress=not args.no_progress))
-  lrows, lshown = _cached_rows(os.path.join(args.workdir, "learned_rows.npz"), x_start,
-                               lambda: learned_grid_rows(setup, x_start, reference, scorer,
-                                                         progress=not args.no_progress))
+  lrows, lshown = [], {}
+  if not args.no_learned_grids:
+    lrows, lshown = _cached_rows(os.path.join(args.workdir, "learned_rows.npz"), x_start,
+                                 lambda: learned_grid_rows(setup, x_start, reference, scorer,
+                                                           progress=not args.no_progress))
   rows += lrows
   shown.update(lshown)
   sigma_start = float(setup.teacher.schedule.sigma(jax.numpy.float32(setup.t_start)))
