@@ -296,3 +296,24 @@ def test_a_workdir_under_proc_and_a_workdir_of_another_run_are_refused(tmp_path)
   with pytest.raises(ValueError, match=r"holds a run of pd_ring2d with another config .*'method'"):
     main_lib.run(other, str(workdir))
   assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]  # nothing overwritten
+
+
+def test_a_shared_copy_of_a_trained_teacher_starts_every_seed(tmp_path):
+  """A seeds sweep with --config.copy.dir on a dataset teacher (the digits table's sCD and
+  MeanFlow): the copy fitted under seed 0 starts seed 1 as it is. Its saved data position belongs
+  to seed 0's pipeline; a finished stage reads no data, so it is not restored (it was, and seed 1
+  stopped on 'state was saved by another pipeline')."""
+  from experiments.train_teacher import main as teacher_main  # noqa: PLC0415
+  from train_helpers import as_config, tiny  # noqa: PLC0415
+  teacher = str(tmp_path / "teacher")
+  teacher_main.train(as_config(tiny(str(tmp_path / "tfds"), num_steps=2, checkpoint_every=2)),
+                     teacher)
+  copy_dir = tmp_path / "copy"
+  for seed in (0, 1):
+    config = config_lib.get_config("meanflow_ring2d,tiny")
+    config.teacher.kind, config.teacher.path = "workdir", teacher
+    config.copy.dir, config.seed = str(copy_dir), seed
+    config.eval.num_samples = 16
+    out = main_lib.run(config, str(tmp_path / f"seed{seed}"))
+    assert out["stages"]["copy"]["trained_now"] == (config.copy.num_steps if seed == 0 else 0)
+    assert all(np.isfinite(r["median"]) for r in out["rows"])

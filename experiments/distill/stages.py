@@ -53,7 +53,8 @@ def run_stages(plan: Plan, setup, workdir: str, *, progress: bool = True,
       restored = checkpointer.restore_latest(abstract)
       if restored is not None:
         state, data_state = restored
-        data.set_state(data_state)
+        if int(state.step) < stage.num_steps:  # a finished stage reads no more data: a shared
+          data.set_state(data_state)  # copy fitted under another seed is reused as it is
       t0 = time.perf_counter()
       start = int(state.step)
       if start < stage.num_steps:
