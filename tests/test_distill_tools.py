@@ -406,3 +406,32 @@ def test_budget_table_reads_runs_named_by_their_step_multiple(tmp_path):
   np.testing.assert_allclose(drawn["points"]["ect"], [(1, 0.5)])
   with pytest.raises(FileNotFoundError, match="named <label>_<k>x"):
     tables.budget_table(str(tmp_path / "ct_notes"))
+
+
+def test_budget_table_pools_the_seeds_of_a_point(tmp_path):
+  """<label>_<k>x_seed<N> runs pool with <label>_<k>x into mean ± sample std (the figure's error
+  bars); an unfinished seed is left out; two runs of one seed, or a sweep with runs beside it, are
+  refused rather than counted twice."""
+  def run(name, one, seed):
+    rows = [{"method": "meanflow", "nfe": 1, "median": one},
+            {"method": "teacher ddim", "nfe": 1, "median": 0.5}]
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / name / "config.json").write_text(json.dumps({"seed": seed}))
+  run("mf_4x", 0.1, 0)
+  run("mf_16x", 0.3, 0)
+  run("mf_16x_seed1", 0.1, 1)
+  run("mf_16x_seed2", 0.2, 2)
+  (tmp_path / "mf_16x_seed3").mkdir()  # still running: no results.json
+  text = tables.budget_table(str(tmp_path))
+  assert "| mf | 1 | 0.100 | 0.200 ± 0.100 | 0.500 | 0.40x |" in text
+  drawn = tables._budget_figure(tables.budget_curves(str(tmp_path)), [4.0, 16.0],
+                                str(tmp_path / "f.png"), title="t")
+  np.testing.assert_allclose(drawn["points"]["mf"], [(4, 0.2), (16, 0.4)])
+  run("mf_4x_seed1", 0.1, 0)
+  with pytest.raises(ValueError, match="both ran seed 0"):
+    tables.budget_table(str(tmp_path))
+  (tmp_path / "mf_4x_seed1" / "config.json").write_text(json.dumps({"seed": 1}))
+  (tmp_path / "mf_16x" / "seeds.json").write_text(json.dumps({"rows": []}))
+  with pytest.raises(ValueError, match="a seed sweep .mf_16x. is already one point"):
+    tables.budget_table(str(tmp_path))

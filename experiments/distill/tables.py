@@ -21,8 +21,10 @@ against PD at the same NFE, then the teacher's DDIM and best training-free solve
 the methods run on (VP-linear, TrigFlow for sCD, rectified flow for MeanFlow and shortcut models:
 each method's coupling error is against the exact map of its own schedule).
 budget: the steps study of issue 20 on any testbed: runs (or sweeps) named <label>_<k>x, the
-same recipe at k times its steps; per label the coupling error at 1 and 2 calls for every k, its
-own run's teacher DDIM and the ratio at the largest k; --figure plots the one-call ratio.
+same recipe at k times its steps, and runs <label>_<k>x_seed<N> (the same recipe, another
+`--config.seed`) that pool with it into mean ± std; per label the coupling error at 1 and 2 calls
+for every k, its own run's teacher DDIM and the ratio at the largest k; --figure plots the
+one-call ratio, with the std over seeds as error bars.
 """
 
 from __future__ import annotations
@@ -238,20 +240,52 @@ def modes_table(runs: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-BUDGET_NAME = re.compile(r"^(?P<label>.+)_(?P<mult>\d+(?:\.\d+)?)x$")
+BUDGET_NAME = re.compile(r"^(?P<label>.+)_(?P<mult>\d+(?:\.\d+)?)x(?:_seed(?P<seed>\d+))?$")
+
+
+def _pooled_runs(runs: str, names: list[str]) -> list[dict] | None:
+  """One budget point: a seed sweep (seeds.json) as it is, or single runs (results.json, e.g.
+  ct_4x, ct_4x_seed1, ct_4x_seed2) pooled by (method, NFE), mean ± sample std over the runs."""
+  sweeps = [n for n in names if _load(runs, n) is not None]
+  if sweeps and len(names) > 1:
+    raise ValueError(f"{sorted(names)} under {runs!r}: a seed sweep ({sweeps[0]}) is already one "
+                     "point; name its extra seeds inside the sweep, not beside it.")
+  if sweeps:
+    return _load(runs, sweeps[0])
+  results, seen = [], {}
+  for n in sorted(names):
+    path = os.path.join(runs, n, "results.json")
+    if not os.path.exists(path):  # unfinished: not part of the point
+      continue
+    with open(path) as f:
+      results.append(json.load(f))
+    cfg = os.path.join(runs, n, "config.json")
+    if os.path.exists(cfg):
+      with open(cfg) as f:
+        seed = json.load(f).get("seed")
+      if seed in seen:
+        raise ValueError(f"{seen[seed]} and {n} under {runs!r} both ran seed {seed}: pooling them "
+                         "would count one seed twice.")
+      seen[seed] = n
+  return seeds.aggregate(results) if results else None
 
 
 def budget_curves(runs: str) -> dict[str, dict[float, list[dict]]]:
-  """{label: {step multiple: rows}} of every run or sweep under `runs` named <label>_<k>x."""
-  curves: dict[str, dict[float, list[dict]]] = {}
+  """{label: {step multiple: rows}} of every run or sweep under `runs` named <label>_<k>x; the
+  runs <label>_<k>x_seed<N> (other seeds of the same recipe) pool with it into one point."""
+  points: dict[tuple[str, float], list[str]] = {}
   for name in sorted(os.listdir(runs)):
     m = BUDGET_NAME.match(name)
-    rows = _rows(runs, name) if m else None
+    if m:
+      points.setdefault((m["label"], float(m["mult"])), []).append(name)
+  curves: dict[str, dict[float, list[dict]]] = {}
+  for (label, mult), names in points.items():
+    rows = _pooled_runs(runs, names)
     if rows:
-      curves.setdefault(m["label"], {})[float(m["mult"])] = rows
+      curves.setdefault(label, {})[mult] = rows
   if not curves:
     raise FileNotFoundError(f"No finished run named <label>_<k>x (e.g. ct_4x) under {runs!r}.")
-  return curves
+  return dict(sorted(curves.items()))
 
 
 def _student(rows: list[dict], nfe: int) -> dict | None:
@@ -295,8 +329,9 @@ def budget_table(runs: str, figure: str | None = None) -> str:
 
 
 def _budget_figure(curves, mults, out: str, title: str) -> dict:
-  """Draws the one-call ratio to DDIM against the multiple; returns what it drew: {"points":
-  {label: [(k, ratio)]}, "xticks": [label text]}."""
+  """Draws the one-call ratio to DDIM against the multiple (error bars: the std over seeds where a
+  point pools several); returns what it drew: {"points": {label: [(k, ratio)]}, "xticks": [label
+  text]}."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -304,10 +339,12 @@ def _budget_figure(curves, mults, out: str, title: str) -> dict:
   drawn = {}
   for label, curve in curves.items():
     pts = [(k, _student(rows, 1), _ddim(rows, 1)) for k, rows in sorted(curve.items())]
-    pts = [(k, s["median"]["mean"] / d["median"]["mean"]) for k, s, d in pts if s and d]
+    pts = [(k, s["median"]["mean"] / d["median"]["mean"], s["median"]["std"] / d["median"]["mean"])
+           for k, s, d in pts if s and d]  # the teacher's DDIM does not depend on the seed
     if pts:
-      ax.plot(*zip(*pts), "o-", label=label)
-      drawn[label] = pts
+      ks, ratios, stds = zip(*pts)
+      ax.errorbar(ks, ratios, yerr=stds if any(stds) else None, fmt="o-", capsize=3, label=label)
+      drawn[label] = [(k, r) for k, r, _ in pts]
   ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
   ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
   ax.set_xscale("log", base=2)
