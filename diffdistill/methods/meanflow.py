@@ -31,6 +31,9 @@ TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS, **WIDE}
             "gmm64": WIDE, "ring2d": WIDE}
 # `,full`: 4x the steps. One call on a mixture handed over as a file: 0.222 +- 0.012 (3 seeds),
 # 0.44x its DDIM; 5000 steps give 0.61x (docs/consistency.md, "The bar ... at 4x the steps")
+# Past 4x the steps, lower the rate (--config.optim.learning_rate=1.25e-4, a quarter): at 5e-4 a
+# 16x run's MeanFlow residual climbs instead of settling and its one call stalls (gmm64 0.258 at
+# 16x; 0.140 at the quarter rate; ring2d 0.115 +- 0.064 against 0.065 +- 0.017; docs/consistency.md)
 FULL = {"gmm64": {"meanflow.num_steps": 20000}}
 TINY = {"meanflow.num_steps": 20}
 EXTRA_COND = ("r",)
