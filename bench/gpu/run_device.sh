@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine run (H100/H200): the CIFAR-10 U-Net train step in float32 and bfloat16, the
-# solvers-vs-peers benchmark on the GPU, and the DiT jvp / throughput rows of bench/jvp_cost.py. Expects the peers' and ml_collections' wheels in .whl/
+# One device-machine run (H100/H200): FID's cost (bench/fid.py), the CIFAR-10 U-Net train step in
+# float32 and bfloat16, the solvers-vs-peers benchmark on the GPU, and the DiT jvp / throughput
+# rows of bench/jvp_cost.py. Expects the peers' and ml_collections' wheels in .whl/
 # (see bench/README.md) and writes everything under $OUT. Each part has its own time limit, so one
 # slow part cannot take the others' results with it.
 set -u
@@ -10,6 +11,11 @@ export PYTHONPATH=/tmp/site:$PWD
 LOG=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
 python3 -c "import jax; print(jax.__version__, jax.devices())" >> $LOG 2>&1
+# first, since it has no GPU numbers yet (issue 21): Inception throughput and a measured, not
+# extrapolated, 50k-image FID end to end, then FID from 50k precomputed features
+mkdir -p $OUT/fid
+timeout 180 python3 bench/fid.py --num_images=50000 --batch_size=500 --out=$OUT/fid \
+  >> $LOG 2>&1; echo "fid rc $?"
 for dt in float32 bfloat16; do
   timeout 200 python3 bench/train_step.py --configs=cifar10_edm --batch=128 --iters=5 --dtype=$dt \
     --out=$OUT/train_step_$dt >> $LOG 2>&1; echo "train_step $dt rc $?"
