@@ -330,13 +330,13 @@ def budget_table(runs: str, figure: str | None = None) -> str:
 
 def _budget_figure(curves, mults, out: str, title: str) -> dict:
   """Draws the one-call ratio to DDIM against the multiple (error bars: the std over seeds where a
-  point pools several); returns what it drew: {"points": {label: [(k, ratio)]}, "xticks": [label
-  text]}."""
+  point pools several); returns what it drew: {"points": {label: [(k, ratio)]}, "errors": {label:
+  [std of the ratio]} (zeros for single runs), "xticks": [label text]}."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
-  drawn = {}
+  drawn, errors = {}, {}
   for label, curve in curves.items():
     pts = [(k, _student(rows, 1), _ddim(rows, 1)) for k, rows in sorted(curve.items())]
     pts = [(k, s["median"]["mean"] / d["median"]["mean"], s["median"]["std"] / d["median"]["mean"])
@@ -344,7 +344,7 @@ def _budget_figure(curves, mults, out: str, title: str) -> dict:
     if pts:
       ks, ratios, stds = zip(*pts)
       ax.errorbar(ks, ratios, yerr=stds if any(stds) else None, fmt="o-", capsize=3, label=label)
-      drawn[label] = [(k, r) for k, r, _ in pts]
+      drawn[label], errors[label] = [(k, r) for k, r, _ in pts], list(stds)
   ax.axhline(1.0, color="k", lw=0.8, ls="--", label="teacher DDIM")
   ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="0.5x DDIM")
   ax.set_xscale("log", base=2)
@@ -359,7 +359,7 @@ def _budget_figure(curves, mults, out: str, title: str) -> dict:
   fig.savefig(out, dpi=110)
   ticks = [t.get_text() for t in ax.get_xticklabels()]
   plt.close(fig)
-  return {"points": drawn, "xticks": ticks}
+  return {"points": drawn, "errors": errors, "xticks": ticks}
 
 
 FAMILIES = {"dm": dm_table, "cm": cm_table, "modes": modes_table, "budget": budget_table}
