@@ -15,9 +15,9 @@ CONFIG = {**_consistency.SECTION,
           "ct": dict(num_steps=6000, s0=2, s1=150, mu0=0.9, distance="l2")}
 SETTINGS = {}
 TESTBEDS = {"digits": {"ct.num_steps": 800, **_consistency.DIGITS}}
-# `,full`: 4x the steps, the paper's EMA target kept. One call 0.253 on gmm64 (0.495x its DDIM) and
-# 0.240 on a mixture handed over as a file (0.48x); 6000 steps: 0.508, DDIM's level; 16x: 0.147
-# (one seed each; docs/consistency.md, "The curve to 16x the steps")
+# `,full`: 4x the steps, the paper's EMA target kept. One call 0.253 on gmm64 (0.495x its DDIM, one
+# seed) and 0.241 +- 0.000 on a mixture handed over as a file (0.48x, 3 seeds); 6000 steps: 0.508,
+# DDIM's level; 16x: 0.147 (one seed; docs/consistency.md, "The curve to 16x the steps")
 FULL = {"gmm64": {"ct.num_steps": 24000}}
 TINY = {"ct.num_steps": 20}
 EXTRA_COND = ()
