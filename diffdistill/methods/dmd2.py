@@ -18,9 +18,9 @@ SETTINGS = dict(_distribution.SETTINGS)
 # 0.048 -> 0.037; docs/distribution_matching.md, "Why one-step generators stretch their modes")
 TESTBEDS = {"digits": {**_distribution.DIGITS, "dm.num_steps": 200},
             "gmm64": {"dm.generator_lr": 4e-4, "dm.fake_lr": 8e-4}}
-# `,full`: 16x the steps. Per-mode covariance error 0.526 (one seed; exact samples 0.32, the 2x bar
-# 0.64), against 1.46 at 1000 (experiments/distill/README.md, "Why the one-step generators
-# stretch their modes")
+# `,full`: 16x the steps. Per-mode covariance error 0.558 +- 0.031 over 3 seeds, each under the 2x
+# bar 0.64 (exact samples 0.32), against 1.46 at 1000 (experiments/distill/README.md, "Why the
+# one-step generators stretch their modes")
 FULL = {"gmm64": {"dm.num_steps": 16000}}
 TINY = dict(_distribution.TINY)
 EXTRA_COND = ()
