@@ -189,8 +189,8 @@ def _flat(config) -> dict:
 
 def test_full_budgets_change_only_their_keys_and_are_refused_where_there_is_none():
   # the methods whose one-step students need more than the 10-minute budget (issue 20) have one
-  assert {("meanflow", "gmm64"), ("ect", "gmm64"), ("ct", "gmm64"), ("dmd", "gmm64"),
-          ("dmd2", "gmm64")} <= set(FULL)
+  assert {("meanflow", "gmm64"), ("ect", "gmm64"), ("ct", "gmm64"), ("ict", "gmm64"),
+          ("dmd", "gmm64"), ("dmd2", "gmm64")} <= set(FULL)
   for name, testbed in FULL:
     base = _flat(config_lib.get_config(f"{name}_{testbed}"))
     full = _flat(config_lib.get_config(f"{name}_{testbed},full"))
