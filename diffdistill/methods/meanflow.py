@@ -33,7 +33,7 @@ TESTBEDS = {"digits": {"meanflow.num_steps": 800, **_consistency.DIGITS, **WIDE}
 # 0.44x its DDIM; 5000 steps give 0.61x (docs/consistency.md, "The bar ... at 4x the steps")
 # Past 4x the steps, lower the rate (--config.optim.learning_rate=1.25e-4, a quarter): at 5e-4 a
 # 16x run's MeanFlow residual climbs instead of settling and its one call stalls (gmm64 0.258 at
-# 16x, 0.139 +- 0.002 at the quarter rate; ring2d 0.115 +- 0.064 against 0.065 +- 0.017;
+# 16x, 0.135 +- 0.006 at the quarter rate (3 seeds); ring2d 0.115 +- 0.064 against 0.065 +- 0.017;
 # docs/consistency.md, "The curve to 16x the steps")
 FULL = {"gmm64": {"meanflow.num_steps": 20000}}
 TINY = {"meanflow.num_steps": 20}
