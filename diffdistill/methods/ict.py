@@ -15,8 +15,9 @@ CONFIG = {**_consistency.SECTION,
           "ict": dict(num_steps=6000, s0=10, s1=1280, p_mean=-1.1, p_std=2.0)}
 SETTINGS = {}
 TESTBEDS = {"digits": {"ict.num_steps": 800, **_consistency.DIGITS}}
-# `,full`: 8x the steps. One call on gmm64: 0.249 +- 0.000 (0.49x its DDIM, 2 seeds); 6000 steps 0.311,
-# 4x 0.261 (0.51x), 16x 0.219 (0.43x) (docs/consistency.md, "The curve to 16x the steps")
+# `,full`: 8x the steps. One call on gmm64: 0.249 +- 0.000 (0.49x its DDIM, 2 seeds); 6000
+# steps 0.311, 4x 0.261 (0.51x), 16x 0.219 (0.43x) (docs/consistency.md, "The curve to 16x the
+# steps")
 FULL = {"gmm64": {"ict.num_steps": 48000}}
 TINY = {"ict.num_steps": 20}
 EXTRA_COND = ()
