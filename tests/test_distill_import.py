@@ -95,7 +95,7 @@ def test_a_student_on_another_schedule_starts_from_the_checkpoint_as_the_teacher
   np.testing.assert_allclose(teacher.apply(teacher.params, x, t), want, rtol=2e-5, atol=2e-5)
 
 
-# slow (42 s, the default suite's slowest). Its parts stay covered by default: the latent teacher's
+# slow (42 s, the default suite's slowest). Its parts stay covered in CI: the latent teacher's
 # test below runs CD on an imported DiT end to end (on a dataset's latents), the conditional
 # teacher's test without a dataset checks the teacher's-own-samples data path, and the torch
 # suite's test_interop_edm.py::test_an_edm_snapshot_is_distilled_end_to_end[EDMPrecond] distils
